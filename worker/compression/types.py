@@ -177,3 +177,33 @@ def no_progress(_: Progress) -> None:
 
 def never_cancel() -> bool:
     return False
+
+
+ArtifactKind = Literal[
+    "student",  # a zip of the student folder (config.json + model.safetensors [+ tokenizer]), loadable by load_teacher
+    "onnx_fp32",
+    "onnx_int8",
+    "onnx_int4",
+    "report_json",
+    "report_html",
+    "manifest",
+    "sensitivity",
+    "other",
+]
+
+
+@dataclass
+class Artifact:
+    """One file a compression run produced (its path is inside the run's output_dir)."""
+
+    name: str
+    kind: ArtifactKind
+    path: Path
+    description: str = ""
+
+
+@dataclass
+class CompressResult:
+    artifacts: list[Artifact]
+    metrics: dict[str, Any]
+    """The content of report.json."""

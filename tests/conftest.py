@@ -1,0 +1,7 @@
+"""Shared test settings: offline, single-threaded torch for repeatable timings on 2 cores."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
