@@ -1,0 +1,54 @@
+"""An offline English text corpus: sentences from the docstrings of the standard library.
+
+Real prose (not templates), available on every machine with Python, no download.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+import warnings
+
+MODULES = (
+    "argparse", "asyncio", "collections", "csv", "datetime", "decimal", "email", "functools", "http.client",
+    "json", "logging", "os", "pathlib", "random", "re", "shutil", "socket", "sqlite3", "statistics",
+    "string", "subprocess", "tarfile", "textwrap", "threading", "unittest", "urllib.request", "zipfile",
+    "heapq", "itertools", "calendar", "difflib", "fractions", "ftplib", "gzip", "hashlib", "imaplib",
+    "inspect", "locale", "mailbox", "pickle", "pprint", "queue", "sched", "smtplib", "ssl", "tempfile",
+    "timeit", "turtle", "typing", "uuid", "wave", "xml.dom.minidom", "configparser", "contextlib",
+)
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(min_words: int = 5, max_words: int = 40, seed: int = 0) -> list[str]:
+    """Unique docstring sentences, shuffled with ``seed``."""
+    seen: set[str] = set()
+    out: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in MODULES:
+            try:
+                mod = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - an optional stdlib module (turtle needs tk)
+                continue
+            docs = [inspect.getdoc(mod) or ""]
+            for _, obj in inspect.getmembers(mod):
+                if inspect.isfunction(obj) or inspect.isclass(obj):
+                    docs.append(inspect.getdoc(obj) or "")
+            for doc in docs:
+                text = " ".join(doc.split())
+                for s in _SENT.split(text):
+                    words = s.split()
+                    if min_words <= len(words) <= max_words and s[0].isupper() and s not in seen:
+                        seen.add(s)
+                        out.append(s)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+if __name__ == "__main__":
+    s = sentences()
+    print(len(s))
+    print("\n".join(s[:5]))
