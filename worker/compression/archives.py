@@ -58,7 +58,8 @@ def safe_extract_zip(path: str | os.PathLike[str], dest: str | os.PathLike[str] 
         for info in infos:
             rel = _member_path(info.filename)
             mode = info.external_attr >> 16
-            if mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+            # no file-type bits (zipfile.writestr, Windows tools) means a plain file; any other type is refused
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise UnsafeFileError(f"archive member {info.filename!r} is a link or special file")
             target = out.joinpath(*rel.parts)
             if info.is_dir():
