@@ -1,0 +1,123 @@
+"""One call runs a whole compression: distil, quantize, evaluate, export, report."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from worker.compression import zoo
+from worker.compression.compress import compress
+from worker.compression.errors import Cancelled, SpecError
+from worker.compression.export import export_onnx
+from worker.compression.report import sha256_file
+from worker.compression.spec import CompressSpec
+from worker.compression.teachers import load_teacher, save_zoo_model
+
+CFG = {"architecture": "mlp", "task": "classification", "input_dim": 16, "hidden": [128, 128], "output_dim": 4}
+
+
+@pytest.fixture(scope="module")
+def problem(tmp_path_factory):
+    """A learnable 4-class problem and a teacher trained on it for a second."""
+    root = tmp_path_factory.mktemp("compress")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 16, generator=g)
+    w = torch.randn(16, 4, generator=g)
+    y = (x @ w).argmax(1)
+    torch.manual_seed(0)
+    teacher = zoo.build(CFG)
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(teacher(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_zoo_model(teacher.eval(), CFG, root / "teacher")
+    np.savez(root / "data.npz", x=x.numpy(), y=y.numpy())
+    return root
+
+
+def _spec(**over):
+    base = {
+        "student": {"kind": "auto", "max_params_ratio": 0.3},
+        "distillation": {"epochs": 4, "batch_size": 32, "lr": 3e-3},
+        "quantization": {"method": "static_int8", "calibration_samples": 64},
+        "evaluation": {"latency_batch_sizes": [1, 16], "repeats": 3, "warmup": 1},
+    }
+    base.update(over)
+    return CompressSpec.model_validate(base)
+
+
+def test_full_run_produces_checked_artifacts_and_an_honest_report(problem, tmp_path):
+    stages = []
+    res = compress(_spec(), teacher_path=problem / "teacher", dataset_path=problem / "data.npz",
+                   output_dir=tmp_path / "out", progress=lambda p: stages.append(p.stage))
+    kinds = {a.kind: a for a in res.artifacts}
+    assert {"student", "onnx_fp32", "onnx_int8", "report_json", "report_html", "manifest"} <= set(kinds)
+    assert {"load", "distill", "baseline", "export", "quantize", "evaluate", "report"} <= set(stages)
+
+    # the int8 model runs, is smaller than fp32, and agrees with it on most of the eval split
+    fp32, int8 = kinds["onnx_fp32"].path, kinds["onnx_int8"].path
+    assert int8.stat().st_size < fp32.stat().st_size
+    x = np.load(problem / "data.npz")["x"][:200]
+    out32 = ort.InferenceSession(str(fp32)).run(None, {"x": x})[0]
+    out8 = ort.InferenceSession(str(int8)).run(None, {"x": x})[0]
+    assert (out32.argmax(1) == out8.argmax(1)).mean() >= 0.9
+
+    # the student zip loads again as a teacher
+    with zipfile.ZipFile(kinds["student"].path) as zf:
+        zf.extractall(tmp_path / "student")
+    again = load_teacher(tmp_path / "student")
+    assert again.kind == "zoo" and again.num_parameters <= 0.3 * load_teacher(problem / "teacher").num_parameters
+
+    # report.json holds what it claims: measured metrics, sizes equal to the files, per-class rows
+    report = json.loads(kinds["report_json"].path.read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    assert set(rows) == {"teacher", "student", "int8"}
+    assert rows["int8"]["size_bytes"] == int8.stat().st_size
+    assert rows["student"]["size_bytes"] == fp32.stat().st_size
+    assert 0.0 <= rows["int8"]["metric"]["accuracy"] <= 1.0
+    assert report["distillation"]["metrics"]["baseline"] is not None
+    assert len(report["per_class"]) == 4
+    assert report["summary"]["final"] == "int8"
+    html = kinds["report_html"].path.read_text()
+    assert f"{rows['int8']['metric']['accuracy']:.4f}" in html and "data:image/png;base64" in html
+
+    # the manifest's hashes are the files' hashes
+    manifest = json.loads(kinds["manifest"].path.read_text())
+    assert manifest["outputs"]["model_int8.onnx"]["sha256"] == sha256_file(int8)
+    assert manifest["inputs"]["dataset"]["sha256"] == sha256_file(problem / "data.npz")
+    assert len(manifest["calibration_ids"]) == 64
+
+
+def test_quantize_only_an_onnx_teacher(problem, tmp_path):
+    teacher = load_teacher(problem / "teacher")
+    onnx_path = export_onnx(teacher.module, {"x": torch.randn(2, 16)}, tmp_path / "teacher.onnx")
+    res = compress(_spec(student=None, quantization={"method": "dynamic_int8"}), teacher_path=onnx_path,
+                   dataset_path=problem / "data.npz", output_dir=tmp_path / "out")
+    names = {a.name for a in res.artifacts}
+    assert "student.zip" not in names and "model_int8.onnx" in names
+    assert [r["name"] for r in res.metrics["models"]] == ["teacher", "int8"]
+
+
+def test_cancel_between_stages_raises(problem, tmp_path):
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    with pytest.raises(Cancelled):
+        compress(_spec(), teacher_path=problem / "teacher", dataset_path=problem / "data.npz",
+                 output_dir=tmp_path / "out", cancel=cancel)
+
+
+def test_qat_needs_a_student(problem, tmp_path):
+    with pytest.raises(SpecError, match="qat"):
+        compress(_spec(student=None, quantization={"method": "qat"}), teacher_path=problem / "teacher",
+                 dataset_path=problem / "data.npz", output_dir=tmp_path / "out")

@@ -1,0 +1,330 @@
+"""One whole compression run: load, distil, (QAT), export, quantize, evaluate, report.
+
+Each stage is optional: no ``spec.student`` quantizes the teacher itself; quantization
+method ``none`` stops at the fp32 ONNX. ``progress`` hears every stage; ``cancel`` is
+polled at every training step and between stages. ``checkpoint_dir`` keeps the teacher
+cache and training checkpoints, so a rerun with the same folder resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .datasets import load_dataset, train_eval_split
+from .errors import Cancelled, SpecError
+from .evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
+from .export import check_onnx, export_onnx, onnx_size_bytes
+from .metrics import evaluate_outputs, higher_is_better, primary_metric
+from .quantize import calibration_sample, quantize
+from .report import write_manifest, write_report
+from .spec import CompressSpec
+from .students import Student, make_student, save_student
+from .teachers import load_teacher
+from .types import (
+    Artifact,
+    CancelFn,
+    CompressResult,
+    Progress,
+    ProgressFn,
+    Teacher,
+    TensorData,
+    never_cancel,
+    no_progress,
+)
+from .zoo import count_parameters
+
+SAMPLE_ROWS = 8
+
+
+def compress(
+    spec: CompressSpec,
+    *,
+    teacher_path: Path,
+    dataset_path: Path,
+    eval_dataset_path: Path | None = None,
+    output_dir: Path,
+    progress: ProgressFn = no_progress,
+    cancel: CancelFn = never_cancel,
+    checkpoint_dir: Path | None = None,
+) -> CompressResult:
+    run = _Run(spec, Path(output_dir), progress, cancel, checkpoint_dir)
+    try:
+        return run.execute(Path(teacher_path), Path(dataset_path), eval_dataset_path and Path(eval_dataset_path))
+    finally:
+        if checkpoint_dir is None:
+            shutil.rmtree(run.work, ignore_errors=True)
+
+
+class _Run:
+    def __init__(self, spec: CompressSpec, out: Path, progress: ProgressFn, cancel: CancelFn,
+                 checkpoint_dir: Path | None) -> None:
+        self.spec, self.out, self.progress, self.cancel = spec, out, progress, cancel
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work = Path(checkpoint_dir) if checkpoint_dir is not None else self.out / "_work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.artifacts: list[Artifact] = []
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _stage(self, name: str, step: int = 0, total: int = 1, message: str | None = None) -> None:
+        if self.cancel():
+            raise Cancelled(f"cancelled before {name}")
+        self.progress(Progress(stage=name, step=step, total=total, message=message))
+
+    def _timed(self, name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        return result
+
+    def _add(self, name: str, kind: Any, path: Path, description: str) -> None:
+        self.artifacts.append(Artifact(name=name, kind=kind, path=path, description=description))
+
+    # --- the pipeline ----------------------------------------------------------------------
+
+    def execute(self, teacher_path: Path, dataset_path: Path, eval_path: Path | None) -> CompressResult:
+        spec = self.spec
+        self._stage("load", 0, 2, "loading the teacher")
+        teacher = self._timed("load_teacher", lambda: load_teacher(teacher_path, task=spec.task))
+        task = spec.task or teacher.task
+        self._stage("load", 1, 2, "reading the data")
+        train, evald = self._timed("load_data", lambda: self._load_data(teacher, task, dataset_path, eval_path))
+        self._stage("load", 2, 2)
+
+        distilled = None
+        deploy: torch.nn.Module | None = teacher.module
+        student: Student | None = None
+        if spec.student is not None:
+            student = make_student(teacher, spec.student, seed=spec.distillation.seed)
+            distilled = self._timed("distill", lambda: self._distill(teacher, student, train, evald, task))
+            deploy = distilled.student
+            self._save_student(student, deploy, teacher)
+        elif spec.quantization.method == "qat":
+            raise SpecError("quantization 'qat' trains a student: give a 'student' or another method")
+
+        if spec.quantization.method == "qat":
+            from .qat import qat_distill
+
+            assert deploy is not None
+            self._stage("qat", 0, 1)
+            deploy = self._timed("qat", lambda: qat_distill(
+                deploy, teacher, train, spec.quantization, spec.distillation,
+                progress=self.progress, cancel=self.cancel, task=task))
+
+        sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
+        self._stage("export", 0, 2)
+        teacher_onnx = self._teacher_onnx(teacher, teacher_path, sample)
+        if deploy is None:  # an ONNX teacher quantized as it is
+            fp32 = self.out / "model_fp32.onnx"
+            shutil.copyfile(teacher_onnx, fp32)
+            export_check = None
+        else:
+            fp32 = export_onnx(deploy, sample, self.out / "model_fp32.onnx", task=task)
+            export_check = check_onnx(fp32, deploy, sample)
+        self._add("model_fp32.onnx", "onnx_fp32", fp32,
+                  "the " + ("student" if student else "teacher") + " as an fp32 ONNX graph")
+        self._stage("export", 2, 2)
+
+        evaluator = _Evaluator(task, evald, spec.evaluation.threads)
+        teacher_out = evaluator.outputs(teacher_onnx)
+        quant = None
+        if spec.quantization.method != "none":
+            quant = self._timed("quantize", lambda: self._quantize(fp32, train, evaluator, teacher_out, task))
+
+        report = self._timed("evaluate", lambda: self._evaluate(
+            teacher, student, distilled, teacher_onnx, fp32, quant, evaluator, teacher_out, task, train))
+        report["export_check"] = export_check
+        self._stage("report", 0, 1)
+        self._write_report(report, teacher_path, dataset_path, eval_path, quant)
+        self._stage("report", 1, 1)
+        return CompressResult(artifacts=self.artifacts, metrics=report)
+
+    def _load_data(self, teacher: Teacher, task: str, path: Path, eval_path: Path | None
+                   ) -> tuple[TensorData, TensorData]:
+        kw = dict(tokenizer=teacher.tokenizer, input_shape=teacher.input_shape, input_kind=teacher.input_kind,
+                  task=task)
+        data = load_dataset(path, self.spec.data, **kw)
+        eval_data = load_dataset(eval_path, self.spec.data, **kw) if eval_path else None
+        return train_eval_split(data, eval_data, self.spec.data)
+
+    def _distill(self, teacher: Teacher, student: Student, train: TensorData, evald: TensorData, task: str):
+        from .distill import distill
+
+        spec = self.spec
+        assert spec.student is not None
+        return distill(
+            teacher, student.module, train, evald, spec.distillation,
+            workdir=self.work / "distill", progress=self.progress, cancel=self.cancel, task=task,
+            make_baseline=lambda: make_student(teacher, spec.student, seed=spec.distillation.seed).module,
+        )
+
+    def _save_student(self, student: Student, trained: torch.nn.Module, teacher: Teacher) -> None:
+        student.module = trained
+        folder = save_student(student, self.work / "student", teacher)
+        archive = self.out / "student.zip"
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            for f in sorted(folder.rglob("*")):
+                if f.is_file():
+                    zf.write(f, f.relative_to(folder).as_posix())
+        self._add("student.zip", "student", archive,
+                  f"the distilled student ({student.description}): config.json + model.safetensors"
+                  + (" + tokenizer" if teacher.tokenizer is not None else "") + "; loadable as a teacher")
+
+    def _teacher_onnx(self, teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor]) -> Path:
+        if teacher.kind == "onnx":
+            return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
+        assert teacher.module is not None
+        return export_onnx(teacher.module, sample, self.work / "teacher_fp32.onnx", task=teacher.task)
+
+    def _quantize(self, fp32: Path, train: TensorData, evaluator: "_Evaluator", teacher_out: torch.Tensor,
+                  task: str):
+        qspec = self.spec.quantization
+        if qspec.method == "qat":  # the QAT-tuned float model is quantized statically, on the grid it trained on
+            qspec = qspec.model_copy(update={"method": "static_int8", "calibration": "minmax"})
+        calib, ids = calibration_sample(train.inputs, qspec.calibration_samples, self.spec.distillation.seed)
+        metric = primary_metric(task)
+        name = "model_int4.onnx" if qspec.method == "int4" else "model_int8.onnx"
+        result = quantize(
+            fp32, self.out / name, qspec, calibration_inputs=calib,
+            evaluate=lambda p: evaluator.metrics(evaluator.outputs(p), teacher_out)[metric],
+            higher_is_better=higher_is_better(metric), progress=self.progress, cancel=self.cancel,
+        )
+        result.calibration["sample_ids"] = ids
+        self._add(name, "onnx_int4" if qspec.method == "int4" else "onnx_int8", Path(result.path),
+                  f"{result.method} ONNX for onnxruntime on CPU")
+        if result.met is False:
+            self.warnings.append(result.message)
+        return result
+
+    def _evaluate(self, teacher, student, distilled, teacher_onnx, fp32, quant, evaluator, teacher_out, task,
+                  train) -> dict[str, Any]:
+        espec = self.spec.evaluation
+        sample = {k: v[: max(espec.latency_batch_sizes)] for k, v in evaluator.data.inputs.items()}
+        steps = 2 + (student is not None) + (quant is not None)
+        done = 0
+
+        def latency(path: Path) -> dict[str, Any]:
+            nonlocal done
+            self._stage("evaluate", done, steps, f"timing {path.name}")
+            done += 1
+            return measure_onnx_latency(path, sample, batch_sizes=espec.latency_batch_sizes, threads=espec.threads,
+                                        warmup=espec.warmup, repeats=espec.repeats)
+
+        rows = [ModelRow("teacher", evaluator.metrics(teacher_out, teacher_out), onnx_size_bytes(teacher_onnx),
+                         teacher.num_parameters, latency(teacher_onnx), None, "onnx fp32")]
+        outputs = {"teacher": teacher_out}
+        if student is not None:
+            outputs["student"] = evaluator.outputs(fp32)
+            rows.append(ModelRow("student", evaluator.metrics(outputs["student"], teacher_out), onnx_size_bytes(fp32),
+                                 count_parameters(distilled.student), latency(fp32), "teacher", "onnx fp32"))
+        if quant is not None:
+            qname = "int4" if quant.method == "int4" else "int8"
+            outputs[qname] = evaluator.outputs(Path(quant.path))
+            rows.append(ModelRow(qname, evaluator.metrics(outputs[qname], teacher_out), onnx_size_bytes(quant.path),
+                                 rows[-1].parameters, latency(Path(quant.path)), rows[-1].name, f"onnx {qname}"))
+        self._stage("evaluate", steps, steps)
+        table = compare_models(rows)
+        for row in table:
+            for flag in row.get("flags", []):
+                self.warnings.append(f"{row['name']}: {flag.get('message', flag)}")
+
+        final_name, final_out = list(outputs.items())[-1]
+        data = evaluator.data
+        report: dict[str, Any] = {
+            "title": f"Compression report: {task}",
+            "task": task,
+            "primary_metric": primary_metric(task),
+            "teacher": teacher.summary(),
+            "student": None if student is None else {
+                "description": student.description, "how": student.how, "kind": student.kind,
+                "num_parameters": count_parameters(distilled.student), "config": student.config},
+            "spec": self.spec.model_dump(mode="json"),
+            "data": {"train": train.summary(), "eval": data.summary()},
+            "models": table,
+            "disagreements": disagreements(task, final_out, teacher_out, espec.disagreements, data.texts,
+                                           y=data.y, classes=data.classes) if final_name != "teacher" else [],
+        }
+        if task == "classification" and data.y is not None and data.classes:
+            preds = {name: out.argmax(-1) for name, out in outputs.items()}
+            report["per_class"] = per_class_table(data.y, preds, data.classes)
+        if distilled is not None:
+            d = distilled.to_dict()
+            report["distillation"] = d
+            report["curves"] = d["history"]
+            report["teacher_cache"] = d["teacher_cache"]
+            self.warnings.extend(d.get("notes", []))
+        if quant is not None:
+            q = quant.to_dict()
+            report["quantization"] = q
+            report["sensitivity"] = q.get("sensitivity") or []
+        report["summary"] = _summary(table, primary_metric(task))
+        return report
+
+    def _write_report(self, report: dict[str, Any], teacher_path: Path, dataset_path: Path,
+                      eval_path: Path | None, quant: Any) -> None:
+        report["warnings"] = self.warnings
+        report["timings"] = self.timings
+        json_path, html_path = write_report(self.out, report)
+        self._add("report.json", "report_json", json_path, "every number of the run")
+        self._add("report.html", "report_html", html_path, "the human-readable report with plots")
+        inputs = {"teacher": teacher_path, "dataset": dataset_path}
+        if eval_path is not None:
+            inputs["eval_dataset"] = eval_path
+        manifest = write_manifest(
+            self.out,
+            inputs={k: v for k, v in inputs.items() if v.is_file()},
+            outputs={a.name: a.path for a in self.artifacts},
+            spec=self.spec.model_dump(mode="json"),
+            seeds={"distillation": self.spec.distillation.seed, "split": self.spec.data.split_seed},
+            calibration_ids=None if quant is None else quant.calibration.get("sample_ids"),
+        )
+        self._add("manifest.json", "manifest", manifest, "sha256 of every input and output, seeds, versions, spec")
+
+
+class _Evaluator:
+    """Runs ONNX artifacts over the eval split and scores them against labels / the teacher."""
+
+    def __init__(self, task: str, data: TensorData, threads: int) -> None:
+        self.task, self.data, self.threads = task, data, threads
+        self._numpy = {k: v.numpy() for k, v in data.inputs.items()}
+
+    def outputs(self, path: Path) -> torch.Tensor:
+        out = onnx_outputs(path, self._numpy, threads=self.threads)
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+
+    def metrics(self, outputs: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, Any]:
+        y = self.data.y if self.task != "embedding" else None
+        return evaluate_outputs(self.task, outputs, y, teacher_out)
+
+
+def _summary(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Headline numbers: each model's primary metric, size and batch-1 p50, and the final ratios."""
+    out: dict[str, Any] = {"metric": metric, "models": {}}
+    for row in table:
+        out["models"][row["name"]] = {
+            metric: row["metric"].get(metric),
+            "size_bytes": row.get("size_bytes"),
+            "parameters": row.get("parameters"),
+        }
+    final = table[-1]
+    if final.get("vs_teacher"):
+        out["final"] = final["name"]
+        out["vs_teacher"] = final["vs_teacher"]
+    return out
+
+
+def _only_onnx(teacher: Teacher) -> Path:
+    assert teacher.source_dir is not None
+    found = sorted(Path(teacher.source_dir).glob("*.onnx"))
+    if len(found) != 1:
+        raise SpecError("the ONNX teacher's folder must hold exactly one .onnx file")
+    return found[0]
