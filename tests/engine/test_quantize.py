@@ -258,3 +258,18 @@ def test_cancel_during_calibration(tmp_path: Path, mlp: Path, data) -> None:
     assert not (tmp_path / "q.onnx").exists()
     assert list(tmp_path.iterdir()) == []  # the work folder is gone too
 
+
+
+def test_auto_method_is_dynamic_for_token_graphs_and_static_otherwise(tmp_path):
+    from worker.compression.quantize import resolve_method
+
+    mlp = zoo.build({"architecture": "mlp", "input_dim": 8, "hidden": [8], "output_dim": 2})
+    vec = export_onnx(mlp, {"x": torch.randn(2, 8)}, tmp_path / "v.onnx")
+    tr = zoo.build({"architecture": "transformer", "vocab_size": 20, "dim": 8, "num_layers": 1, "num_heads": 2,
+                    "output_dim": 2})
+    tok = export_onnx(tr, {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5,
+                                                                                                  dtype=torch.long)},
+                      tmp_path / "t.onnx")
+    assert resolve_method(QuantizationSpec(), vec).method == "static_int8"
+    assert resolve_method(QuantizationSpec(), tok).method == "dynamic_int8"
+    assert resolve_method(QuantizationSpec(method="int4"), tok).method == "int4"

@@ -22,7 +22,7 @@ from .errors import Cancelled, SpecError
 from .evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
 from .export import check_onnx, export_onnx, onnx_size_bytes
 from .metrics import evaluate_outputs, higher_is_better, primary_metric
-from .quantize import calibration_sample, quantize
+from .quantize import calibration_sample, quantize, resolve_method
 from .report import write_manifest, write_report
 from .spec import CompressSpec
 from .students import Student, make_student, save_student
@@ -187,7 +187,7 @@ class _Run:
 
     def _quantize(self, fp32: Path, train: TensorData, evaluator: "_Evaluator", teacher_out: torch.Tensor,
                   task: str):
-        qspec = self.spec.quantization
+        qspec = resolve_method(self.spec.quantization, fp32)
         if qspec.method == "qat":  # the QAT-tuned float model is quantized statically, on the grid it trained on
             qspec = qspec.model_copy(update={"method": "static_int8", "calibration": "minmax"})
         calib, ids = calibration_sample(train.inputs, qspec.calibration_samples, self.spec.distillation.seed)

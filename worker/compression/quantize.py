@@ -440,6 +440,17 @@ class _WeightOnly(_Method):
 
 # --- the entry point -------------------------------------------------------------------
 
+def resolve_method(spec: QuantizationSpec, onnx_fp32: Path) -> QuantizationSpec:
+    """Turn ``auto`` into a concrete method: dynamic int8 for graphs fed token ids (transformers,
+    whose attention activations static calibration handles badly), static int8 for the rest."""
+    if spec.method != "auto":
+        return spec
+    graph = onnx.load(str(onnx_fp32), load_external_data=False).graph
+    tokens = any(i.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+                 for i in graph.input)
+    return spec.model_copy(update={"method": "dynamic_int8" if tokens else "static_int8"})
+
+
 def _check_spec(spec: QuantizationSpec, evaluate: Callable[[Path], float] | None,
                 calibration_inputs: Mapping[str, np.ndarray] | None) -> None:
     if spec.method == "qat":
@@ -484,6 +495,7 @@ def quantize(
     src, out_path = Path(onnx_fp32), Path(out_path)
     if not src.is_file():
         raise ModelFileError(f"ONNX model {src} does not exist")
+    spec = resolve_method(spec, Path(onnx_fp32))
     _check_spec(spec, evaluate, calibration_inputs)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fp32_size = onnx_size_bytes(src)

@@ -111,7 +111,9 @@ class DataSpec(_Spec):
 class QuantizationSpec(_Spec):
     """How to quantize the (student or teacher) model for deployment."""
 
-    method: Literal["none", "dynamic_int8", "static_int8", "weight_only_int8", "int4", "qat"] = "static_int8"
+    method: Literal["auto", "none", "dynamic_int8", "static_int8", "weight_only_int8", "int4", "qat"] = "auto"
+    """``auto``: dynamic int8 for token (transformer) models, whose activations static calibration
+    handles badly (MiniLM: cosine 0.81 static vs 0.99 dynamic), static int8 for everything else."""
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     calibration: Literal["minmax", "percentile", "entropy"] = "percentile"
     percentile: float = Field(default=99.99, gt=90, le=100)
