@@ -1,0 +1,510 @@
+"""Service benchmarks. Prints the numbers and writes bench/out/service.json.
+
+Cases (each measured in one run beside its baseline)
+  upload  a 1 GiB upload through ``POST /v1/models`` (curl as the client) against ``cp`` of the
+          same file (and ``cp`` + fsync, since the store fsyncs; and a bare endpoint under the
+          same uvicorn that only counts the bytes); the API process's peak RSS growth while it
+          streams (target: ratio ≥ 0.5, growth ≤ 64 MiB).
+  get     ``GET /v1/jobs/{id}`` at 50 concurrent keep-alive clients against a bare FastAPI
+          endpoint returning the same JSON under the same uvicorn (target: req/s ratio ≥ 0.5).
+  job     a small job through the service (submit → SUCCEEDED, as a polling client sees it)
+          against the same ``compress()`` call made directly, both warm and alternated (target:
+          ≤ 1.10× the wall time; queued → running median ≤ 1 s). On a shared machine the
+          engine's own time swings run to run, so the service's overhead is also measured per
+          job (client wall time minus the engine time the worker reports) and added to the
+          direct median.
+
+The service runs as ``kdq serve`` (SQLite, SQLite broker) by default, or with ``--stack postgres``
+as ``kdq api`` + ``kdq worker``s on a fresh Postgres database and Redis.
+
+Usage: python bench/service.py [--cases upload,get,job] [--stack embedded|postgres] [--upload-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+from starlette.requests import Request
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "bench" / "out"
+sys.path.insert(0, str(REPO))
+
+JOB_SPEC = {
+    "student": {"kind": "auto", "max_params_ratio": 0.25},
+    "distillation": {"epochs": 5, "batch_size": 64, "baseline": False, "seed": 0},
+    "quantization": {"method": "static_int8", "calibration_samples": 128},
+    "evaluation": {"latency_batch_sizes": [1], "warmup": 2, "repeats": 10, "disagreements": 5},
+}
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+TEACHER_CONFIG = {
+    "architecture": "mlp",
+    "task": "classification",
+    "input_dim": 32,
+    "hidden": [128, 128],
+    "output_dim": 5,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a service process exited during start")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready")
+
+
+class Service:
+    """The service under test, as subprocesses; ``api_pid`` is the process that serves HTTP."""
+
+    def __init__(self, stack: str, root: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("KDQ_")}
+        self.env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), KDQ_DATA_DIR=str(root / "data"))
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.database: str | None = None
+        kdq = [sys.executable, "-m", "service.cli"]
+        if stack == "embedded":
+            self._spawn([*kdq, "serve", "--port", str(self.port)])
+        else:
+            import psycopg
+
+            self.database = f"kdq_bench_{secrets.token_hex(4)}"
+            with psycopg.connect(
+                os.environ.get("KDQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test"),
+                autocommit=True,
+            ) as conn:
+                conn.execute(f'CREATE DATABASE "{self.database}"')
+            self.env.update(
+                KDQ_DATABASE_URL=f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.database}",
+                KDQ_BROKER_URL=os.environ.get("KDQ_BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+                KDQ_BROKER_KEY_PREFIX=f"{self.database}:",
+            )
+            subprocess.run([*kdq, "migrate"], cwd=REPO, env=self.env, check=True, capture_output=True)
+            self._spawn([*kdq, "api", "--host", "127.0.0.1", "--port", str(self.port)])
+            self._spawn([*kdq, "worker", "--queues", "validate", "--name", "validate"])
+            self._spawn([*kdq, "worker", "--queues", "cpu,gpu", "--name", "jobs"])
+        self.api_pid = self.procs[0].pid
+        wait_ready(self.url, self.procs)
+
+    def _spawn(self, argv: list[str]) -> None:
+        with open(self.root / "service.log", "ab") as log:
+            self.procs.append(
+                subprocess.Popen(
+                    argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        if self.database:
+            import psycopg
+
+            with psycopg.connect(
+                os.environ.get("KDQ_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test"),
+                autocommit=True,
+            ) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
+
+
+# --- upload ----------------------------------------------------------------------------------
+
+
+def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
+    src = svc.root / "big.bin"
+    with open(src, "wb") as f:  # a zip signature, then noise: validation rejects it at once
+        f.write(b"PK\x03\x04")
+        f.writelines(os.urandom(1 << 20) for _ in range(mib))
+    size = src.stat().st_size
+
+    t0 = time.perf_counter()
+    subprocess.run(["cp", str(src), str(svc.root / "copy.bin")], check=True)
+    cp_s = time.perf_counter() - t0
+    fd = os.open(svc.root / "copy.bin", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    cp_sync_s = time.perf_counter() - t0
+    (svc.root / "copy.bin").unlink()
+
+    with BareServer() as bare:
+        t0 = time.perf_counter()
+        subprocess.run(
+            [
+                "curl",
+                "-sSf",
+                "-o",
+                "/dev/null",
+                "-F",
+                f"file=@{src};type=application/octet-stream",
+                f"http://127.0.0.1:{bare.port}/upload",
+            ],
+            check=True,
+        )
+        bare_s = time.perf_counter() - t0
+
+    base = rss_bytes(svc.api_pid)
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], rss_bytes(svc.api_pid))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            str(svc.root / "upload.json"),
+            "-w",
+            "%{http_code}",
+            "-F",
+            f"file=@{src};type=application/octet-stream",
+            "-F",
+            "format=zoo_zip",
+            f"{svc.url}/v1/models",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    upload_s = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    assert out.stdout == "201", out
+    body = json.loads((svc.root / "upload.json").read_text())
+    assert body["size_bytes"] == size
+    time.sleep(2)  # let validation finish before deleting
+    httpx.delete(f"{svc.url}/v1/models/{body['id']}")
+    src.unlink()
+    return {
+        "bytes": size,
+        "cp_s": round(cp_s, 3),
+        "cp_fsync_s": round(cp_sync_s, 3),
+        "upload_s": round(upload_s, 3),
+        "bare_receive_s": round(bare_s, 3),
+        "cp_MBps": round(size / cp_s / 1e6, 1),
+        "upload_MBps": round(size / upload_s / 1e6, 1),
+        "throughput_ratio_vs_cp": round(cp_s / upload_s, 3),
+        "throughput_ratio_vs_cp_fsync": round(cp_sync_s / upload_s, 3),
+        "throughput_ratio_vs_bare_receive": round(bare_s / upload_s, 3),
+        "api_rss_growth_MiB": round((peak[0] - base) / 2**20, 1),
+    }
+
+
+# --- GET at 50 concurrent clients ------------------------------------------------------------
+
+
+async def _hammer(port: int, path: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """A minimal HTTP/1.1 keep-alive load generator (cheap enough to leave the server the CPU)."""
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while time.monotonic() < stop_at:
+            t = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            await reader.readexactly(int(length.group(1)) if length else 0)
+            latencies.append(time.perf_counter() - t)
+            errors += not head.startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 2),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 2),
+    }
+
+
+def serve_bare(port: int, payload_file: str) -> None:
+    """The baseline: a bare FastAPI endpoint under the same uvicorn, returning the same JSON."""
+    import uvicorn
+    from fastapi import FastAPI
+
+    payload = json.loads(Path(payload_file).read_text()) if payload_file else {}
+    app = FastAPI()
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str) -> dict[str, Any]:
+        return payload
+
+    @app.post("/upload")
+    async def receive_only(request: Request) -> dict[str, int]:
+        """The server's own receive path: count the bytes, store nothing."""
+        n = 0
+        async for chunk in request.stream():
+            n += len(chunk)
+        return {"bytes": n}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+class BareServer:
+    """The baseline server: same uvicorn, a bare FastAPI app (see `serve_bare`)."""
+
+    def __init__(self, payload: Path | None = None) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve-bare", str(self.port), str(payload or "")],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{self.port}/v1/jobs/x", timeout=1)
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def bench_get(svc: Service, job_id: str, concurrency: int = 50, seconds: float = 8.0) -> dict[str, Any]:
+    payload = svc.root / "job.json"
+    payload.write_text(httpx.get(f"{svc.url}/v1/jobs/{job_id}").text)
+    with BareServer(payload) as bare:
+        port = bare.port
+        path = f"/v1/jobs/{job_id}"
+        rounds: dict[str, list[dict[str, float]]] = {"service": [], "bare": []}
+        for _ in range(2):  # alternate, so drifting machine load hits both alike
+            asyncio.run(_hammer(svc.port, path, concurrency, 1.0))  # warm-up
+            rounds["service"].append(asyncio.run(_hammer(svc.port, path, concurrency, seconds)))
+            asyncio.run(_hammer(port, path, concurrency, 1.0))
+            rounds["bare"].append(asyncio.run(_hammer(port, path, concurrency, seconds)))
+    best = {k: max(v, key=lambda r: r["rps"]) for k, v in rounds.items()}
+    return {
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "service": best["service"],
+        "bare": best["bare"],
+        "rounds": rounds,
+        "rps_ratio": round(best["service"]["rps"] / best["bare"]["rps"], 3),
+        "p99_ratio": round(best["service"]["p99_ms"] / best["bare"]["p99_ms"], 3),
+    }
+
+
+# --- a small job ---------------------------------------------------------------------------
+
+
+def write_job_inputs(folder: Path) -> tuple[Path, Path]:
+    import numpy as np
+    import torch
+
+    from worker.compression import zoo
+    from worker.compression.teachers import save_zoo_model
+
+    torch.manual_seed(0)
+    src = save_zoo_model(zoo.build(TEACHER_CONFIG), TEACHER_CONFIG, folder / "teacher")
+    teacher = folder / "teacher.zip"
+    with zipfile.ZipFile(teacher, "w") as zf:
+        for f in sorted(src.iterdir()):
+            zf.write(f, f.name)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    x = rng.normal(size=(2000, 32)).astype(np.float32) + y[:, None].astype(np.float32) * 0.5
+    data = folder / "data.npz"
+    np.savez(data, x=x, y=y.astype(np.int64))
+    return teacher, data
+
+
+def upload_ready(client: httpx.Client, kind: str, path: Path) -> str:
+    with open(path, "rb") as f:
+        r = client.post(f"/v1/{kind}", files={"file": (path.name, f)})
+    r.raise_for_status()
+    ident = r.json()["id"]
+    while (body := client.get(f"/v1/{kind}/{ident}").json())["state"] == "validating":
+        time.sleep(0.1)
+    assert body["state"] == "ready", body
+    return ident
+
+
+def run_service_job(client: httpx.Client, ids: dict[str, str]) -> tuple[float, dict[str, Any], float]:
+    """Submit and poll to the end: (client wall time, the job, the engine's own time in the worker)."""
+    t0 = time.perf_counter()
+    r = client.post("/v1/jobs", json={**JOB_SPEC, **ids})
+    r.raise_for_status()
+    job_id = r.json()["id"]
+    while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] not in TERMINAL:
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    assert job["state"] == "SUCCEEDED", job
+    lines = client.get(f"/v1/jobs/{job_id}/events").text.splitlines()
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    return wall, job, next(e["engine_s"] for e in events if "engine_s" in e)
+
+
+def bench_job(svc: Service, repeats: int = 5) -> tuple[dict[str, Any], str]:
+    from datetime import datetime
+
+    from worker.compression.compress import compress
+    from worker.compression.spec import CompressSpec
+
+    teacher, data = write_job_inputs(svc.root)
+    spec = CompressSpec.model_validate(JOB_SPEC)
+
+    def direct() -> float:
+        out = Path(tempfile.mkdtemp(dir=svc.root))
+        t0 = time.perf_counter()
+        compress(spec, teacher_path=teacher, dataset_path=data, output_dir=out)
+        wall = time.perf_counter() - t0
+        shutil.rmtree(out)
+        return wall
+
+    with httpx.Client(base_url=svc.url, timeout=60) as client:
+        ids = {
+            "teacher_model_id": upload_ready(client, "models", teacher),
+            "dataset_id": upload_ready(client, "datasets", data),
+        }
+        direct()  # warm: imports and first-call costs, as the worker is after its first job
+        run_service_job(client, ids)
+        direct_s, service_s, overhead_s, waits, last = [], [], [], [], ""
+        for _ in range(repeats):  # alternate, so drifting machine load hits both alike
+            direct_s.append(direct())
+            wall, job, engine_s = run_service_job(client, ids)
+            service_s.append(wall)
+            overhead_s.append(wall - engine_s)
+            created, started = (datetime.fromisoformat(job[k]) for k in ("created_at", "started_at"))
+            waits.append((started - created).total_seconds())
+            last = job["id"]
+    d, s, o = (statistics.median(x) for x in (direct_s, service_s, overhead_s))
+    return {
+        "repeats": repeats,
+        "direct_s": [round(x, 3) for x in direct_s],
+        "service_s": [round(x, 3) for x in service_s],
+        "direct_median_s": round(d, 3),
+        "service_median_s": round(s, 3),
+        "service_over_direct": round(s / d, 3),
+        "service_overhead_s": [round(x, 3) for x in overhead_s],
+        "service_overhead_median_s": round(o, 3),
+        "service_over_direct_from_overhead": round((d + o) / d, 3),
+        "queued_to_running_s": [round(w, 3) for w in waits],
+        "queued_to_running_median_s": round(statistics.median(waits), 3),
+    }, last
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="upload,get,job")
+    parser.add_argument("--stack", choices=["embedded", "postgres"], default="embedded")
+    parser.add_argument("--upload-mib", type=int, default=1024)
+    parser.add_argument("--serve-bare", nargs=2, metavar=("PORT", "PAYLOAD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_bare:
+        serve_bare(int(args.serve_bare[0]), args.serve_bare[1])
+        return 0
+    cases = args.cases.split(",")
+    results: dict[str, Any] = {"stack": args.stack, "cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
+        svc = Service(args.stack, Path(tmp))
+        try:
+            job_id = None
+            if "job" in cases:
+                results["job"], job_id = bench_job(svc)
+                print("job", json.dumps(results["job"]), flush=True)
+            if "upload" in cases:
+                results["upload"] = bench_upload(svc, args.upload_mib)
+                print("upload", json.dumps(results["upload"]), flush=True)
+            if "get" in cases:
+                if job_id is None:
+                    _, job_id = bench_job(svc, repeats=1)
+                results["get"] = bench_get(svc, job_id)
+                print(
+                    "get", json.dumps({k: v for k, v in results["get"].items() if k != "rounds"}), flush=True
+                )
+        finally:
+            svc.stop()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"service-{args.stack}.json").write_text(json.dumps(results, indent=2))
+    checks = []
+    if "upload" in results:
+        checks += [
+            ("upload throughput / cp ≥ 0.5", results["upload"]["throughput_ratio_vs_cp"] >= 0.5),
+            ("API RSS growth ≤ 64 MiB", results["upload"]["api_rss_growth_MiB"] <= 64),
+        ]
+    if "get" in results:
+        checks += [("GET req/s / bare ≥ 0.5", results["get"]["rps_ratio"] >= 0.5)]
+    if "job" in results:
+        checks += [
+            ("service job ≤ 1.10× direct (medians)", results["job"]["service_over_direct"] <= 1.10),
+            (
+                "service job ≤ 1.10× direct (median direct + measured service overhead)",
+                results["job"]["service_over_direct_from_overhead"] <= 1.10,
+            ),
+            ("queued → running median ≤ 1 s", results["job"]["queued_to_running_median_s"] <= 1.0),
+        ]
+    for name, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

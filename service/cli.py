@@ -1,0 +1,226 @@
+"""The ``kdq`` command.
+
+* ``kdq serve``   — everything on one machine: migrations, the API, a Celery worker for
+  the ``validate`` queue and one for jobs, a SQLite file, a SQLite broker and a blob
+  directory under ``--data-dir``. Stops them all on SIGINT/SIGTERM.
+* ``kdq api``, ``kdq worker``, ``kdq migrate`` — the scaled-out pieces, configured by
+  ``KDQ_*`` environment variables (see service/settings.py); ``kdq check`` is their health check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("kdq")
+
+
+def worker_argv(queues: list[str], concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:
+    """Arguments of ``celery worker`` for one of our workers (shared by ``serve`` and ``worker``)."""
+    return [
+        "worker",
+        "-Q",
+        ",".join(queues),
+        "-c",
+        str(concurrency),
+        "-n",
+        f"{name}@%h",
+        "-l",
+        loglevel,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from .settings import get_settings
+
+    get_settings.cache_clear()
+    return get_settings()
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from .migrate import upgrade
+
+    upgrade(_settings().database_url)
+    return 0
+
+
+def cmd_check(_: argparse.Namespace) -> int:
+    """Exit 0 when the database and the broker answer (a health check for worker containers)."""
+    from sqlalchemy import text
+
+    from .db import Database
+    from .queueing import Queues
+
+    s = _settings()
+    db = Database(s.database_url)
+    try:
+        with db.read() as session:
+            session.execute(text("SELECT 1"))
+        Queues(s).ping()
+    except Exception as exc:  # noqa: BLE001 -- any failure is "unhealthy"; say which
+        print(f"unhealthy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        db.dispose()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        proxy_headers=True,
+        log_level=args.loglevel.lower(),
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+
+    s = _settings()
+    queues = args.queues.split(",") if args.queues else [s.queue_cpu]
+    app.worker_main(worker_argv(queues, args.concurrency, args.name or queues[0], args.loglevel))
+    return 0
+
+
+def _start_worker(queues: list[str], concurrency: int, name: str) -> subprocess.Popen[bytes]:
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        *worker_argv(queues, concurrency, name),
+    ]
+    return subprocess.Popen(argv, start_new_session=True)  # our signals, not the terminal's, stop it
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """Warm shutdown (finish the current task) for ``grace`` seconds, then cold, then kill."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [p for p in procs if p.poll() is None]
+        for p in alive:  # celery stops its own pool; only a kill goes to the whole group
+            (os.killpg if sig == signal.SIGKILL else os.kill)(p.pid, sig)
+        for p in alive:
+            try:
+                p.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .migrate import upgrade
+    from .queueing import Queues
+
+    if args.data_dir:
+        os.environ["KDQ_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    s = _settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(s.database_url)
+    Queues(s).depths()  # creates the broker tables here, before two workers race to do it
+    procs = [
+        _start_worker([s.queue_validate], args.validate_concurrency, "validate"),
+        _start_worker(s.job_queues(), args.job_concurrency, "jobs"),
+    ]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            log_level=args.loglevel.lower(),
+        )
+    )
+    failed = threading.Event()
+
+    def watch() -> None:  # one process group: if a worker dies, everything stops
+        while not server.should_exit:
+            for p in procs:
+                if p.poll() is not None:
+                    log.error("worker %s exited with %s; stopping", p.args, p.returncode)
+                    failed.set()
+                    server.should_exit = True
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
+    # uvicorn re-raises the SIGINT/SIGTERM it caught once it has stopped; with these handlers in
+    # place that re-raise is harmless and the workers are still stopped below.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    log.info("kdq serve: data in %s, API on http://%s:%s", s.data_dir, args.host, args.port)
+    try:
+        server.run()
+    finally:
+        server.should_exit = True
+        _stop(procs, args.shutdown_grace)
+    return 1 if failed.is_set() else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdq", description="Compression as a service.")
+    parser.add_argument("--loglevel", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="API + workers + SQLite on one machine")
+    serve.add_argument(
+        "--data-dir", help="where the database, broker and blobs live (default ./var, or KDQ_DATA_DIR)"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--job-concurrency", type=int, default=1, help="jobs run at once")
+    serve.add_argument("--validate-concurrency", type=int, default=1, help="uploads validated at once")
+    serve.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds a running job gets to finish on shutdown before it is stopped (it is requeued later)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    api = sub.add_parser("api", help="the HTTP API (uvicorn)")
+    api.add_argument("--host", default="0.0.0.0")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="a Celery worker")
+    worker.add_argument("--queues", help="comma-separated (default: the cpu queue); e.g. validate, cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--name", help="node name prefix (default: the first queue)")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="bring the database schema up to date")
+    migrate.set_defaults(func=cmd_migrate)
+
+    check = sub.add_parser("check", help="exit 0 when the database and the broker answer")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Checks a job spec against the validated uploads before anything is queued.
+
+Pure functions over the upload summaries (what the workers recorded at validation), so
+the API answers "this cannot work" with a 422 and a pointer instead of a failed job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker.compression.spec import CompressSpec
+
+from .problems import FieldError
+
+METRIC_TASKS = {
+    "accuracy": {"classification"},
+    "macro_f1": {"classification"},
+    "cosine": {"embedding"},
+    "mse": {"regression", "embedding"},
+}
+
+
+def check_job(
+    spec: CompressSpec,
+    teacher: dict[str, Any],
+    dataset: dict[str, Any],
+    eval_dataset: dict[str, Any] | None = None,
+) -> list[FieldError]:
+    """Problems with running ``spec`` on these uploads (empty when it fits together)."""
+    errors: list[FieldError] = []
+
+    def bad(pointer: str, detail: str) -> None:
+        errors.append(FieldError(pointer=pointer, detail=detail))
+
+    teacher_task = teacher.get("task")
+    task = spec.task or teacher_task
+    if spec.task and teacher_task and spec.task != teacher_task:
+        bad("#/task", f"the teacher is a {teacher_task} model; it cannot teach {spec.task}")
+
+    teacher_input = teacher.get("input_kind")
+    for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
+        kind = (summary or {}).get("input_kind")
+        if kind and teacher_input and kind != teacher_input:
+            bad(pointer, f"the dataset holds {kind} inputs but the teacher takes {teacher_input} inputs")
+
+    classes = dataset.get("classes")
+    if (
+        task == "classification"
+        and classes
+        and teacher.get("output_dim")
+        and len(classes) > teacher["output_dim"]
+    ):
+        bad(
+            "#/dataset_id",
+            f"the dataset has {len(classes)} classes but the teacher predicts {teacher['output_dim']}",
+        )
+
+    black_box = teacher.get("kind") == "onnx"
+    student = spec.student
+    if student is not None and student.kind == "derived" and black_box:
+        bad(
+            "#/student/kind",
+            "a derived student copies the teacher's layers, but an ONNX teacher is a "
+            "black box: use 'auto' or 'zoo'",
+        )
+    if student is not None and student.kind == "hf_config" and teacher_input not in (None, "tokens"):
+        bad(
+            "#/student/kind",
+            f"an hf_config student takes tokens, but the teacher takes {teacher_input} inputs",
+        )
+
+    distil = spec.distillation
+    if student is not None and black_box and distil.feature_loss != "none":
+        bad(
+            "#/distillation/feature_loss",
+            "feature matching needs the teacher's hidden states, which an ONNX teacher does not expose",
+        )
+    if student is not None and distil.attention_weight > 0 and (black_box or teacher_input != "tokens"):
+        bad("#/distillation/attention_weight", "attention matching needs a transformer teacher with weights")
+    if distil.target is not None and task and task not in METRIC_TASKS[distil.target.metric]:
+        bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
+
+    if student is None and spec.quantization.method == "none":
+        bad("#/quantization/method", "with no student and no quantization there is nothing to do")
+    if student is None and black_box and spec.quantization.method == "qat":
+        bad(
+            "#/quantization/method",
+            "quantization-aware training needs a torch model; an ONNX teacher has no weights to train",
+        )
+    return errors

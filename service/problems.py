@@ -1,0 +1,173 @@
+"""RFC 9457 problem details: the one error format of the API, never a stack trace."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, model_serializer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class FieldError(BaseModel):
+    detail: str
+    pointer: str | None = None
+    """JSON pointer (as a URI fragment) to the bad field of a JSON or form body."""
+    parameter: str | None = None
+    """The bad query, path or header parameter."""
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class Problem(BaseModel):
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    code: str | None = None
+    """A stable machine-readable tag (e.g. ``invalid_model``, ``not_found``)."""
+    errors: list[FieldError] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ProblemError(Exception):
+    """Raise anywhere in a request to answer with a problem."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        code: str | None = None,
+        title: str | None = None,
+        errors: Sequence[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.problem = Problem(
+            title=title or HTTPStatus(status).phrase,
+            status=status,
+            detail=detail,
+            code=code,
+            errors=list(errors) if errors else None,
+        )
+        self.headers = headers
+
+
+def not_found(what: str, ident: str) -> ProblemError:
+    return ProblemError(404, f"{what} {ident!r} does not exist", code="not_found")
+
+
+def unprocessable(errors: Sequence[FieldError], detail: str = "the request is not valid") -> ProblemError:
+    return ProblemError(422, detail, code="invalid_request", errors=errors)
+
+
+def problem_response(
+    problem: Problem, request: Request | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    if request is not None and problem.instance is None:
+        problem = problem.model_copy(update={"instance": request.url.path})
+    return JSONResponse(
+        problem.model_dump(), status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
+    )
+
+
+def pointer(loc: Sequence[Any]) -> str:
+    """``("body", "distillation", "epochs")`` → ``#/distillation/epochs`` (RFC 6901 escaping)."""
+    parts = [str(p).replace("~", "~0").replace("/", "~1") for p in loc]
+    return "#/" + "/".join(parts) if parts else "#"
+
+
+def field_errors(
+    errors: Sequence[dict[str, Any]], body_prefix: tuple[str, ...] = ("body",)
+) -> list[FieldError]:
+    """Pydantic / FastAPI error dicts → `FieldError`s (body → pointer, others → parameter)."""
+    out = []
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        msg = str(err.get("msg", "invalid value"))
+        if loc[: len(body_prefix)] == body_prefix:
+            out.append(FieldError(detail=msg, pointer=pointer(loc[len(body_prefix) :])))
+        elif loc and loc[0] in ("query", "path", "header", "cookie"):
+            out.append(FieldError(detail=msg, parameter=".".join(str(p) for p in loc[1:])))
+        else:
+            out.append(FieldError(detail=msg, pointer=pointer(loc)))
+    return out
+
+
+def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> ProblemError:
+    """A pydantic error raised on data that came from the client (form fields, JSON)."""
+    return unprocessable(field_errors([{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors()], ()))
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error as a problem."""
+
+    @app.exception_handler(ProblemError)
+    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
+        return problem_response(exc.problem, request, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = field_errors(exc.errors())
+        return problem_response(
+            Problem(
+                title="Unprocessable Content",
+                status=422,
+                code="invalid_request",
+                detail="the request is not valid",
+                errors=errors,
+            ),
+            request,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return problem_response(
+            Problem(
+                title=HTTPStatus(exc.status_code).phrase, status=exc.status_code, detail=detail, code=code
+            ),
+            request,
+            dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            Problem(
+                title="Internal Server Error",
+                status=500,
+                code="internal_error",
+                detail="an internal error occurred; it has been logged",
+            ),
+            request,
+        )
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given problem statuses (and 422, which any route
+    with parameters may answer)."""
+    return {
+        s: {
+            "description": HTTPStatus(s).phrase,
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for s in sorted({*statuses, 422})
+    }

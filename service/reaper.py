@@ -1,0 +1,47 @@
+"""No job stays stuck: RUNNING or CANCELLING jobs whose worker stopped heartbeating are
+requeued (up to ``max_attempts``), failed, or cancelled. Safe to run from every API
+replica at once: each decision is re-checked under the row lock."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from .db import Database
+from .models import Job, utcnow
+from .settings import Settings
+from .states import JobState, lock_job, transition
+
+log = logging.getLogger(__name__)
+WORKER_LOST = {"type": "about:blank", "title": "Worker lost", "status": 500, "code": "worker_lost"}
+
+
+def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, str], None]) -> dict[str, str]:
+    """Handle every stale job; returns ``{job_id: new_state}``."""
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    active = [JobState.RUNNING.value, JobState.CANCELLING.value]
+    with db.read() as s:
+        stale = list(s.scalars(select(Job.id).where(Job.state.in_(active), Job.heartbeat_at < cutoff)))
+    done: dict[str, str] = {}
+    for job_id in stale:
+        with db.write() as s:
+            job = lock_job(s, job_id)
+            if job.state not in active or job.heartbeat_at is None or job.heartbeat_at >= cutoff:
+                continue  # it moved on while we looked
+            if job.state == JobState.CANCELLING:
+                target, changes = JobState.CANCELLED, {}
+            elif job.attempts >= settings.max_attempts:
+                detail = f"the worker running this job stopped responding {job.attempts} times; giving up"
+                target, changes = JobState.FAILED, {"error": {**WORKER_LOST, "detail": detail}}
+            else:
+                target, changes = JobState.QUEUED, {}
+            transition(s, job_id, target, **changes)
+            queue = job.queue
+        log.warning("job %s: no heartbeat since before %s, now %s", job_id, cutoff.isoformat(), target.value)
+        if target is JobState.QUEUED:
+            send_job(job_id, queue)
+        done[job_id] = target.value
+    return done

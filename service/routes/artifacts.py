@@ -1,0 +1,180 @@
+"""A job's results: metrics (report.json), the HTML report, artifact listing and downloads.
+
+Downloads carry a strong ETag (the sha256), answer ``If-None-Match`` with 304 and honour
+``Range`` / ``If-Range`` (Starlette's FileResponse serves the ranges; bad ranges are
+answered here as problems).
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
+
+from ..deps import Context, Ctx, Team, blocking
+from ..models import Artifact
+from ..problems import ProblemError, not_found, responses
+from ..schemas import ArtifactList, ArtifactOut
+from .jobs import load_job
+
+router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["jobs"])
+MEDIA_TYPES = {
+    "report_html": "text/html; charset=utf-8",
+    "report_json": "application/json",
+    "manifest": "application/json",
+    "student": "application/zip",
+}
+
+
+class _FullFile(FileResponse):
+    """A FileResponse that ignores the request's Range header."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k != b"range"]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
+def _media(art: Artifact) -> str:
+    return MEDIA_TYPES.get(art.kind) or mimetypes.guess_type(art.name)[0] or "application/octet-stream"
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or etag in tags or f"W/{etag}" in tags
+
+
+def _serve(
+    ctx: Context,
+    art: Artifact,
+    if_none_match: str | None,
+    range_: str | None,
+    disposition: str = "attachment",
+) -> Response:
+    etag = f'"{art.sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    path = ctx.store.local_path(art.sha256)
+    if path is None or not path.is_file():
+        raise ProblemError(410, f"the file of artifact {art.name!r} is no longer stored", code="gone")
+    if range_ is not None and not range_.strip().lower().startswith("bytes="):
+        # RFC 9110 §14.2: a Range in a unit we do not know is ignored
+        return _FullFile(
+            path,
+            media_type=_media(art),
+            headers=headers,
+            filename=art.name,
+            content_disposition_type=disposition,
+        )
+    if range_ is not None:
+        try:
+            FileResponse._parse_range_header(range_, art.size_bytes)
+        except MalformedRangeHeader as exc:
+            raise ProblemError(400, f"bad Range header: {exc.content}", code="bad_range") from None
+        except RangeNotSatisfiable:
+            raise ProblemError(
+                416,
+                f"the range is outside the file ({art.size_bytes} bytes)",
+                code="bad_range",
+                headers={"Content-Range": f"bytes */{art.size_bytes}"},
+            ) from None
+    media = MEDIA_TYPES.get(art.kind) or mimetypes.guess_type(art.name)[0] or "application/octet-stream"
+    return FileResponse(
+        path, media_type=media, headers=headers, filename=art.name, content_disposition_type=disposition
+    )
+
+
+def _load_artifact(
+    ctx: Context, job_id: str, team: str, *, name: str | None = None, kind: str | None = None
+) -> Artifact:
+    with ctx.db.read() as s:
+        load_job(s, job_id, team)
+        stmt = select(Artifact).where(Artifact.job_id == job_id)
+        stmt = stmt.where(Artifact.name == name) if name is not None else stmt.where(Artifact.kind == kind)
+        art = s.scalars(stmt.limit(1)).first()
+    if art is None:
+        raise not_found("artifact", name or kind or "")
+    return art
+
+
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
+RangeHeader = Annotated[str | None, Header(alias="Range")]
+FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the file",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    206: {"description": "the requested range"},
+    304: {"description": "not modified (If-None-Match matched the ETag)"},
+    **responses(400, 404, 410, 416),
+}
+
+
+@router.get(
+    "/metrics",
+    summary="The job's metrics (report.json)",
+    operation_id="job_metrics",
+    response_model=dict[str, Any],
+    responses=responses(404),
+)
+@blocking
+def job_metrics(job_id: str, ctx: Ctx, team: Team) -> Any:
+    with ctx.db.read() as s:
+        job = load_job(s, job_id, team)
+        metrics = job.metrics  # a deferred column: read it while the session is open
+    if metrics is None:
+        raise ProblemError(
+            404, f"job {job_id} has no metrics ({job.state}); they come with SUCCEEDED", code="not_available"
+        )
+    return metrics
+
+
+@router.get(
+    "/report",
+    summary="The job's HTML report",
+    operation_id="job_report",
+    response_class=Response,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, **responses(404)},
+)
+@blocking
+def job_report(job_id: str, ctx: Ctx, team: Team, if_none_match: IfNoneMatch = None) -> Response:
+    return _serve(ctx, _load_artifact(ctx, job_id, team, kind="report_html"), if_none_match, None, "inline")
+
+
+@router.get(
+    "/artifacts",
+    response_model=ArtifactList,
+    summary="List a job's artifacts",
+    responses=responses(404),
+    operation_id="list_artifacts",
+)
+@blocking
+def list_artifacts(job_id: str, ctx: Ctx, team: Team) -> ArtifactList:
+    with ctx.db.read() as s:
+        load_job(s, job_id, team)
+        rows = s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)).all()
+        return ArtifactList(items=[ArtifactOut.of(r) for r in rows])
+
+
+@router.get(
+    "/artifacts/{name}",
+    summary="Download an artifact",
+    operation_id="get_artifact",
+    response_class=Response,
+    responses=FILE_RESPONSES,
+)
+@blocking
+def get_artifact(
+    job_id: str,
+    name: str,
+    ctx: Ctx,
+    team: Team,
+    if_none_match: IfNoneMatch = None,
+    range_: RangeHeader = None,
+) -> Response:
+    return _serve(ctx, _load_artifact(ctx, job_id, team, name=name), if_none_match, range_)

@@ -1,0 +1,282 @@
+"""``/v1/jobs``: submit (idempotent), read, list, cancel, follow."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.compression.spec import CompressSpec, DataSpec
+
+from ..deps import Context, Ctx, Team, blocking
+from ..jobcheck import check_job
+from ..models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
+from ..pagination import MAX_PAGE_SIZE, paginate
+from ..problems import FieldError, ProblemError, not_found, responses, unprocessable
+from ..queueing import BrokerUnavailable
+from ..schemas import JobCreate, JobOut, JobPage
+from ..sse import event_stream, has_more_events
+from ..states import JobNotFound, JobState, lock_job, transition
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+JOB_READ = select(*[c for c in Job.__table__.c if c.key != "metrics"])
+IdempotencyHeader = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255, min_length=1)]
+
+
+async def require_json(request: Request) -> None:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise ProblemError(415, "send the job spec as application/json", code="unsupported_media_type")
+
+
+def load_job(s: Session, ident: str, team: str) -> Job:
+    job = s.get(Job, ident)
+    if job is None or job.team_id != team:
+        raise not_found("job", ident)
+    return job
+
+
+def _ready_upload(
+    s: Session, table: type[ModelUpload | DatasetUpload], ident: str, team: str, pointer: str
+) -> ModelUpload | DatasetUpload:
+    row = s.get(table, ident)
+    what = "model" if table is ModelUpload else "dataset"
+    if row is None or row.team_id != team:
+        raise unprocessable([FieldError(pointer=pointer, detail=f"{what} {ident!r} does not exist")])
+    if row.state != "ready":
+        reason = f": {row.error.get('detail')}" if row.state == "invalid" and row.error else ""
+        raise unprocessable(
+            [
+                FieldError(
+                    pointer=pointer,
+                    detail=f"{what} {ident!r} is {row.state}{reason}; only ready uploads can be used",
+                )
+            ]
+        )
+    return row
+
+
+def effective_spec(req: JobCreate, dataset: DatasetUpload) -> CompressSpec:
+    """The spec as it will run: the dataset's reading options, overridden by what the job sets."""
+    spec = req.spec()
+    data = {**dataset.options, **req.data.model_dump(mode="json", exclude_unset=True)}
+    return spec.model_copy(update={"data": DataSpec.model_validate(data)})
+
+
+def _request_sha256(req: JobCreate) -> str:
+    canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(s: Session, team: str, key: str, digest: str) -> Job | None:
+    """The job an earlier request with this key created, or None; 422 when the body differs."""
+    row = s.get(IdempotencyKey, (team, key))
+    if row is None:
+        return None
+    if row.request_sha256 != digest:
+        raise unprocessable(
+            [
+                FieldError(
+                    parameter="Idempotency-Key",
+                    detail="this key was already used with a different request body",
+                )
+            ]
+        )
+    return s.get(Job, row.job_id)
+
+
+def _accepted(job: Job, response: Response) -> JobOut:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.of(job)
+
+
+def _checked(
+    ctx: Context, req: JobCreate, team: str
+) -> tuple[CompressSpec, ModelUpload, DatasetUpload, DatasetUpload | None]:
+    """The spec as it will run and its uploads, or a 422 naming every field that does not fit."""
+    with ctx.db.read() as s:
+        teacher = _ready_upload(s, ModelUpload, req.teacher_model_id, team, "#/teacher_model_id")
+        dataset = _ready_upload(s, DatasetUpload, req.dataset_id, team, "#/dataset_id")
+        evalset = (
+            _ready_upload(s, DatasetUpload, req.eval_dataset_id, team, "#/eval_dataset_id")
+            if req.eval_dataset_id
+            else None
+        )
+    assert isinstance(teacher, ModelUpload) and isinstance(dataset, DatasetUpload)
+    assert evalset is None or isinstance(evalset, DatasetUpload)
+    spec = effective_spec(req, dataset)
+    errors = check_job(
+        spec, teacher.summary or {}, dataset.summary or {}, evalset.summary if evalset else None
+    )
+    if evalset is not None and evalset.format != dataset.format:
+        errors.append(
+            FieldError(
+                pointer="#/eval_dataset_id",
+                detail=f"the evaluation set is {evalset.format} but the dataset is {dataset.format}; "
+                "both are read with one data spec",
+            )
+        )
+    if errors:
+        raise unprocessable(errors, "the job cannot run with these uploads and options")
+    return spec, teacher, dataset, evalset
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobOut,
+    summary="Submit a compression job",
+    dependencies=[Depends(require_json)],
+    responses=responses(413, 415, 422, 503),
+    operation_id="create_job",
+)
+@blocking
+def create_job(
+    req: JobCreate, response: Response, ctx: Ctx, team: Team, idempotency_key: IdempotencyHeader = None
+) -> JobOut:
+    digest = _request_sha256(req)
+    if idempotency_key is not None:
+        with ctx.db.read() as s:
+            if (earlier := _replay(s, team, idempotency_key, digest)) is not None:
+                return _accepted(earlier, response)
+
+    spec, teacher, dataset, evalset = _checked(ctx, req, team)
+    queue = ctx.settings.queue_gpu if spec.distillation.device == "cuda" else ctx.settings.queue_cpu
+    job = Job(
+        id=new_id("job"),
+        team_id=team,
+        state=JobState.QUEUED.value,
+        queue=queue,
+        spec=spec.model_dump(mode="json"),
+        teacher_model_id=teacher.id,
+        dataset_id=dataset.id,
+        eval_dataset_id=evalset.id if evalset else None,
+    )
+    try:
+        with ctx.db.write() as s:
+            s.add(job)
+            if idempotency_key is not None:
+                s.flush()
+                s.add(IdempotencyKey(team_id=team, key=idempotency_key, request_sha256=digest, job_id=job.id))
+    except IntegrityError:  # a concurrent request with the same key won
+        with ctx.db.read() as s:
+            if idempotency_key is not None and (earlier := _replay(s, team, idempotency_key, digest)):
+                return _accepted(earlier, response)
+        raise
+    try:
+        ctx.queues.send_job(job.id, queue)
+    except BrokerUnavailable:
+        with ctx.db.write() as s:
+            s.delete(s.get(Job, job.id))
+        raise ProblemError(
+            503,
+            "the work queue is unavailable; the job was not created, try again later",
+            code="broker_unavailable",
+        ) from None
+    return _accepted(job, response)
+
+
+@router.get(
+    "", response_model=JobPage, summary="List jobs", responses=responses(422), operation_id="list_jobs"
+)
+@blocking
+def list_jobs(
+    ctx: Ctx,
+    team: Team,
+    state: Annotated[list[JobState] | None, Query()] = None,
+    page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
+    page_token: str | None = Query(None, max_length=512),
+) -> JobPage:
+    stmt = select(Job).where(Job.team_id == team)
+    if state:
+        stmt = stmt.where(Job.state.in_([s.value for s in state]))
+    with ctx.db.read() as s:
+        rows, token = paginate(s, stmt, Job, page_size, page_token)
+        return JobPage(items=[JobOut.of(j) for j in rows], next_page_token=token)
+
+
+@router.get(
+    "/{job_id}", response_model=JobOut, summary="Get a job", responses=responses(404), operation_id="get_job"
+)
+@blocking
+def get_job(job_id: str, ctx: Ctx, team: Team) -> JobOut:
+    """The most polled endpoint: one Core select of the columns it shows (no ORM objects,
+    not the report)."""
+    with ctx.db.engine.connect() as conn:
+        row = conn.execute(JOB_READ.where(Job.id == job_id)).one_or_none()
+    if row is None or row.team_id != team:
+        raise not_found("job", job_id)
+    return JobOut.of(row)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobOut,
+    summary="Cancel a job",
+    responses=responses(404, 409),
+    operation_id="cancel_job",
+)
+@blocking
+def cancel_job(job_id: str, ctx: Ctx, team: Team) -> JobOut:
+    """A queued job is cancelled at once; a running one becomes CANCELLING until its worker stops."""
+    with ctx.db.write() as s:
+        try:
+            job = lock_job(s, job_id)
+        except JobNotFound:
+            raise not_found("job", job_id) from None
+        if job.team_id != team:
+            raise not_found("job", job_id)
+        state = JobState(job.state)
+        if state is JobState.QUEUED:
+            job = transition(s, job_id, JobState.CANCELLED)
+        elif state is JobState.RUNNING:
+            job = transition(s, job_id, JobState.CANCELLING)
+        elif state is not JobState.CANCELLING:
+            raise ProblemError(
+                409,
+                f"job {job_id} already finished ({state.value}); there is nothing to cancel",
+                code="job_finished",
+            )
+        return JobOut.of(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job (Server-Sent Events)",
+    operation_id="job_events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "``progress``, ``log`` and ``state`` events until a terminal state; "
+            "resumable with Last-Event-ID",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "the job is finished and no event follows Last-Event-ID"},
+        **responses(404),
+    },
+)
+async def job_events(
+    job_id: str, request: Request, ctx: Ctx, team: Team, last_event_id: Annotated[int | None, Header()] = None
+) -> Response:
+    after = last_event_id or 0
+
+    def check() -> bool:
+        with ctx.db.read() as s:
+            load_job(s, job_id, team)
+            return has_more_events(s, job_id, after)
+
+    if not await anyio.to_thread.run_sync(check):
+        return Response(status_code=204)
+    return StreamingResponse(
+        event_stream(ctx, job_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

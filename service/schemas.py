@@ -1,0 +1,164 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import Row
+
+from worker.compression.spec import CompressSpec
+
+from .models import Artifact, DatasetUpload, Job, ModelUpload
+from .problems import Problem
+from .states import JobState
+
+UploadState = Literal["validating", "ready", "invalid"]
+ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx"]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True, use_attribute_docstrings=True)
+
+
+class ModelOut(_Out):
+    id: str
+    name: str
+    format: str
+    """As given at upload; once validated, the detected format when ``auto`` was given."""
+    filename: str | None
+    sha256: str
+    size_bytes: int
+    state: UploadState
+    summary: dict[str, Any] | None = Field(
+        description="kind, task, input_kind, input_shape, output_dim, num_parameters, size_bytes (once ready)"
+    )
+    error: Problem | None = Field(description="why the upload is invalid")
+    metadata: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: ModelUpload) -> ModelOut:
+        return cls.model_validate({**_columns(row), "metadata": row.user_metadata})
+
+
+class DatasetOut(ModelOut):
+    options: dict[str, Any] = Field(description="how the file is read (the data spec fields given at upload)")
+    summary: dict[str, Any] | None = Field(
+        description="samples, input_kind, inputs (shapes or columns), labelled, classes (once ready)"
+    )
+
+    @classmethod
+    def of(cls, row: DatasetUpload) -> DatasetOut:  # type: ignore[override]
+        return cls.model_validate({**_columns(row), "metadata": row.user_metadata})
+
+
+class Page(BaseModel):
+    next_page_token: str | None = Field(description="pass as page_token for the next page; null on the last")
+
+
+class ModelPage(Page):
+    items: list[ModelOut]
+
+
+class DatasetPage(Page):
+    items: list[DatasetOut]
+
+
+class JobCreate(CompressSpec):
+    """A compression job: the uploads to use and the engine spec."""
+
+    teacher_model_id: str = Field(max_length=40)
+    dataset_id: str = Field(max_length=40)
+    eval_dataset_id: str | None = Field(default=None, max_length=40)
+    """A separate evaluation set (default: a seeded hold-out of ``dataset_id``)."""
+
+    def spec(self) -> CompressSpec:
+        return CompressSpec.model_validate(
+            self.model_dump(exclude={"teacher_model_id", "dataset_id", "eval_dataset_id"})
+        )
+
+
+class ProgressOut(BaseModel):
+    stage: str | None
+    current: int
+    total: int
+    fraction: float = Field(description="of the current stage, 0..1")
+    eta_s: float | None
+
+
+class JobOut(BaseModel):
+    id: str
+    state: JobState
+    stage: str | None
+    progress: ProgressOut
+    queue: str
+    teacher_model_id: str
+    dataset_id: str
+    eval_dataset_id: str | None
+    spec: CompressSpec
+    attempts: int
+    error: Problem | None
+    summary: dict[str, Any] | None = Field(description="headline metrics once the job succeeded")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job | Row[Any]) -> JobOut:
+        """From an ORM row or a Core row of the same columns."""
+        total = job.progress_total or 0
+        fraction = 0.0 if total <= 0 else min(1.0, job.progress_step / total)
+        return cls(
+            id=job.id,
+            state=JobState(job.state),
+            stage=job.stage,
+            progress=ProgressOut(
+                stage=job.stage, current=job.progress_step, total=total, fraction=fraction, eta_s=job.eta_s
+            ),
+            queue=job.queue,
+            teacher_model_id=job.teacher_model_id,
+            dataset_id=job.dataset_id,
+            eval_dataset_id=job.eval_dataset_id,
+            spec=CompressSpec.model_validate(job.spec),
+            attempts=job.attempts,
+            error=Problem.model_validate(job.error) if job.error else None,
+            summary=job.summary,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobPage(Page):
+    items: list[JobOut]
+
+
+class ArtifactOut(_Out):
+    name: str
+    kind: str
+    size_bytes: int
+    sha256: str
+    description: str
+    url: str
+
+    @classmethod
+    def of(cls, row: Artifact) -> ArtifactOut:
+        return cls.model_validate({**_columns(row), "url": f"/v1/jobs/{row.job_id}/artifacts/{row.name}"})
+
+
+class ArtifactList(BaseModel):
+    items: list[ArtifactOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "ready", "unavailable"]
+    checks: dict[str, str] = Field(default_factory=dict)
+
+
+def _columns(row: Any) -> dict[str, Any]:
+    return {c.key: getattr(row, c.key) for c in row.__mapper__.column_attrs}

@@ -1,0 +1,265 @@
+"""The plain modules, in process: state machine, store, reaper, progress throttling, checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+
+from service.db import Database
+from service.jobcheck import check_job
+from service.migrate import upgrade
+from service.models import Base, Job, JobEvent, utcnow
+from service.pagination import decode_token, encode_token
+from service.problems import ProblemError, pointer
+from service.reaper import reap_stale_jobs
+from service.settings import Settings
+from service.states import TERMINAL, TRANSITIONS, IllegalTransition, JobState, transition
+from service.store import LocalStore
+from worker.compression.spec import CompressSpec
+from worker.compression.types import Progress
+from worker.tasks import CancelCheck, ProgressRecorder, jsonable
+
+from .conftest import REPO
+
+TEACHER = {"kind": "zoo", "task": "classification", "input_kind": "vector", "output_dim": 3}
+DATASET = {"samples": 100, "input_kind": "vector", "classes": ["a", "b", "c"]}
+
+
+@pytest.fixture(scope="module")
+def pg_db(pg_url: str) -> Database:
+    upgrade(pg_url)
+    return Database(pg_url)
+
+
+@pytest.fixture
+def sqlite_db(tmp_path: Path) -> Database:
+    url = f"sqlite:///{tmp_path / 'kdq.sqlite'}"
+    upgrade(url)
+    return Database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db(request: pytest.FixtureRequest) -> Database:
+    return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
+
+
+def add_job(db: Database, state: JobState = JobState.QUEUED, **values: Any) -> str:
+    job = Job(
+        id=f"job_{os.urandom(8).hex()}",
+        team_id="default",
+        state=state.value,
+        queue="cpu",
+        spec={},
+        teacher_model_id="m",
+        dataset_id="d",
+        **values,
+    )
+    with db.write() as s:
+        s.add(job)
+    return job.id
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+@pytest.mark.parametrize("current", list(JobState))
+def test_transition_table_is_enforced(sqlite_db: Database, current: JobState) -> None:
+    for target in JobState:
+        job_id = add_job(sqlite_db, current)
+        with sqlite_db.write() as s:
+            if target in TRANSITIONS.get(current, ()):
+                job = transition(s, job_id, target)
+                assert job.state == target.value
+                assert (job.finished_at is not None) == (target in TERMINAL)
+            else:
+                with pytest.raises(IllegalTransition):
+                    transition(s, job_id, target)
+    if current in TERMINAL:
+        assert current not in TRANSITIONS
+
+
+def test_transition_records_a_state_event_and_times(sqlite_db: Database) -> None:
+    job_id = add_job(sqlite_db)
+    with sqlite_db.write() as s:
+        transition(s, job_id, JobState.RUNNING)
+    with sqlite_db.write() as s:
+        job = transition(s, job_id, JobState.FAILED, error={"title": "x", "status": 422, "code": "c"})
+    assert job.attempts == 1 and job.run_seconds is not None and job.run_seconds >= 0
+    with sqlite_db.read() as s:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+    assert [e.data["state"] for e in events] == ["RUNNING", "FAILED"]
+    assert events[1].data["previous"] == "RUNNING" and events[1].data["error"]["code"] == "c"
+
+
+def test_concurrent_transitions_are_serialised(db: Database) -> None:
+    """Two workers take the same QUEUED job at once: the row lock lets exactly one win."""
+    job_id = add_job(db)
+    barrier = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def take() -> None:
+        barrier.wait()
+        try:
+            with db.write() as s:
+                transition(s, job_id, JobState.RUNNING)
+                time.sleep(0.3)  # hold the lock: without it the other would also read QUEUED
+            outcomes.append("won")
+        except IllegalTransition as exc:
+            outcomes.append(f"lost to {exc.current}")
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["lost to RUNNING", "won"]
+    with db.read() as s:
+        assert s.get(Job, job_id).attempts == 1
+
+
+def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    w = store.writer()
+    w.write(b"hello ")
+    w.write(b"world")
+    assert not (tmp_path / "store" / "sha256").exists()  # nothing visible before the commit
+    ref = w.commit()
+    assert ref.size == 11 and ref.sha256 == "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+    path = store.path(ref.sha256)
+    assert path.read_bytes() == b"hello world" and path.stat().st_mode & 0o777 == 0o444
+    src = tmp_path / "again.txt"
+    src.write_bytes(b"hello world")
+    assert store.put_file(src) == ref  # the same content is stored once
+    aborted = store.writer()
+    aborted.write(b"partial")
+    aborted.abort()
+    assert list(store.tmp_dir.iterdir()) == []
+    linked = store.fetch(ref.sha256, tmp_path / "job" / "input.txt")
+    assert linked.read_bytes() == b"hello world" and linked.stat().st_ino == path.stat().st_ino
+    with pytest.raises(ValueError):
+        store.path("../../etc/passwd")
+
+
+def test_reaper_requeues_fails_and_cancels_stale_jobs(sqlite_db: Database) -> None:
+    settings = Settings(database_url="sqlite://", stale_after_s=60, max_attempts=2)
+    old = utcnow() - timedelta(seconds=120)
+    requeue = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=old, attempts=1)
+    give_up = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=old, attempts=2)
+    cancel = add_job(sqlite_db, JobState.CANCELLING, heartbeat_at=old, attempts=1)
+    fresh = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=utcnow(), attempts=1)
+    sent: list[tuple[str, str]] = []
+    done = reap_stale_jobs(sqlite_db, settings, lambda job_id, queue: sent.append((job_id, queue)))
+    assert done == {requeue: "QUEUED", give_up: "FAILED", cancel: "CANCELLED"}
+    assert sent == [(requeue, "cpu")]
+    with sqlite_db.read() as s:
+        assert s.get(Job, fresh).state == "RUNNING"
+        assert s.get(Job, give_up).error["code"] == "worker_lost"
+    assert reap_stale_jobs(sqlite_db, settings, lambda *_: None) == {}
+
+
+def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(sqlite_db: Database) -> None:
+    job_id = add_job(sqlite_db, JobState.RUNNING)
+    record = ProgressRecorder(sqlite_db, job_id, interval=60)
+    for step in range(1, 101):
+        record(Progress("distill", step, 100, loss=1.0 / step, message="epoch 1" if step == 50 else None))
+    record(Progress("export", 0, 2, loss=float("nan")))
+    record(Progress("export", 1, 2))
+    record.flush()
+    with sqlite_db.read() as s:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+        job = s.get(Job, job_id)
+    progress = [(e.data["stage"], e.data["step"]) for e in events if e.kind == "progress"]
+    assert progress == [("distill", 1), ("distill", 100), ("export", 0), ("export", 1)]
+    assert [e.data["message"] for e in events if e.kind == "log"] == ["epoch 1"]
+    assert next(e for e in events if e.data.get("stage") == "export").data["loss"] is None  # NaN → null
+    assert (job.stage, job.progress_step, job.progress_total) == ("export", 1, 2)
+
+
+def test_cancel_check_reads_the_row_at_most_every_interval(sqlite_db: Database) -> None:
+    job_id = add_job(sqlite_db, JobState.RUNNING)
+    check = CancelCheck(sqlite_db, job_id, interval=0.2)
+    assert check() is False
+    with sqlite_db.write() as s:
+        transition(s, job_id, JobState.CANCELLING)
+    assert check() is False  # within the interval: the cached answer
+    time.sleep(0.25)
+    assert check() is True and check() is True
+
+
+def test_jsonable_makes_metrics_storable() -> None:
+    import numpy as np
+
+    value = {"a": float("inf"), "b": [np.float32(1.5), (1, 2)], 3: np.int64(4)}
+    assert jsonable(value) == {"a": None, "b": [1.5, [1, 2]], "3": 4}
+
+
+@pytest.mark.parametrize(
+    ("change", "teacher", "dataset", "pointers"),
+    [
+        ({}, TEACHER, DATASET, []),
+        ({"task": "regression"}, TEACHER, DATASET, ["#/task"]),
+        ({}, TEACHER, {**DATASET, "input_kind": "image"}, ["#/dataset_id"]),
+        ({}, TEACHER, {**DATASET, "classes": list("abcdef")}, ["#/dataset_id"]),
+        ({"student": {"kind": "derived"}}, {**TEACHER, "kind": "onnx"}, DATASET, ["#/student/kind"]),
+        (
+            {"distillation": {"target": {"metric": "cosine", "min": 0.9}}},
+            TEACHER,
+            DATASET,
+            ["#/distillation/target/metric"],
+        ),
+        ({"distillation": {"attention_weight": 1.0}}, TEACHER, DATASET, ["#/distillation/attention_weight"]),
+        ({"student": None, "quantization": {"method": "none"}}, TEACHER, DATASET, ["#/quantization/method"]),
+    ],
+)
+def test_job_checks_point_at_the_field(
+    change: dict[str, Any], teacher: dict[str, Any], dataset: dict[str, Any], pointers: list[str]
+) -> None:
+    errors = check_job(CompressSpec.model_validate(change), teacher, dataset)
+    assert [e.pointer for e in errors] == pointers
+
+
+def test_page_tokens_round_trip_and_reject_junk() -> None:
+    when = utcnow()
+    assert decode_token(encode_token(when, "job_1")) == (when, "job_1")
+    for junk in ("abc", "", encode_token(when, "x")[:-3] + "!!!"):
+        with pytest.raises(ProblemError) as info:
+            decode_token(junk)
+        assert info.value.problem.status == 422 and info.value.problem.errors[0].parameter == "page_token"
+
+
+def test_pointer_escapes_json_pointer_characters() -> None:
+    assert pointer(("distillation", "layer_map", "a/b~c")) == "#/distillation/layer_map/a~1b~0c"
+    assert pointer(()) == "#"
+
+
+def test_openapi_file_is_current() -> None:
+    from service.openapi import generate
+
+    committed = json.loads((REPO / "openapi" / "openapi.json").read_text())
+    assert committed == generate(), "openapi/openapi.json is stale: run python -m service.openapi"
+
+
+def test_http_process_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys; import service.app, service.cli, worker.celery_app; service.app.create_app(); "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    env = {**os.environ, "KDQ_DATA_DIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
