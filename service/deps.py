@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Annotated, ParamSpec, TypeVar
 
 import anyio
@@ -24,6 +25,8 @@ class Context:
     store: BlobStore
     queues: Queues
     metrics: Metrics
+    finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
+    """Serialised finished jobs by id, with their team (see `service.routes.jobs.get_job`)."""
 
 
 async def get_ctx(request: Request) -> Context:
@@ -55,13 +58,13 @@ def blocking(handler: Callable[P, T]) -> Callable[P, Awaitable[T]]:
     @functools.wraps(handler)
     async def run(*args: P.args, **kwargs: P.kwargs) -> T:
         return await anyio.to_thread.run_sync(
-            functools.partial(handler, *args, **kwargs), limiter=_db_threads()
+            functools.partial(handler, *args, **kwargs), limiter=db_threads()
         )
 
     return run
 
 
 @functools.cache
-def _db_threads() -> anyio.CapacityLimiter:
+def db_threads() -> anyio.CapacityLimiter:
     """At most one blocking handler per pooled connection (fewer threads fighting for the GIL)."""
     return anyio.CapacityLimiter(POOL_SIZE)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -33,7 +34,7 @@ class BlobWriter(Protocol):
     @property
     def size(self) -> int: ...
 
-    def write(self, data: bytes) -> None: ...
+    def write(self, data: bytes | memoryview) -> None: ...
 
     def head(self) -> bytes:
         """The first bytes written (for sniffing the file type)."""
@@ -80,9 +81,13 @@ class _LocalWriter:
     def __init__(self, store: LocalStore) -> None:
         self._store = store
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
-        self._file = os.fdopen(fd, "wb")
+        self._file = os.fdopen(fd, "wb", buffering=0)
         self._tmp = Path(name)
         self._hash = hashlib.sha256()
+        # hashlib and file writes release the GIL: each piece is hashed and written on two more
+        # cores while the caller produces the next one (one piece in flight each, in order)
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="blob-writer")
+        self._pending: list[Future[None]] = []
         self._size = 0
         self._head = b""
         self._flushed = 0
@@ -94,21 +99,37 @@ class _LocalWriter:
     def head(self) -> bytes:
         return self._head
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        """``data`` must stay unchanged after the call (it is hashed and written on other threads)."""
         if len(self._head) < self.HEAD:
             self._head += data[: self.HEAD - len(self._head)]
-        self._hash.update(data)
-        self._file.write(data)
+        self._wait()
         self._size += len(data)
-        if self._size - self._flushed >= self.WRITEBACK:
-            self._file.flush()  # DONTNEED starts asynchronous writeback of the dirty range
-            os.posix_fadvise(
-                self._file.fileno(), self._flushed, self._size - self._flushed, os.POSIX_FADV_DONTNEED
-            )
+        writeback = self._size - self._flushed >= self.WRITEBACK
+        self._pending = [
+            self._threads.submit(self._hash.update, data),
+            self._threads.submit(self._write, data, self._flushed if writeback else -1),
+        ]
+        if writeback:
             self._flushed = self._size
 
+    def _write(self, data: bytes | memoryview, writeback_from: int) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
+        if writeback_from >= 0:  # DONTNEED starts asynchronous writeback of the dirty range
+            os.posix_fadvise(self._file.fileno(), writeback_from, 0, os.POSIX_FADV_DONTNEED)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
     def commit(self) -> BlobRef:
-        self._file.flush()
+        try:
+            self._wait()
+        finally:
+            self._threads.shutdown()
         os.fsync(self._file.fileno())
         self._file.close()
         ref = BlobRef(self._hash.hexdigest(), self._size)
@@ -116,6 +137,7 @@ class _LocalWriter:
         return ref
 
     def abort(self) -> None:
+        self._threads.shutdown(wait=True)
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 

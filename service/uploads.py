@@ -137,7 +137,7 @@ class _Receiver:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._is_file:
             assert self.blob is not None
-            self.blob.write(data[start:end])
+            self.blob.write(memoryview(data)[start:end])  # no copy: each batch is never changed
             return
         self._value += data[start:end]
         if len(self._value) > self.max_field_bytes:
@@ -207,7 +207,7 @@ class _Body:
 async def _pump(chunks: AsyncIterator[bytes], parser: MultipartParser, max_bytes: int) -> None:
     """Receive on the event loop while one worker thread parses, hashes and writes, so the
     network and the disk overlap; at most ``QUEUE_DEPTH`` batches wait in memory."""
-    send, receive = anyio.create_memory_object_stream[bytes](QUEUE_DEPTH)
+    send, receive = anyio.create_memory_object_stream[bytearray](QUEUE_DEPTH)
 
     def consume() -> None:
         while True:
@@ -226,10 +226,10 @@ async def _pump(chunks: AsyncIterator[bytes], parser: MultipartParser, max_bytes
                     raise _FormError(too_large(max_bytes))
                 pending += chunk
                 if len(pending) >= BATCH:
-                    await send.send(bytes(pending))
-                    pending.clear()
+                    await send.send(pending)  # handed over, never changed again
+                    pending = bytearray()
             if pending:
-                await send.send(bytes(pending))
+                await send.send(pending)
 
     try:
         async with anyio.create_task_group() as tg:

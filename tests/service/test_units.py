@@ -263,3 +263,31 @@ def test_http_process_never_imports_torch(tmp_path: Path) -> None:
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=False
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.deps import current_team
+
+    app = create_app(Settings(data_dir=tmp_path, reaper_interval_s=0))
+    ctx = app.state.ctx
+    upgrade(ctx.settings.database_url)
+    job_id = add_job(ctx.db, JobState.RUNNING)
+    with ctx.db.write() as s:
+        s.get(Job, job_id).spec = CompressSpec.model_validate({}).model_dump(mode="json")
+    client = TestClient(app)
+    assert client.get(f"/v1/jobs/{job_id}").json()["state"] == "RUNNING"
+    with ctx.db.write() as s:
+        transition(s, job_id, JobState.SUCCEEDED, summary={"accuracy": 0.9})
+    first = client.get(f"/v1/jobs/{job_id}")  # the change is seen at once: running jobs are never cached
+    assert first.headers["content-type"] == "application/json"
+    assert first.json()["state"] == "SUCCEEDED" and first.json()["summary"] == {"accuracy": 0.9}
+    assert job_id in ctx.finished_jobs
+    with ctx.db.write() as s:  # (never happens: a finished row is final) proves the answer is cached
+        s.get(Job, job_id).summary = {"accuracy": 0.1}
+    assert client.get(f"/v1/jobs/{job_id}").content == first.content
+    app.dependency_overrides[current_team] = lambda: "other"
+    other = client.get(f"/v1/jobs/{job_id}")
+    assert other.status_code == 404 and other.json()["code"] == "not_found"
