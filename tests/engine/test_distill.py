@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.compression import zoo
-from worker.compression.distill import distill
+from worker.compression.distill import distill, trim_padding
 from worker.compression.errors import Cancelled, DatasetError, SpecError
 from worker.compression.spec import DistillSpec, TargetSpec
 from worker.compression.teacher_cache import TeacherCache
@@ -184,6 +184,30 @@ def test_augmentation_runs_the_teacher_per_batch(classifier, tmp_path: Path) -> 
     assert result.metrics["student"]["accuracy"] > 0.5
 
 
+def test_mixup_has_the_teacher_label_mixed_inputs(classifier, tmp_path: Path) -> None:
+    torch_teacher, data = classifier
+    module = torch_teacher.module
+    seen: list[torch.Tensor] = []
+
+    def run_onnx(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        seen.append(inputs["x"])
+        with torch.no_grad():
+            return module(**inputs)
+
+    teacher = Teacher(kind="onnx", task="classification", input_kind="vector", input_shape=(12,), output_dim=4,
+                      config={}, run_onnx=run_onnx, num_parameters=torch_teacher.num_parameters)
+    train, held_out = data.split(0.25)
+    result = distill(teacher, _student(), train, held_out, _spec(augment_mixup=1.0, epochs=3, baseline=False),
+                     workdir=tmp_path)
+    assert not result.teacher_cache["used"] and "augmentation" in result.teacher_cache["reason"]
+    # the teacher saw inputs that are not rows of the training set: convex mixes of two of them
+    rows = train.inputs["x"]
+    batch = seen[len(seen) // 2]
+    nearest = torch.cdist(batch, rows).min(dim=1).values
+    assert (nearest > 1e-3).float().mean() > 0.5
+    assert result.metrics["student"]["accuracy"] > 0.5
+
+
 def test_black_box_teacher_uses_the_cache_and_rejects_feature_matching(classifier, tmp_path: Path) -> None:
     torch_teacher, data = classifier
     module = torch_teacher.module
@@ -272,3 +296,56 @@ def test_teacher_cache_keeps_top_k_for_wide_outputs_and_rebuilds_for_another_tea
     assert not other.reused and not torch.equal(other.topk_values, cache.topk_values)
     with pytest.raises(Cancelled):
         TeacherCache.build(teacher, data, batch_size=4, top_k=8, path=path, cancel=lambda: True)
+
+
+def test_token_batches_are_cut_after_their_last_real_token(tmp_path: Path) -> None:
+    ids = torch.randint(1, 30, (48, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros_like(ids)
+    for i in range(len(ids)):
+        mask[i, : 2 + i % 4] = 1  # 2..5 real tokens, right-padded to 8
+    trimmed = trim_padding({"input_ids": ids[:4], "attention_mask": mask[:4]})
+    assert torch.equal(trimmed["input_ids"], ids[:4, :5])
+    assert torch.equal(trimmed["attention_mask"], mask[:4, :5])
+    left = mask[:4].flip(1)  # left padding: nothing to cut
+    assert trim_padding({"input_ids": ids[:4], "attention_mask": left})["input_ids"].shape == (4, 8)
+
+    base = {"architecture": "transformer", "vocab_size": 30, "max_len": 8, "num_heads": 2, "output_dim": 3}
+    torch.manual_seed(0)
+    t_module = zoo.build({**base, "dim": 16, "num_layers": 2}).eval()
+    torch.testing.assert_close(t_module(**trimmed), t_module(input_ids=ids[:4], attention_mask=mask[:4]))
+    teacher = Teacher(
+        kind="zoo", task="classification", input_kind="tokens", input_shape=(8,), output_dim=3, config=base,
+        module=t_module,
+    )  # fmt: skip
+    train, held_out = TensorData({"input_ids": ids, "attention_mask": mask}, input_kind="tokens").split(0.25)
+    student = _student({**base, "dim": 8, "num_layers": 1, "num_heads": 1})
+    lengths: list[int] = []
+    student.register_forward_pre_hook(
+        lambda _m, _a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    distill(teacher, student, train, held_out, _spec(epochs=1, baseline=False), workdir=tmp_path)
+    assert lengths and max(lengths) == 5
+
+
+def test_freeze_embeddings_keeps_the_tables_and_trains_the_rest(tmp_path: Path) -> None:
+    base = {"architecture": "transformer", "vocab_size": 30, "max_len": 8, "num_heads": 2, "output_dim": 3}
+    torch.manual_seed(0)
+    teacher = Teacher(
+        kind="zoo", task="classification", input_kind="tokens", input_shape=(8,), output_dim=3, config=base,
+        module=zoo.build({**base, "dim": 16, "num_layers": 2}).eval(),
+    )  # fmt: skip
+    ids = torch.randint(0, 30, (48, 8), generator=torch.Generator().manual_seed(0))
+    tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    train, held_out = TensorData(tokens, input_kind="tokens").split(0.25)
+    student = _student({**base, "dim": 8, "num_layers": 1, "num_heads": 1})
+    tables = {
+        n: m.weight.detach().clone() for n, m in student.named_modules() if isinstance(m, torch.nn.Embedding)
+    }
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    spec = _spec(epochs=2, baseline=False, freeze_embeddings=True)
+    distill(teacher, student, train, held_out, spec, workdir=tmp_path)
+    modules = dict(student.named_modules())
+    assert tables and all(torch.equal(modules[n].weight, w) for n, w in tables.items())
+    assert all(modules[n].weight.requires_grad for n in tables)  # trainable again after the run
+    changed = [n for n, p in student.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and not any(n.removesuffix(".weight") in tables for n in changed)

@@ -386,10 +386,10 @@ def test_derive_keeps_chosen_layers(models):
     teacher = load_hf_teacher(models["bert_cls"][0])
     student, layer_map = derive_hf_student(teacher, num_layers=2)
     assert isinstance(student, HFEncoder) and student.task == "classification"
-    assert layer_map == {0: 0, 1: 1, 2: 3}  # kept teacher layers 0 and 2
+    assert layer_map == {0: 0, 1: 1, 2: 4}  # kept teacher layers 0 and 3: the first and the last
     t_layers, s_layers = teacher.module.backbone.bert.encoder.layer, student.backbone.bert.encoder.layer
     assert len(s_layers) == 2 and student.config.num_hidden_layers == 2
-    for s, t in ((0, 0), (1, 2)):
+    for s, t in ((0, 0), (1, 3)):
         for (name, sp), (_, tp) in zip(s_layers[s].named_parameters(), t_layers[t].named_parameters()):
             assert torch.equal(sp, tp), name
     for part in ("bert.embeddings.word_embeddings.weight", "bert.pooler.dense.weight", "classifier.weight"):
@@ -414,11 +414,11 @@ def test_derive_narrower_ffn(models):
     narrow, _ = derive_hf_student(teacher, num_layers=2, width_ratio=0.5)
     assert narrow.config.intermediate_size == 32
     assert _params(narrow) == _params(full) - 2 * (32 * 32 + 32 + 32 * 32)
-    t_inter = teacher.module.backbone.bert.encoder.layer[2].intermediate.dense.weight
+    t_inter = teacher.module.backbone.bert.encoder.layer[3].intermediate.dense.weight
     s_inter = narrow.backbone.bert.encoder.layer[1].intermediate.dense.weight
     rows = [int((t_inter == row).all(1).nonzero()) for row in s_inter]  # each kept unit is a teacher unit
     assert rows == sorted(rows) and len(set(rows)) == 32
-    t_out = teacher.module.backbone.bert.encoder.layer[2].output.dense.weight
+    t_out = teacher.module.backbone.bert.encoder.layer[3].output.dense.weight
     score = t_inter.norm(dim=1) * t_out.norm(dim=0)
     assert set(rows) == set(score.topk(32).indices.tolist())  # the 32 strongest units
     out = narrow(**tokenize(teacher.tokenizer, TEXTS))

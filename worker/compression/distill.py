@@ -8,13 +8,15 @@ makes them differ between epochs.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import DatasetError, SpecError
@@ -156,14 +158,37 @@ class _TeacherRunner:
         return torch.cat(chunks)
 
 
+def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Token inputs cut after the batch's last real token (right padding).
+
+    Datasets are padded to their longest sequence, so without this every batch would cost
+    that length (docstring sentences: 23 tokens on average, padded to 64). Outputs do not
+    change: padding is masked out of attention and pooling. Inputs without a 2-D
+    ``attention_mask`` and left-padded batches come back as they are.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.ndim != 2:
+        return inputs
+    used = mask.any(0).nonzero()
+    length = int(used[-1]) + 1 if used.numel() else mask.shape[1]
+    if length == mask.shape[1]:
+        return inputs
+    return {k: v[:, :length] if v.ndim == 2 and v.shape == mask.shape else v for k, v in inputs.items()}
+
+
+def _keep(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return inputs
+
+
 @torch.no_grad()
-def _model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor], tokens: bool = False) -> torch.Tensor:
     n = next(iter(inputs.values())).shape[0]
+    trim = trim_padding if tokens else _keep
     was_training = model.training
     model.eval()
     out = torch.cat(
         [
-            model(**{k: v[lo : lo + EVAL_BATCH] for k, v in inputs.items()}).float()
+            model(**trim({k: v[lo : lo + EVAL_BATCH] for k, v in inputs.items()})).float()
             for lo in range(0, n, EVAL_BATCH)
         ]
     )
@@ -172,6 +197,19 @@ def _model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
 
 
 Inputs = dict[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def _frozen_embeddings(model: nn.Module, freeze: bool) -> Iterator[None]:
+    """``spec.freeze_embeddings``: the embedding tables sit out the run, trainable again after it."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
+    for weight in tables if freeze else []:
+        weight.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for weight in tables if freeze else []:
+            weight.requires_grad_(True)
 
 
 def _noise_fn(spec: DistillSpec, data: TensorData, device: torch.device) -> Callable[[Inputs], Inputs] | None:
@@ -190,6 +228,44 @@ def _noise_fn(spec: DistillSpec, data: TensorData, device: torch.device) -> Call
         return {k: v + torch.randn_like(v) * scales[k] if k in scales else v for k, v in inputs.items()}
 
     return add_noise
+
+
+Mixer = Callable[[Inputs], tuple[Inputs, torch.Tensor, torch.Tensor]]
+
+
+def _mixup_fn(spec: DistillSpec, data: TensorData) -> Mixer | None:
+    """Mix each sample with another of the batch: ``λ x + (1 - λ) x[perm]``, λ ~ Beta(a, a)."""
+    if spec.augment_mixup <= 0:
+        return None
+    if not any(torch.is_floating_point(v) for v in data.inputs.values()):
+        raise SpecError("augment_mixup needs float inputs (vectors, images or signals), not token ids")
+    beta = torch.distributions.Beta(spec.augment_mixup, spec.augment_mixup)
+
+    def mix(inputs: Inputs) -> tuple[Inputs, torch.Tensor, torch.Tensor]:
+        n = next(iter(inputs.values())).shape[0]
+        perm = torch.randperm(n)
+        lam = beta.sample((n,))
+        out = {}
+        for k, v in inputs.items():
+            if torch.is_floating_point(v):
+                w = lam.to(v.device, v.dtype).view(-1, *([1] * (v.dim() - 1)))
+                v = w * v + (1 - w) * v[perm.to(v.device)]
+            out[k] = v
+        return out, perm, lam
+
+    return mix
+
+
+def _with_mixed_labels(kd: torch.Tensor, out: torch.Tensor, mixed: tuple | None, task: str,
+                       alpha: float) -> torch.Tensor:
+    """Under mixup, weigh in the labels of both mixed samples (λ-weighted CE), as ``alpha`` says."""
+    if mixed is None or mixed[0] is None or alpha == 1.0 or task != "classification":
+        return kd
+    y, perm, lam = mixed
+    lam = lam.to(out.device)
+    ce = lam * F.cross_entropy(out, y, reduction="none") + (1 - lam) * F.cross_entropy(
+        out, y[perm.to(y.device)], reduction="none")
+    return alpha * kd + (1 - alpha) * ce.mean()
 
 
 def _task_loss(
@@ -268,8 +344,8 @@ def _cache_plan(spec: DistillSpec, need_internals: bool) -> tuple[bool, str]:
     """Whether to cache the teacher's outputs, and why (reported)."""
     if not spec.cache_teacher:
         return False, "turned off in the spec (cache_teacher = false): the teacher runs on every batch"
-    if spec.augment_noise > 0:
-        return False, "input augmentation is on: the teacher runs on every noisy batch"
+    if spec.augment_noise > 0 or spec.augment_mixup > 0:
+        return False, "input augmentation is on: the teacher runs on every augmented batch"
     if need_internals:
         return False, "feature / attention matching needs the teacher's hidden states on every batch"
     return True, "inputs are the same every epoch: teacher outputs computed once and reused"
@@ -346,6 +422,7 @@ def distill(
                 reason += " (reused the cache of an earlier attempt)"
 
         # --- evaluation -----------------------------------------------------------------
+        tokens = train.input_kind == "tokens"
         t0 = time.perf_counter()
         eval_inputs = {k: v.to(device) for k, v in eval_data.inputs.items()}
         teacher_eval = runner.all_outputs(eval_data)
@@ -355,11 +432,13 @@ def distill(
 
         def evaluator(model: nn.Module) -> Callable[[], dict[str, Any]]:
             return lambda: evaluate_outputs(
-                task, _model_outputs(model, eval_inputs), eval_data.y, teacher_eval
+                task, _model_outputs(model, eval_inputs, tokens), eval_data.y, teacher_eval
             )
 
         # --- distillation ---------------------------------------------------------------
         add_noise = _noise_fn(spec, train, device)
+        trim = trim_padding if tokens else _keep
+        mixup = _mixup_fn(spec, train)
         task_loss = _task_loss(task, spec)
         fw, aw = spec.feature_weight, spec.attention_weight
 
@@ -368,11 +447,18 @@ def distill(
         ) -> torch.Tensor:
             if add_noise is not None:
                 inputs = add_noise(inputs)
-            if not need_internals:
+            mixed = None
+            if mixup is not None:  # the teacher labels the mixed inputs; labels enter as a mixed CE
+                inputs, perm, lam = mixup(inputs)
+                mixed, y = (y, perm, lam), None
+            if not need_internals:  # an ONNX teacher may need the padded length: it gets the batch as is
                 target = cache.targets(idx) if cache is not None else runner.outputs(inputs)
-                return task_loss(student(**inputs), target, y)
+                out = student(**trim(inputs))
+                return _with_mixed_labels(task_loss(out, target, y), out, mixed, task, spec.alpha)
+            inputs = trim(inputs)
             s_out, t_out = student.forward_features(**inputs), runner.features(inputs)
-            loss = task_loss(s_out.output, t_out.output.float(), y)
+            loss = _with_mixed_labels(task_loss(s_out.output, t_out.output.float(), y), s_out.output, mixed,
+                                      task, spec.alpha)
             if projector is not None:
                 loss = loss + fw * projector(s_out.hidden, t_out.hidden)
             if attn_map is not None:
@@ -380,11 +466,12 @@ def distill(
             return loss
 
         t0 = time.perf_counter()
-        student_run = run_training(
-            student, projector, train, kd_loss, spec, stage="distill", evaluate_fn=evaluator(student),
-            metric=metric, progress=progress, cancel=cancel, device=device,
-            checkpoint_dir=workdir / "checkpoints" / "distill",
-        )  # fmt: skip
+        with _frozen_embeddings(student, spec.freeze_embeddings):
+            student_run = run_training(
+                student, projector, train, kd_loss, spec, stage="distill", evaluate_fn=evaluator(student),
+                metric=metric, progress=progress, cancel=cancel, device=device,
+                checkpoint_dir=workdir / "checkpoints" / "distill",
+            )  # fmt: skip
         timings["distill_s"] = time.perf_counter() - t0
 
         # --- the labels-only baseline ---------------------------------------------------
@@ -399,11 +486,12 @@ def distill(
             torch.manual_seed(spec.seed)
             model = make_baseline().to(device)
             t0 = time.perf_counter()
-            baseline_run = run_training(
-                model, None, train, _baseline_loss(task, spec, model), spec, stage="baseline",
-                evaluate_fn=evaluator(model), metric=metric, progress=progress, cancel=cancel,
-                checkpoint_dir=workdir / "checkpoints" / "baseline", device=device,
-            )  # fmt: skip
+            with _frozen_embeddings(model, spec.freeze_embeddings):
+                baseline_run = run_training(
+                    model, None, train, _baseline_loss(task, spec, model), spec, stage="baseline",
+                    evaluate_fn=evaluator(model), metric=metric, progress=progress, cancel=cancel,
+                    checkpoint_dir=workdir / "checkpoints" / "baseline", device=device,
+                )  # fmt: skip
             timings["baseline_s"] = time.perf_counter() - t0
             baseline = model
 
@@ -412,11 +500,13 @@ def distill(
         metrics: dict[str, dict[str, Any] | None] = {
             "teacher": teacher_metrics,
             "student": evaluate_outputs(
-                task, _model_outputs(student, eval_inputs), eval_data.y, teacher_eval
+                task, _model_outputs(student, eval_inputs, tokens), eval_data.y, teacher_eval
             ),
             "baseline": None
             if baseline is None
-            else evaluate_outputs(task, _model_outputs(baseline, eval_inputs), eval_data.y, teacher_eval),
+            else evaluate_outputs(
+                task, _model_outputs(baseline, eval_inputs, tokens), eval_data.y, teacher_eval
+            ),
         }
         timings["evaluate_s"] = time.perf_counter() - t0 + timings.pop("teacher_eval_s")
     finally:

@@ -86,6 +86,15 @@ class DistillSpec(_Spec):
     """Cache only the teacher's top-k logits (large output spaces); None: all when ≤ 1024."""
     augment_noise: float = Field(default=0.0, ge=0)
     """Gaussian input noise (vector/signal/image inputs); disables the teacher cache."""
+    augment_mixup: float = Field(default=0.0, ge=0)
+    """Mixup of input pairs with λ ~ Beta(a, a), the teacher labelling each mixed input
+    ("function matching": the teacher's knowledge between the samples); 0 = off. Float inputs
+    only; disables the teacher cache. The labels-only baseline is trained without it."""
+    freeze_embeddings: bool = False
+    """Keep the student's embedding tables (``nn.Embedding``: word, position, token type) fixed
+    while distilling. A derived transformer starts with the teacher's, and the word table is
+    most of a small student's weights (MiniLM: 11.7M of 17.2M): freezing it skips their dense
+    AdamW updates."""
     baseline: bool = True
     """Also train the same student on labels alone (needs labels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
