@@ -1,6 +1,6 @@
-"""SQLAlchemy tables: team, model, dataset, job, job_event, artifact, idempotency key.
+"""SQLAlchemy tables: team, API key, model, dataset, job, job_event, artifact, idempotency key.
 
-Every row records its owning team (one ``default`` team until API keys exist). Jobs
+Every row records its owning team. Jobs
 refer to their uploads by id without a foreign key: a job keeps the record of what it
 was run with even after an upload is deleted.
 """
@@ -65,6 +65,27 @@ class Team(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    max_submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
+    """Quota overrides; None means the settings' default."""
+
+
+class ApiKey(Base):
+    """A team's API key: only its sha256 is stored, found by its public ``prefix``."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team_id: Mapped[str] = mapped_column(String(64), ForeignKey("teams.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    scope: Mapped[str] = mapped_column(String(16), default="team")
+    """``team`` (its own team's resources) or ``admin`` (every team's)."""
+    label: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class _Upload:
@@ -101,7 +122,10 @@ class DatasetUpload(_Upload, Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_team_created", "team_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_team_created", "team_id", "created_at", "id"),
+        Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team_id: Mapped[str] = mapped_column(String(64), ForeignKey("teams.id"))
@@ -130,6 +154,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     run_seconds: Mapped[float | None] = mapped_column(Float)
     """Wall time of the last attempt, from RUNNING to the terminal state."""
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """When the broker last accepted this job's message (the outbox mark): a QUEUED row
+    with none, or whose message the broker no longer holds, is sent again by the relay."""
 
 
 class JobEvent(Base):
