@@ -15,11 +15,14 @@ from fastapi import FastAPI
 
 from . import problems
 from .db import Database
+from .dberrors import database_unavailable
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
 from .queueing import Queues
 from .reaper import reap_stale_jobs
+from .relay import relay_queued_jobs
+from .retention import retention_enabled, sweep
 from .routes import artifacts, jobs, ops, uploads
 from .settings import Settings, get_settings
 from .store import make_store
@@ -37,6 +40,27 @@ async def _reaper_loop(ctx: Context) -> None:
             await anyio.to_thread.run_sync(reap_stale_jobs, ctx.db, ctx.settings, ctx.queues.send_job)
         except Exception:  # keep reaping next time; a broken DB shows in /readyz
             log.exception("reaper pass failed")
+
+
+async def _relay_loop(ctx: Context) -> None:
+    """The job outbox relay (see `service.relay`): re-sends QUEUED jobs whose message is missing."""
+    while True:
+        await anyio.sleep(ctx.settings.relay_interval_s)
+        try:
+            await anyio.to_thread.run_sync(relay_queued_jobs, ctx.db, ctx.settings, ctx.queues)
+        except Exception as exc:  # try again next time
+            if not database_unavailable(exc):
+                log.exception("relay pass failed")
+
+
+async def _retention_loop(ctx: Context) -> None:
+    """Delete expired uploads and artifacts (see `service.retention`)."""
+    while True:
+        await anyio.sleep(ctx.settings.retention_interval_s)
+        try:
+            await anyio.to_thread.run_sync(sweep, ctx.db, ctx.store, ctx.settings)
+        except Exception:  # try again next time
+            log.exception("retention pass failed")
 
 
 def build_context(settings: Settings) -> Context:
@@ -61,6 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async with anyio.create_task_group() as tg:
             if settings.reaper_interval_s > 0:
                 tg.start_soon(_reaper_loop, ctx)
+            if settings.relay_interval_s > 0:
+                tg.start_soon(_relay_loop, ctx)
+            if retention_enabled(settings):
+                tg.start_soon(_retention_loop, ctx)
             yield
             tg.cancel_scope.cancel()
         ctx.db.dispose()

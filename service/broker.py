@@ -41,5 +41,9 @@ class Transport(sqla.Transport):
 
 
 def register() -> None:
-    """Make the ``kdqsqlite`` URL scheme known to kombu (idempotent)."""
+    """Make the ``kdqsqlite`` URL scheme known to kombu, and ``redis://`` use our fixed Redis
+    transport (`service.redis_transport`) (idempotent)."""
+    from . import redis_transport
+
     TRANSPORT_ALIASES.setdefault(ALIAS, f"{__name__}:Transport")
+    redis_transport.register()

@@ -1,4 +1,4 @@
-"""What every request handler needs: settings, database, blob store, queues, the caller's team."""
+"""What every request handler needs: settings, database, blob store, queues, the caller (`Principal`)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from typing import Annotated, ParamSpec, TypeVar
 
 import anyio
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .auth import KeyCache, Principal, bearer_token, ensure_team, lookup
 from .db import POOL_SIZE, Database
 from .metrics import Metrics
+from .problems import FieldError, ProblemError, unprocessable
 from .queueing import Queues
 from .settings import Settings
 from .store import BlobStore
@@ -27,20 +30,76 @@ class Context:
     metrics: Metrics
     finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     """Serialised finished jobs by id, with their team (see `service.routes.jobs.get_job`)."""
+    keys: KeyCache = field(init=False)
+    """API keys this process accepted in the last ``auth_cache_s`` seconds."""
+    default_team_ready: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = KeyCache(self.settings.auth_cache_s)
 
 
 async def get_ctx(request: Request) -> Context:
-    """(``async``, like `current_team`: FastAPI would run a plain function in a worker thread.)"""
+    """(``async``, like `current_principal`: FastAPI would run a plain function in a worker thread.)"""
     return request.app.state.ctx
 
 
-async def current_team(request: Request) -> str:
-    """The caller's team; one default team until API keys exist."""
-    return request.app.state.ctx.settings.default_team
+bearer = HTTPBearer(
+    scheme_name="ApiKey",
+    bearerFormat="kdq_<prefix>_<secret>",
+    description="A team's API key (`kdq keys create --team NAME`), as `Authorization: Bearer <key>`.",
+    auto_error=False,
+)
+"""Declares the scheme in the OpenAPI document; the header itself is read by `current_principal`."""
+
+
+def unauthorized() -> ProblemError:
+    """One answer for a missing, malformed, unknown or revoked key: nothing tells them apart."""
+    return ProblemError(
+        401,
+        "a valid API key is required: send Authorization: Bearer <key> (made with kdq keys create)",
+        code="unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="kdq"'},
+    )
+
+
+async def current_principal(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Principal:
+    """The caller: the team of its API key, or the default team when ``auth`` is ``none``."""
+    ctx: Context = request.app.state.ctx
+    if ctx.settings.auth == "none":
+        if not ctx.default_team_ready:
+            team = ctx.settings.default_team
+            await anyio.to_thread.run_sync(ensure_team, ctx.db, team, limiter=db_threads())
+            ctx.default_team_ready = True
+        return Principal(ctx.settings.default_team)
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise unauthorized()
+    if (principal := ctx.keys.get(token)) is not None:
+        return principal
+    principal = await anyio.to_thread.run_sync(lookup, ctx.db, token, limiter=db_threads())
+    if principal is None:
+        raise unauthorized()
+    ctx.keys.put(token, principal)
+    return principal
+
+
+async def no_nul_parameters(request: Request) -> None:
+    """422 for a NUL character in a path or query parameter (no stored id or name has one, and
+    PostgreSQL cannot even compare with one)."""
+    params = [*request.path_params.items(), *request.query_params.multi_items()]
+    for name, value in params:
+        if "\x00" in name or "\x00" in str(value):
+            raise unprocessable(
+                [FieldError(parameter=name.replace("\x00", "\\0"), detail="must not contain NUL characters")]
+            )
 
 
 Ctx = Annotated[Context, Depends(get_ctx)]
-Team = Annotated[str, Depends(current_team)]
+Auth = Annotated[Principal, Depends(current_principal)]
+PROTECTED = [Depends(current_principal), Depends(no_nul_parameters)]
+"""The dependencies of every /v1 router: a valid key first, then parameters PostgreSQL can take."""
 
 
 P = ParamSpec("P")

@@ -26,7 +26,7 @@ def decode_token(token: str) -> tuple[datetime, str]:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         created, ident = json.loads(raw)
         when = datetime.fromisoformat(created)
-        if when.tzinfo is None or not isinstance(ident, str):
+        if when.tzinfo is None or not isinstance(ident, str) or "\x00" in ident:
             raise ValueError
         return when, ident
     except (ValueError, TypeError, json.JSONDecodeError):

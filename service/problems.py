@@ -12,6 +12,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from .dberrors import RETRY_AFTER_S, database_unavailable
 
 log = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -114,6 +118,33 @@ def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Pr
     return unprocessable(field_errors([{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors()], ()))
 
 
+def find_nul(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where a NUL character hides in JSON-like data (a key or a string), else None.
+
+    PostgreSQL stores no NUL in text or JSONB, so such a value must be refused as input, not
+    reach the database and fail there."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in str(k):
+                return (*path, str(k))
+            if (found := find_nul(v, (*path, str(k)))) is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if (found := find_nul(v, (*path, str(i)))) is not None:
+                return found
+    return None
+
+
+def reject_nul(value: Any) -> None:
+    """422 pointing at the first NUL character in a parsed body."""
+    if (found := find_nul(value)) is not None:
+        error = FieldError(pointer=pointer(found), detail="text must not contain NUL characters")
+        raise unprocessable([error])
+
+
 def install(app: FastAPI) -> None:
     """Answer every error as a problem."""
 
@@ -137,7 +168,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(
             Problem(
@@ -145,6 +176,25 @@ def install(app: FastAPI) -> None:
             ),
             request,
             dict(exc.headers or {}),
+        )
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        """The database is away (restarting, unreachable, out of connections): a retryable 503;
+        the pool reconnects by itself (``pool_pre_ping``) once it is back."""
+        if not database_unavailable(exc):
+            return await _unexpected(request, exc)
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+        return problem_response(
+            Problem(
+                title="Service Unavailable",
+                status=503,
+                code="database_unavailable",
+                detail="the database is unavailable right now; try again shortly",
+            ),
+            request,
+            {"Retry-After": str(RETRY_AFTER_S)},
         )
 
     @app.exception_handler(Exception)
@@ -161,13 +211,22 @@ def install(app: FastAPI) -> None:
         )
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses`` entries for the given problem statuses (and 422, which any route
-    with parameters may answer)."""
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given problem statuses."""
     return {
         s: {
             "description": HTTPStatus(s).phrase,
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
-        for s in sorted({*statuses, 422})
+        for s in sorted(set(statuses))
     }
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given problem statuses (and 422, which any route
+    with parameters may answer)."""
+    return problem_responses(*statuses, 422)
+
+
+AUTH_RESPONSES = problem_responses(401)
+"""What every route behind an API key may answer (on its router)."""

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
 
 from celery import Celery
+from sqlalchemy import Engine, create_engine, text
 
 from worker.celery_app import RUN_JOB, VALIDATE_UPLOAD, make_celery
 
 from .settings import Settings
 
 UploadKind = Literal["model", "dataset"]
+REDIS_PRIORITY_SEP = "\x06\x16"
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+"""How kombu's Redis transport names a queue's lists: ``queue`` for priority 0, else
+``queue + SEP + step`` (kombu.transport.redis ``Channel._q_for_pri``)."""
 
 
 class BrokerUnavailable(Exception):
@@ -21,6 +31,7 @@ class Queues:
     def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self.settings = settings
         self.celery = celery or make_celery(settings)
+        self._inspector: Any = None
 
     def send_job(self, job_id: str, queue: str) -> None:
         """Queue a job run; the task id is the job id."""
@@ -54,3 +65,141 @@ class Queues:
                     queue, passive=False, durable=True, auto_delete=False
                 ).message_count
         return out
+
+    def held_messages(self) -> Held | None:
+        """The task messages the broker holds (see `Held`); None when this broker cannot be
+        inspected (then only jobs the broker never accepted are re-sent)."""
+        url = self.settings.broker_url
+        if self._inspector is None:
+            if url.startswith(("redis://", "rediss://")):
+                self._inspector = _RedisInspector(self.settings)
+            elif url.startswith(("kdqsqlite+", "sqla+")):
+                self._inspector = _SQLInspector(self.settings)
+            else:
+                return None
+        return self._inspector.held()
+
+
+@dataclass
+class Held:
+    """What the broker holds, by task id (the job id; ``validate-<upload id>``).
+
+    A worker that dies holding a message leaves it delivered but unacknowledged (Redis keeps
+    it for ``broker_visibility_timeout_s``); a Redis restarted without persistence holds nothing.
+    """
+
+    waiting: set[str] = field(default_factory=set)
+    """In a queue, not yet delivered."""
+    delivered: dict[str, float] = field(default_factory=dict)
+    """Delivered to a worker and not acknowledged: the epoch time it was delivered, or its ETA
+    when that is later (a retry waiting for its countdown)."""
+
+    def holds(self, task_id: str, *, delivered_within: float | None = None) -> bool:
+        """Waiting, or delivered (within the last ``delivered_within`` seconds, when given)."""
+        if task_id in self.waiting:
+            return True
+        since = self.delivered.get(task_id)
+        if since is None:
+            return False
+        return delivered_within is None or time.time() - since < delivered_within
+
+    def add_delivered(self, task_id: str, when: float) -> None:
+        self.delivered[task_id] = max(when, self.delivered.get(task_id, when))
+
+
+def _task(payload: Any) -> tuple[str | None, float | None]:
+    """A Celery message's task id and ETA (epoch seconds, None when it has none)."""
+    headers = payload.get("headers") if isinstance(payload, dict) else None
+    if not isinstance(headers, dict):
+        return None, None
+    eta = headers.get("eta")
+    try:
+        when = datetime.fromisoformat(eta).timestamp() if isinstance(eta, str) else None
+    except ValueError:
+        when = None
+    return headers.get("id"), when
+
+
+class _RedisInspector:
+    """Reads kombu's Redis layout: one list per queue and priority, and the ``unacked`` hash
+    (delivery tag → ``[message, exchange, routing_key]``) with its ``unacked_index`` sorted
+    set (delivery tag → time delivered). All read in one MULTI/EXEC, so a message moving
+    from a list to the hash is seen in one of them."""
+
+    def __init__(self, settings: Settings) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        prefix = settings.broker_key_prefix
+        queues = (settings.queue_validate, settings.queue_cpu, settings.queue_gpu)
+        self.lists = [
+            prefix + q + (f"{REDIS_PRIORITY_SEP}{p}" if p else "")
+            for q in queues
+            for p in REDIS_PRIORITY_STEPS
+        ]
+        self.unacked, self.unacked_index = prefix + "unacked", prefix + "unacked_index"
+
+    def held(self) -> Held:
+        pipe = self.client.pipeline(transaction=True)
+        for key in self.lists:
+            pipe.lrange(key, 0, -1)
+        pipe.hgetall(self.unacked)
+        pipe.zrange(self.unacked_index, 0, -1, withscores=True)
+        *lists, unacked, index = pipe.execute()
+        held = Held(waiting={tid for tid, _ in map(_task, _loads(m for lst in lists for m in lst)) if tid})
+        delivered = dict(index)
+        now = time.time()
+        for tag, raw in unacked.items():
+            entry = _loads([raw])[0]
+            tid, eta = _task(entry[0] if isinstance(entry, list) and entry else None)
+            if tid:
+                held.add_delivered(tid, max(delivered.get(tag, now), eta or 0.0))
+        return held
+
+
+class _SQLInspector:
+    """Reads kombu's SQLAlchemy transport table (the embedded SQLite broker): a waiting message
+    is visible; a delivered one is kept invisible, stamped with its delivery time (local)."""
+
+    def __init__(self, settings: Settings) -> None:
+        url = settings.broker_url.split("+", 1)[1]
+        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
+        self.engine: Engine = create_engine(url, connect_args=connect_args)
+        self.horizon = timedelta(seconds=settings.broker_visibility_timeout_s)
+
+    def held(self) -> Held:
+        # delivered messages are never deleted: look only at those delivered within the horizon
+        since = datetime.now() - self.horizon  # kombu stamps local naive times
+        query = text("SELECT visible, timestamp, payload FROM kombu_message "
+                     "WHERE visible OR timestamp >= :since")  # fmt: skip
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(query, {"since": since}).all()
+        except Exception as exc:  # no table yet: no worker or sender has declared a queue
+            if "no such table" in str(exc) or "does not exist" in str(exc):
+                return Held()
+            raise
+        held = Held()
+        now = time.time()
+        for visible, stamp, raw in rows:
+            tid, eta = _task(_loads([raw])[0])
+            if not tid:
+                continue
+            if visible:
+                held.waiting.add(tid)
+                continue
+            if isinstance(stamp, str):
+                stamp = datetime.fromisoformat(stamp)
+            delivered = stamp.timestamp() if isinstance(stamp, datetime) else now
+            held.add_delivered(tid, max(delivered, eta or 0.0))
+        return held
+
+
+def _loads(raw: Iterable[bytes | str]) -> list[Any]:
+    out = []
+    for item in raw:
+        try:
+            out.append(json.loads(item))
+        except (ValueError, TypeError):
+            out.append(None)
+    return out

@@ -1,6 +1,11 @@
 """No job stays stuck: RUNNING or CANCELLING jobs whose worker stopped heartbeating are
 requeued (up to ``max_attempts``), failed, or cancelled. Safe to run from every API
-replica at once: each decision is re-checked under the row lock."""
+replica at once: each decision is re-checked under the row lock.
+
+A requeued job gets a new attempt number when a worker begins it; the attempt that was
+given up on is fenced off by that number (`worker.tasks.Fence`), so if its worker was only
+paused and wakes up, it cannot overwrite the newer attempt. A requeue whose message the
+broker refuses stays QUEUED without an outbox mark, and the relay sends it later."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from .db import Database
 from .models import Job, utcnow
@@ -20,7 +25,8 @@ WORKER_LOST = {"type": "about:blank", "title": "Worker lost", "status": 500, "co
 
 
 def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, str], None]) -> dict[str, str]:
-    """Handle every stale job; returns ``{job_id: new_state}``."""
+    """Handle every stale job; returns ``{job_id: new_state}``. ``send_job(job_id, queue)``
+    sends a requeued job (the row is marked ``enqueued_at`` when it returns)."""
     cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
     active = [JobState.RUNNING.value, JobState.CANCELLING.value]
     with db.read() as s:
@@ -41,7 +47,17 @@ def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, s
             transition(s, job_id, target, **changes)
             queue = job.queue
         log.warning("job %s: no heartbeat since before %s, now %s", job_id, cutoff.isoformat(), target.value)
-        if target is JobState.QUEUED:
-            send_job(job_id, queue)
         done[job_id] = target.value
+        if target is JobState.QUEUED:
+            try:
+                send_job(job_id, queue)
+            except Exception as exc:  # the relay sends it once the broker is back
+                log.warning("job %s: requeued, but not sent (%s: %s)", job_id, type(exc).__name__, exc)
+                continue
+            with db.write() as s:
+                s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                    .values(enqueued_at=utcnow())
+                )
     return done

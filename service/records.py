@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, text
 from sqlalchemy.orm import Session
 
 from .db import Database
@@ -20,10 +20,25 @@ def blob_in_use(session: Session, sha256: str) -> bool:
     )
 
 
+def lock_blob(session: Session, sha256: str) -> None:
+    """Serialise, until the transaction ends, everything that adds or drops a reference to this
+    blob: a Postgres advisory lock on the hash (SQLite's ``BEGIN IMMEDIATE`` already serialises
+    every writer). Taken by `release_blob` and by the API before it inserts an upload row."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 def release_blob(db: Database, store: BlobStore, sha256: str) -> bool:
-    """Delete the blob when nothing refers to it any more; True if it was deleted."""
+    """Delete the blob when nothing refers to it any more; True if it was deleted.
+
+    The check and the deletion happen under `lock_blob`, inside one write transaction: an
+    upload of the same bytes that inserts its row after this deletion finds the file gone
+    when it checks (`service.routes.uploads`) and is refused with a retryable 503.
+    """
     with db.write() as s:
+        lock_blob(s, sha256)
         if blob_in_use(s, sha256):
             return False
-    store.delete(sha256)
+        store.delete(sha256)
     return True

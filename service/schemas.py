@@ -15,7 +15,7 @@ from .problems import Problem
 from .states import JobState
 
 UploadState = Literal["validating", "ready", "invalid"]
-ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx"]
+ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program"]
 
 
 class _Out(BaseModel):

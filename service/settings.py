@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,11 +38,51 @@ class Settings(BaseSettings):
     max_form_field_bytes: int = Field(default=64 * 1024, gt=0)
     upload_drain_bytes: int = Field(default=64 * MiB, ge=0)
     """After a 413, read (and discard) up to this much more so the client can see the answer."""
+    max_form_parts: int = Field(default=64, ge=2)
+    """Most parts in one multipart upload: the file and every form field."""
+    max_part_header_bytes: int = Field(default=16 * 1024, gt=0)
+    """Largest total size of the headers of one multipart part."""
+    archive_max_entries: int = Field(default=200_000, gt=0)
+    """Uploaded archives (zoo / Hugging Face folders, image class folders, .npz): most entries."""
+    archive_max_unpacked_bytes: int = Field(default=8 * GiB, gt=0)
+    """Uploaded archives: largest total uncompressed size."""
+    archive_max_ratio: float = Field(default=200.0, gt=1)
+    """Uploaded archives: largest uncompressed/compressed ratio of one entry."""
+    archive_scan_bytes: int = Field(default=64 * MiB, gt=0)
+    """How much of a compressed tar the API decompresses to check member headers (the worker checks all)."""
+    max_image_pixels: int = Field(default=50_000_000, gt=0)
+    """Largest image (width x height) an image dataset may hold (decompression bombs)."""
+    allow_code_checkpoints: bool = False
+    """Accept TorchScript / ExportedProgram teachers, which carry code; they then load and run only
+    in a sandboxed child process. Pickles are never accepted."""
+    sandbox_memory_bytes: int = Field(default=4 * GiB, gt=0)
+    """Address-space limit (RLIMIT_AS) of a sandboxed teacher process."""
+    sandbox_cpu_seconds: int = Field(default=3600, gt=0)
+    """CPU-time limit (RLIMIT_CPU) of a sandboxed teacher process over its life."""
 
     queue_validate: str = "validate"
     queue_cpu: str = "cpu"
     queue_gpu: str = "gpu"
     default_team: str = "default"
+    """The team every request acts as when ``auth`` is ``none``."""
+
+    auth: Literal["keys", "none"] = "keys"
+    """``keys``: every /v1 request needs ``Authorization: Bearer <team API key>`` (``kdq keys create``).
+    ``none``: every request is ``default_team`` (only for an API bound to a loopback address)."""
+    auth_cache_s: float = Field(default=5.0, ge=0)
+    """How long an API process trusts a key it has checked; a revoked key stops working within this."""
+    max_running_jobs_per_team: int = Field(default=4, ge=1)
+    """A team's QUEUED + RUNNING + CANCELLING jobs at once (a team row may override it)."""
+    max_stored_bytes_per_team: int = Field(default=50 * GiB, ge=0)
+    """A team's uploads plus artifacts, in bytes as listed (a team row may override it)."""
+    max_submissions_per_minute: int = Field(default=60, ge=1)
+    """Jobs a team may submit in any 60 seconds (a team row may override it)."""
+    uploads_retention_s: float | None = Field(default=None, ge=0)
+    """Delete models and datasets this many seconds after upload (None or 0: keep them)."""
+    artifacts_retention_s: float | None = Field(default=None, ge=0)
+    """Delete a finished job's artifacts this many seconds after it finished (None or 0: keep them)."""
+    retention_interval_s: float = Field(default=600.0, ge=0)
+    """How often the API deletes what has expired (0: never)."""
 
     progress_interval_s: float = Field(default=0.5, gt=0)
     """Fewest seconds between two progress rows a job writes (the last one is always written)."""
@@ -51,6 +92,13 @@ class Settings(BaseSettings):
     """A RUNNING job whose heartbeat is older than this is taken over or requeued."""
     reaper_interval_s: float = Field(default=30.0, ge=0)
     """How often the API looks for stale jobs (0: never)."""
+    relay_interval_s: float = Field(default=5.0, ge=0)
+    """How often the API's outbox relay looks for QUEUED jobs whose message is missing (0: never)."""
+    relay_grace_s: float = Field(default=15.0, gt=0)
+    """The relay re-sends a QUEUED job only when its message has been missing (never accepted by
+    the broker, or no longer held by it) for longer than this; also how long a message a worker
+    received may stay unacknowledged while its job is still QUEUED (a worker begins a job within
+    moments; longer means the worker died holding it)."""
     max_attempts: int = Field(default=3, ge=1)
     broker_visibility_timeout_s: int = Field(default=24 * 3600, gt=0)
     """Redis: an unacknowledged job is redelivered after this long; keep it above the longest job."""

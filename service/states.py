@@ -2,7 +2,8 @@
 
 QUEUED ──▶ RUNNING ──▶ SUCCEEDED | FAILED
   │           │  ▲
-  │           │  └── (requeued by the reaper after a lost worker)
+  │           │  └── (requeued by the reaper after a lost worker, or handed back by a worker
+  │           │       that lost its database; each RUNNING is a new attempt, ``attempts + 1``)
   │           ▼
   │       CANCELLING ──▶ CANCELLED | FAILED
   └──▶ CANCELLED | FAILED
@@ -68,8 +69,9 @@ def transition(session: Session, job_id: str, target: JobState, **changes: Any) 
     if target is JobState.RUNNING:
         job.started_at = job.heartbeat_at = now
         job.attempts += 1
-    elif target is JobState.QUEUED:
+    elif target is JobState.QUEUED:  # requeued: its message is sent again (the outbox mark is cleared)
         job.stage, job.progress_step, job.progress_total, job.eta_s, job.worker = None, 0, 0, None, None
+        job.enqueued_at = None
     if target in TERMINAL:
         job.finished_at = now
         job.eta_s = None

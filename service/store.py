@@ -40,6 +40,10 @@ class BlobWriter(Protocol):
         """The first bytes written (for sniffing the file type)."""
         ...
 
+    def staged_path(self) -> Path:
+        """A local file holding every byte written so far (checks before `commit`; read only)."""
+        ...
+
     def commit(self) -> BlobRef: ...
 
     def abort(self) -> None: ...
@@ -98,6 +102,10 @@ class _LocalWriter:
 
     def head(self) -> bytes:
         return self._head
+
+    def staged_path(self) -> Path:
+        self._wait()  # the file is unbuffered: once the pending writes are done, the bytes are there
+        return self._tmp
 
     def write(self, data: bytes | memoryview) -> None:
         """``data`` must stay unchanged after the call (it is hashed and written on other threads)."""

@@ -5,6 +5,9 @@ file part is hashed and written to a temp file in the store's folder as it arriv
 (one disk write, no spooling by Starlette), the size cap is checked on bytes received
 (with or without Content-Length), and memory stays flat whatever the file size.
 Nothing is visible in the store until the caller commits the blob.
+
+Limits besides the size: the number of parts, the size of each form field, and the size of
+each part's headers (python-multipart hands headers over as they arrive, unbounded).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from .store import BlobStore, BlobWriter
 BATCH = 1 << 20
 """Bytes gathered before one parser/disk step in the worker thread."""
 QUEUE_DEPTH = 8
-MAX_FIELDS = 32
 _UNSAFE_NAME = re.compile(r"[^\w.\- ]+")
 
 
@@ -52,9 +54,15 @@ def clean_filename(raw: str) -> str | None:
 class _Receiver:
     """python-multipart callbacks that route the ``file`` part to the store and keep small fields."""
 
-    def __init__(self, store: BlobStore, max_field_bytes: int) -> None:
+    def __init__(
+        self, store: BlobStore, max_field_bytes: int, max_parts: int, max_header_bytes: int
+    ) -> None:
         self.store = store
         self.max_field_bytes = max_field_bytes
+        self.max_parts = max_parts
+        self.max_header_bytes = max_header_bytes
+        self.parts = 0
+        self._header_bytes = 0
         self.blob: BlobWriter | None = None
         self.filename: str | None = None
         self.fields: dict[str, str] = {}
@@ -79,14 +87,35 @@ class _Receiver:
         }
 
     def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise _FormError(
+                ProblemError(
+                    413, f"the form has more than {self.max_parts} parts (limit)", code="too_many_parts"
+                )
+            )
+        self._header_bytes = 0
         self._headers.clear()
         self._field, self._is_file = None, False
         self._value.clear()
 
+    def _count_header(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.max_header_bytes:
+            raise _FormError(
+                ProblemError(
+                    413,
+                    f"a multipart part has more than {self.max_header_bytes} bytes of headers (limit)",
+                    code="part_headers_too_large",
+                )
+            )
+
     def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._hname += data[start:end]
 
     def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._hvalue += data[start:end]
 
     def _header_end(self) -> None:
@@ -121,16 +150,9 @@ class _Receiver:
             self.blob = self.store.writer()
             self._is_file = True
             return
-        if name in self.fields or len(self.fields) >= MAX_FIELDS:
+        if name in self.fields:
             raise _FormError(
-                unprocessable(
-                    [
-                        FieldError(
-                            pointer=f"#/{name}",
-                            detail=f"repeated field, or too many fields (at most {MAX_FIELDS})",
-                        )
-                    ]
-                )
+                unprocessable([FieldError(pointer=f"#/{name}", detail="repeated field")])
             )
         self._field = name
 
@@ -243,7 +265,14 @@ async def _pump(chunks: AsyncIterator[bytes], parser: MultipartParser, max_bytes
 
 
 async def receive_upload(
-    request: Request, store: BlobStore, *, max_bytes: int, max_field_bytes: int, drain_bytes: int
+    request: Request,
+    store: BlobStore,
+    *,
+    max_bytes: int,
+    max_field_bytes: int,
+    drain_bytes: int,
+    max_parts: int = 64,
+    max_part_header_bytes: int = 16 * 1024,
 ) -> ReceivedUpload:
     """Parse a multipart upload from the request stream; the caller commits or aborts the blob."""
     boundary = _boundary(request)
@@ -253,7 +282,7 @@ async def receive_upload(
             await drain_body(request.receive, drain_bytes)
         raise too_large(max_bytes)
 
-    receiver = _Receiver(store, max_field_bytes)
+    receiver = _Receiver(store, max_field_bytes, max_parts, max_part_header_bytes)
     parser = MultipartParser(boundary, receiver.callbacks())
     body = _Body(request.receive)
     try:
@@ -264,6 +293,10 @@ async def receive_upload(
         await body.drain(drain_bytes)
         if isinstance(exc, _FormError):
             raise exc.problem from None
+        if str(exc).startswith("Maximum header"):  # python-multipart's own caps on one part's headers
+            raise ProblemError(
+                413, f"a multipart part's headers are too large: {exc}", code="part_headers_too_large"
+            ) from None
         raise ProblemError(400, f"malformed multipart body: {exc}", code="malformed_body") from None
     except ClientDisconnect:
         receiver.abort()

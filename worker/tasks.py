@@ -8,6 +8,7 @@ at start) stays light.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -16,18 +17,21 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from service.db import Database
+from service.dberrors import database_unavailable
 from service.models import Artifact, DatasetUpload, Job, JobEvent, ModelUpload, utcnow
-from service.records import UPLOAD_TABLES, release_blob
+from service.records import UPLOAD_TABLES, lock_blob, release_blob
 from service.settings import Settings, get_settings
-from service.states import JobNotFound, JobState, lock_job, transition
+from service.states import TERMINAL, JobNotFound, JobState, lock_job, transition
 from service.store import BlobStore, make_store
 
 from .celery_app import RUN_JOB, VALIDATE_UPLOAD, app
@@ -36,7 +40,18 @@ log = logging.getLogger(__name__)
 DB_RETRY: dict[str, Any] = {"autoretry_for": (OperationalError,), "retry_backoff": True, "max_retries": 8}
 """A database that is briefly away delays a task instead of losing it (the job stays QUEUED)."""
 ACTIVE = (JobState.RUNNING.value, JobState.CANCELLING.value)
-MODEL_FORMAT_OF_KIND = {"zoo": "zoo_zip", "hf": "hf_zip", "onnx": "onnx"}
+T = TypeVar("T")
+FINISH_RETRY_S = 300.0
+"""How long a worker keeps trying to record a job's outcome while the database is away. Safe to
+wait that long: the heartbeat keeps beating meanwhile, and if the reaper gives up on the attempt
+anyway, fencing drops this outcome."""
+MODEL_FORMAT_OF_KIND = {
+    "zoo": "zoo_zip",
+    "hf": "hf_zip",
+    "onnx": "onnx",
+    "torchscript": "torchscript",
+    "exported_program": "exported_program",
+}
 SUFFIX = {
     "zoo_zip": ".zip",
     "hf_zip": ".zip",
@@ -49,6 +64,19 @@ SUFFIX = {
     "jsonl": ".jsonl",
     "image_zip": ".zip",
 }
+
+
+def code_checkpoints(settings: Settings) -> dict[str, Any]:
+    """The engine's options for TorchScript / ExportedProgram teachers: refused unless the operator
+    set ``KDQ_ALLOW_CODE_CHECKPOINTS``, and then run only in a sandboxed child process."""
+    from worker.compression.sandbox import SandboxLimits
+
+    return {
+        "allow_code": settings.allow_code_checkpoints,
+        "sandbox": SandboxLimits(
+            memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds
+        ),
+    }
 
 
 def internal_problem(what: str) -> dict[str, Any]:
@@ -139,7 +167,7 @@ def validate_upload(kind: str, upload_id: str) -> None:
             from worker.compression.validate import validate_dataset, validate_model
 
             if isinstance(row, ModelUpload):
-                summary = validate_model(path, row.format)
+                summary = validate_model(path, row.format, **code_checkpoints(rt.settings))
             else:
                 assert isinstance(row, DatasetUpload)
                 summary = validate_dataset(path, DataSpec.model_validate(row.options))
@@ -163,16 +191,74 @@ def validate_upload(kind: str, upload_id: str) -> None:
 # --- compression jobs ------------------------------------------------------------------------
 
 
+class Fence:
+    """An attempt's claim on its job. Attempt ``n`` owns the job while the row's ``attempts`` is
+    ``n`` and its state is RUNNING or CANCELLING; every write the attempt makes (progress,
+    heartbeat, artifacts, the final state) is conditioned on that. When the reaper gave up on
+    the attempt (its worker paused or lost its database past ``stale_after_s``) and another
+    worker began attempt ``n + 1``, the old attempt's writes match no row: it notices, stops,
+    and its outcome is dropped. ``attempt=None`` fences on the state only."""
+
+    def __init__(self, job_id: str, attempt: int | None) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        self.lost = threading.Event()
+        self.seen_state: str | None = None
+        """The job's state when this attempt found it had lost the job."""
+
+    def where(self) -> list[Any]:
+        conditions = [Job.id == self.job_id, Job.state.in_(ACTIVE)]
+        if self.attempt is not None:
+            conditions.append(Job.attempts == self.attempt)
+        return conditions
+
+    def holds(self, state: str, attempts: int) -> bool:
+        return state in ACTIVE and (self.attempt is None or attempts == self.attempt)
+
+    def lose(self, state: str | None, attempts: int | None, what: str) -> None:
+        if not self.lost.is_set():
+            self.seen_state = state
+            self.lost.set()
+            log.warning(
+                "job %s: attempt %s no longer owns the job (now %s, attempt %s); its %s is dropped",
+                self.job_id, self.attempt, state, attempts, what,
+            )  # fmt: skip
+
+
+def _owner(s: Session, job_id: str) -> tuple[str | None, int | None]:
+    """The job's state and attempt number (None, None when it is gone)."""
+    row = s.execute(select(Job.state, Job.attempts).where(Job.id == job_id)).one_or_none()
+    return (row.state, row.attempts) if row is not None else (None, None)
+
+
+def _database_retry(what: str, fn: Callable[[], T], within_s: float) -> T:
+    """Call ``fn``, retrying while the database is unavailable, for up to ``within_s`` seconds."""
+    deadline, pause = time.monotonic() + within_s, 0.5
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if not database_unavailable(exc) or time.monotonic() + pause > deadline:
+                raise
+            log.warning("%s: database unavailable (%s); retrying in %.1f s", what, type(exc).__name__, pause)
+        time.sleep(pause)
+        pause = min(pause * 2, 5.0)
+
+
 class ProgressRecorder:
     """The engine's progress callback: writes progress at most every ``interval`` seconds, but
-    always the last report of each stage (and every log message), as job_event rows."""
+    always the last report of each stage (and every log message), as job_event rows.
 
-    def __init__(self, db: Database, job_id: str, interval: float) -> None:
+    Each write is fenced (`Fence`); a database that is briefly away only delays the rows (they
+    are kept and written with the next flush) instead of stopping the job."""
+
+    def __init__(self, db: Database, job_id: str, interval: float, fence: Fence | None = None) -> None:
         self.db, self.job_id, self.interval = db, job_id, interval
+        self.fence = fence or Fence(job_id, None)
         self.stage: str | None = None
         self.pending: Any = None
         self.logs: list[dict[str, Any]] = []
         self.last_write = 0.0
+        self.database_away = False
 
     def __call__(self, p: Any) -> None:
         if p.message:
@@ -193,82 +279,116 @@ class ProgressRecorder:
 
     def flush(self) -> None:
         p, logs = self.pending, self.logs
-        if p is None and not logs:
+        if (p is None and not logs) or self.fence.lost.is_set():
             return
         self.pending, self.logs = None, []
+        try:
+            self._write(p, logs)
+            if self.database_away:
+                log.info("job %s: the database is back; progress is written again", self.job_id)
+            self.database_away = False
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            if not self.database_away:
+                log.warning("job %s: progress kept for later, the database is unavailable (%s)",
+                            self.job_id, type(exc).__name__)  # fmt: skip
+            self.database_away = True
+            self.pending, self.logs = self.pending or p, logs + self.logs  # written with the next flush
+        self.last_write = time.monotonic()
+
+    def _write(self, p: Any, logs: list[dict[str, Any]]) -> None:
         now = utcnow()
+        values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
+        data = None
+        if p is not None:
+            data = jsonable(
+                {
+                    "stage": p.stage,
+                    "step": p.step,
+                    "total": p.total,
+                    "fraction": p.fraction,
+                    "loss": p.loss,
+                    "metric": p.metric,
+                    "eta_s": p.eta_s,
+                }
+            )
+            values |= {
+                "stage": p.stage,
+                "progress_step": p.step,
+                "progress_total": p.total,
+                "eta_s": data["eta_s"],
+            }
         with self.db.write() as s:
+            if s.execute(update(Job).where(*self.fence.where()).values(**values)).rowcount != 1:
+                self.fence.lose(*_owner(s, self.job_id), "progress")
+                return
             for entry in logs:
                 s.add(JobEvent(job_id=self.job_id, kind="log", data=entry, created_at=now))
-            if p is not None:
-                data = jsonable(
-                    {
-                        "stage": p.stage,
-                        "step": p.step,
-                        "total": p.total,
-                        "fraction": p.fraction,
-                        "loss": p.loss,
-                        "metric": p.metric,
-                        "eta_s": p.eta_s,
-                    }
-                )
+            if data is not None:
                 s.add(JobEvent(job_id=self.job_id, kind="progress", data=data, created_at=now))
-                s.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.state.in_(ACTIVE))
-                    .values(
-                        stage=p.stage,
-                        progress_step=p.step,
-                        progress_total=p.total,
-                        eta_s=data["eta_s"],
-                        heartbeat_at=now,
-                        updated_at=now,
-                    )
-                )
-        self.last_write = time.monotonic()
 
 
 class CancelCheck:
-    """The engine's cancel check: reads the job's state at most every ``interval`` seconds.
-    True once the job is no longer RUNNING (cancelled, or taken over after a lost heartbeat)."""
+    """The engine's cancel check: reads the job's row at most every ``interval`` seconds.
+    True once this attempt should stop: the job is no longer RUNNING (cancelled, requeued) or
+    a newer attempt owns it (`Fence`). A database that is away answers "keep going"."""
 
-    def __init__(self, db: Database, job_id: str, interval: float) -> None:
+    def __init__(self, db: Database, job_id: str, interval: float, fence: Fence | None = None) -> None:
         self.db, self.job_id, self.interval = db, job_id, interval
+        self.fence = fence or Fence(job_id, None)
         self.last = 0.0
         self.stop = False
 
     def __call__(self) -> bool:
+        if self.fence.lost.is_set():
+            self.stop = True
         if not self.stop and time.monotonic() - self.last >= self.interval:
             self.last = time.monotonic()
-            with self.db.read() as s:
-                self.stop = s.scalar(select(Job.state).where(Job.id == self.job_id)) != JobState.RUNNING.value
+            try:
+                with self.db.read() as s:
+                    state, attempts = _owner(s, self.job_id)
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                return False
+            self.stop = state != JobState.RUNNING.value
+            if state is None or attempts is None or not self.fence.holds(state, attempts):
+                self.stop = True
+                self.fence.lose(state, attempts, "work")
         return self.stop
 
 
 class Heartbeat(threading.Thread):
-    """Keeps ``heartbeat_at`` fresh while the engine works (even in stages without progress)."""
+    """Keeps ``heartbeat_at`` fresh while the engine works (even in stages without progress).
+    Stops beating once a newer attempt owns the job (`Fence`)."""
 
-    def __init__(self, db: Database, job_id: str, interval: float) -> None:
+    def __init__(self, db: Database, job_id: str, interval: float, fence: Fence | None = None) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id}")
         self.db, self.job_id, self.interval = db, job_id, interval
+        self.fence = fence or Fence(job_id, None)
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(self.interval):
+        while not self.done.wait(self.interval) and not self.fence.lost.is_set():
             try:
                 with self.db.write() as s:
-                    s.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.state.in_(ACTIVE))
-                        .values(heartbeat_at=utcnow())
-                    )
-            except Exception:  # a missed beat is harmless; many in a row let the reaper step in
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+                    beat = update(Job).where(*self.fence.where()).values(heartbeat_at=utcnow())
+                    if s.execute(beat).rowcount != 1:
+                        state, attempts = _owner(s, self.job_id)
+                        if state is None or JobState(state) not in TERMINAL:  # (finished: it just ended)
+                            self.fence.lose(state, attempts, "heartbeat")
+                        return
+            except Exception as exc:  # a missed beat is harmless; many in a row let the reaper step in
+                unavailable = database_unavailable(exc)
+                log.warning("heartbeat for job %s failed: %s", self.job_id, type(exc).__name__,
+                            exc_info=not unavailable)  # fmt: skip
 
 
 def begin(rt: Runtime, job_id: str) -> Job | None:
-    """QUEUED → RUNNING, or None when this delivery has nothing to do (already running
-    elsewhere, cancelled, finished, or unknown)."""
+    """QUEUED → RUNNING (a new attempt), or None when this delivery has nothing to do (already
+    running elsewhere, cancelled, finished, or unknown). The row lock makes this safe against
+    duplicate deliveries: exactly one of them finds the job QUEUED."""
     with rt.db.write() as s:
         try:
             job = lock_job(s, job_id)
@@ -282,26 +402,55 @@ def begin(rt: Runtime, job_id: str) -> Job | None:
 
 
 def finish(
-    rt: Runtime, job_id: str, target: JobState, *, artifacts: list[Artifact] | None = None, **changes: Any
+    rt: Runtime,
+    fence: Fence,
+    target: JobState,
+    *,
+    artifacts: list[Artifact] | None = None,
+    files: dict[str, Path] | None = None,
+    **changes: Any,
 ) -> JobState | None:
-    """Make the final transition if this attempt still owns the job. A cancel request wins
-    over success; returns the state reached (None when the job had moved on)."""
-    with rt.db.write() as s:
-        job = lock_job(s, job_id)
-        state = JobState(job.state)
-        if state is JobState.CANCELLING and target is JobState.SUCCEEDED:
-            target, changes = JobState.CANCELLED, {}
-        if state not in (JobState.RUNNING, JobState.CANCELLING) or (
-            target is JobState.CANCELLED and state is not JobState.CANCELLING
-        ):
-            log.warning(
-                "job %s is %s; this attempt's outcome (%s) is dropped", job_id, state.value, target.value
-            )
-            return None
-        if target is JobState.SUCCEEDED:
-            s.add_all(artifacts or [])
-        transition(s, job_id, target, **changes)
-        return target
+    """Make the final transition (or hand the job back: QUEUED) if this attempt still owns the
+    job. A cancel request wins over success and over a hand-back; returns the state reached
+    (None when the job had moved on). Retried while the database is briefly away.
+
+    Artifacts are recorded under each blob's lock (`lock_blob`), and a blob that a concurrent
+    `release_blob` (of a superseded attempt with identical output) deleted is stored again
+    from ``files`` first, so a recorded artifact always has its blob."""
+
+    def attempt() -> JobState | None:
+        with rt.db.write() as s:
+            job = lock_job(s, fence.job_id)
+            state = JobState(job.state)
+            if not fence.holds(job.state, job.attempts):
+                fence.lose(job.state, job.attempts, f"outcome ({target.value})")
+                return None
+            reached, values = target, changes
+            if state is JobState.CANCELLING and target in (JobState.SUCCEEDED, JobState.QUEUED):
+                reached, values = JobState.CANCELLED, {}
+            if reached is JobState.CANCELLED and state is not JobState.CANCELLING:
+                log.warning("job %s is %s; an unasked-for cancellation is dropped", fence.job_id, state.value)
+                return None
+            if reached is JobState.SUCCEEDED:
+                for art in artifacts or []:
+                    lock_blob(s, art.sha256)
+                    if not rt.store.exists(art.sha256) and files and art.name in files:
+                        rt.store.put_file(files[art.name])
+                s.add_all(artifacts or [])
+            transition(s, fence.job_id, reached, **values)
+            return reached
+
+    return _database_retry(f"job {fence.job_id}: final state", attempt, FINISH_RETRY_S)
+
+
+def owns(rt: Runtime, fence: Fence) -> bool:
+    """Whether this attempt still owns its job (read, not locked: a cheap check before work)."""
+    with rt.db.read() as s:
+        state, attempts = _owner(s, fence.job_id)
+    if state is None or attempts is None or not fence.holds(state, attempts):
+        fence.lose(state, attempts, "results")
+        return False
+    return True
 
 
 def _inputs(rt: Runtime, job: Job, folder: Path) -> dict[str, Path | None]:
@@ -321,11 +470,12 @@ def _inputs(rt: Runtime, job: Job, folder: Path) -> dict[str, Path | None]:
     return paths
 
 
-def _store_artifacts(rt: Runtime, job: Job, result: Any) -> list[Artifact]:
-    rows = []
+def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact]) -> None:
+    """Put each artifact's file in the store; ``stored`` collects the rows as they are made, so
+    whatever was stored before a failure (a full disk) can be released."""
     for art in result.artifacts:
         ref = rt.store.put_file(Path(art.path))
-        rows.append(
+        stored.append(
             Artifact(
                 job_id=job.id,
                 name=art.name,
@@ -336,7 +486,68 @@ def _store_artifacts(rt: Runtime, job: Job, result: Any) -> list[Artifact]:
                 description=art.description or "",
             )
         )
-    return rows
+
+
+def take_over_work(folder: Path, attempt: int) -> tuple[Path, Path, int | None]:
+    """This attempt's output and engine work folders, ``(output, work, previous attempt)``.
+
+    The work folder holds the engine's checkpoints and caches (``compress(checkpoint_dir=…)``).
+    The newest earlier attempt's work folder is moved here (one rename, any size), so the engine
+    resumes from its last checkpoint; workers that share ``work_dir`` resume each other's jobs.
+    Each attempt then writes only under its own ``attempt-N`` folder: an earlier attempt that
+    wakes up finds its folder gone and cannot touch the files this attempt works with."""
+    earlier = sorted(
+        (int(p.name.removeprefix("attempt-")), p)
+        for p in folder.glob("attempt-*")
+        if p.name.removeprefix("attempt-").isdigit() and int(p.name.removeprefix("attempt-")) < attempt
+    )
+    mine = folder / f"attempt-{attempt}"
+    shutil.rmtree(mine, ignore_errors=True)
+    output, work = mine / "output", mine / "work"
+    output.mkdir(parents=True)
+    previous = None
+    for number, path in reversed(earlier):
+        if (path / "work").is_dir():
+            os.rename(path / "work", work)
+            previous = number
+            break
+    work.mkdir(exist_ok=True)
+    for _, path in earlier:  # superseded attempts: their outputs are partial
+        shutil.rmtree(path, ignore_errors=True)
+    return output, work, previous
+
+
+def _resumed_step(metrics: dict[str, Any]) -> int | None:
+    train = (metrics.get("distillation") or {}).get("train") or {}
+    step = (train.get("student") or {}).get("resumed_from_step")
+    return step if isinstance(step, int) else None
+
+
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_full(exc: BaseException) -> OSError | None:
+    """The out-of-space error behind ``exc`` (itself, or a cause it was raised from), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in STORAGE_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def storage_problem(exc: OSError) -> dict[str, Any]:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return {
+        "type": "about:blank",
+        "title": "Insufficient Storage",
+        "status": 507,
+        "code": "storage_full",
+        "detail": f"the job's results could not be written: no space left on the device{where}; "
+        "nothing of this job was kept; submit it again once space has been freed",
+    }
 
 
 @app.task(name=RUN_JOB, **DB_RETRY)
@@ -349,17 +560,18 @@ def run_job(job_id: str) -> None:
     from worker.compression.spec import CompressSpec
 
     s = rt.settings
+    fence = Fence(job_id, job.attempts)
     folder = Path(s.work_dir) / "jobs" / job_id  # type: ignore[arg-type]
-    out = folder / f"attempt-{job.attempts}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    recorder = ProgressRecorder(rt.db, job_id, s.progress_interval_s)
-    heartbeat = Heartbeat(rt.db, job_id, s.heartbeat_interval_s)
+    recorder = ProgressRecorder(rt.db, job_id, s.progress_interval_s, fence)
+    heartbeat = Heartbeat(rt.db, job_id, s.heartbeat_interval_s, fence)
     heartbeat.start()
     outcome: JobState | None = None
     artifacts: list[Artifact] = []
     try:
         recorder.log(f"attempt {job.attempts} started on {job.worker}")
+        out, work, previous = take_over_work(folder, job.attempts)
+        if previous is not None:
+            recorder.log(f"continuing from the checkpoints of attempt {previous}")
         inputs = _inputs(rt, job, folder / "inputs")
         from worker.compression.compress import compress
 
@@ -369,40 +581,59 @@ def run_job(job_id: str) -> None:
             **inputs,
             output_dir=out,
             progress=recorder,
-            cancel=CancelCheck(rt.db, job_id, s.cancel_poll_s),
-            checkpoint_dir=folder / "checkpoints",
+            cancel=CancelCheck(rt.db, job_id, s.cancel_poll_s, fence),
+            checkpoint_dir=work,
+            **code_checkpoints(s),
         )
         engine_s = time.perf_counter() - started
+        metrics = jsonable(result.metrics)
+        if (step := _resumed_step(metrics)) is not None:
+            recorder.log(f"resumed from step {step}", resumed_from_step=step)
         recorder.log(
             f"the engine finished in {engine_s:.2f} s; storing the results", engine_s=round(engine_s, 3)
         )
-        artifacts = _store_artifacts(rt, job, result)
-        metrics = jsonable(result.metrics)
-        outcome = finish(
-            rt,
-            job_id,
-            JobState.SUCCEEDED,
-            metrics=metrics,
-            summary=metrics.get("summary"),
-            stage="done",
-            artifacts=artifacts,
-        )
+        if owns(rt, fence):
+            _store_artifacts(rt, job, result, artifacts)
+            outcome = finish(
+                rt,
+                fence,
+                JobState.SUCCEEDED,
+                metrics=metrics,
+                summary=metrics.get("summary"),
+                stage="done",
+                artifacts=artifacts,
+                files={a.name: Path(a.path) for a in result.artifacts},
+            )
     except Cancelled:
         recorder.flush()
-        outcome = finish(rt, job_id, JobState.CANCELLED)
+        outcome = finish(rt, fence, JobState.CANCELLED)
     except InputError as exc:
         recorder.flush()
-        outcome = finish(rt, job_id, JobState.FAILED, error=input_problem(exc))
-    except Exception:
-        log.exception("job %s failed", job_id)
+        outcome = finish(rt, fence, JobState.FAILED, error=input_problem(exc))
+    except Exception as exc:
         recorder.flush()
-        outcome = finish(rt, job_id, JobState.FAILED, error=internal_problem("the job"))
+        if (full := storage_full(exc)) is not None:
+            log.error("job %s: out of space: %s", job_id, full)
+            outcome = finish(rt, fence, JobState.FAILED, error=storage_problem(full))
+        elif database_unavailable(exc):  # hand the job back; the relay sends it again
+            log.warning("job %s: the database is unavailable (%s); handing the job back", job_id, exc)
+            outcome = finish(rt, fence, JobState.QUEUED)
+        else:
+            log.exception("job %s failed", job_id)
+            outcome = finish(rt, fence, JobState.FAILED, error=internal_problem("the job"))
     finally:
         heartbeat.done.set()
         heartbeat.join()
-        if outcome is not None and not s.job_tmp_keep:
+        if outcome is not JobState.SUCCEEDED and artifacts:  # stored, then cancelled, failed or superseded
+            released = sum(release_blob(rt.db, rt.store, art.sha256) for art in artifacts)
+            log.info("job %s: %d stored artifact(s) released, %d deleted", job_id, len(artifacts), released)
+        if outcome in TERMINAL and not s.job_tmp_keep:
             shutil.rmtree(folder, ignore_errors=True)
-        if outcome is not JobState.SUCCEEDED:
-            for art in artifacts:  # stored, then cancelled or superseded
-                release_blob(rt.db, rt.store, art.sha256)
-    log.info("job %s: %s", job_id, outcome.value if outcome else "superseded")
+        elif fence.lost.is_set():  # superseded: only this attempt's own folder is ours to touch
+            mine = folder / f"attempt-{job.attempts}"
+            ended = fence.seen_state is None or JobState(fence.seen_state) in TERMINAL
+            # its checkpoints stay for the attempt that takes the job over, unless the job is over
+            shutil.rmtree(mine if ended else mine / "output", ignore_errors=True)
+        # (otherwise the job was handed back, or its database stayed away: the checkpoints stay
+        # for the next attempt, which the relay or the reaper starts)
+    log.info("job %s attempt %s: %s", job_id, job.attempts, outcome.value if outcome else "superseded")

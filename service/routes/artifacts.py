@@ -16,13 +16,16 @@ from sqlalchemy import select
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from ..deps import Context, Ctx, Team, blocking
+from ..auth import Principal
+from ..deps import PROTECTED, Auth, Context, Ctx, blocking
 from ..models import Artifact
-from ..problems import ProblemError, not_found, responses
+from ..problems import AUTH_RESPONSES, ProblemError, not_found, responses
 from ..schemas import ArtifactList, ArtifactOut
 from .jobs import load_job
 
-router = APIRouter(prefix="/v1/jobs/{job_id}", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs/{job_id}", tags=["jobs"], dependencies=PROTECTED, responses=AUTH_RESPONSES
+)
 MEDIA_TYPES = {
     "report_html": "text/html; charset=utf-8",
     "report_json": "application/json",
@@ -90,10 +93,10 @@ def _serve(
 
 
 def _load_artifact(
-    ctx: Context, job_id: str, team: str, *, name: str | None = None, kind: str | None = None
+    ctx: Context, job_id: str, who: Principal, *, name: str | None = None, kind: str | None = None
 ) -> Artifact:
     with ctx.db.read() as s:
-        load_job(s, job_id, team)
+        load_job(s, job_id, who)
         stmt = select(Artifact).where(Artifact.job_id == job_id)
         stmt = stmt.where(Artifact.name == name) if name is not None else stmt.where(Artifact.kind == kind)
         art = s.scalars(stmt.limit(1)).first()
@@ -104,12 +107,17 @@ def _load_artifact(
 
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
 RangeHeader = Annotated[str | None, Header(alias="Range")]
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_FILE_CONTENT = {
+    "application/octet-stream": _BINARY,
+    "application/zip": _BINARY,
+    "application/json": {"schema": {"type": "object", "description": "report.json, manifest.json"}},
+    "text/html": {"schema": {"type": "string"}},
+}
+"""By the artifact's kind or name: ONNX models and other files are octet-stream."""
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "the file",
-        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-    },
-    206: {"description": "the requested range"},
+    200: {"description": "the file", "content": _FILE_CONTENT},
+    206: {"description": "the requested range", "content": {media: {} for media in _FILE_CONTENT}},
     304: {"description": "not modified (If-None-Match matched the ETag)"},
     **responses(400, 404, 410, 416),
 }
@@ -123,9 +131,9 @@ FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     responses=responses(404),
 )
 @blocking
-def job_metrics(job_id: str, ctx: Ctx, team: Team) -> Any:
+def job_metrics(job_id: str, ctx: Ctx, who: Auth) -> Any:
     with ctx.db.read() as s:
-        job = load_job(s, job_id, team)
+        job = load_job(s, job_id, who)
         metrics = job.metrics  # a deferred column: read it while the session is open
     if metrics is None:
         raise ProblemError(
@@ -142,8 +150,8 @@ def job_metrics(job_id: str, ctx: Ctx, team: Team) -> Any:
     responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, **responses(404)},
 )
 @blocking
-def job_report(job_id: str, ctx: Ctx, team: Team, if_none_match: IfNoneMatch = None) -> Response:
-    return _serve(ctx, _load_artifact(ctx, job_id, team, kind="report_html"), if_none_match, None, "inline")
+def job_report(job_id: str, ctx: Ctx, who: Auth, if_none_match: IfNoneMatch = None) -> Response:
+    return _serve(ctx, _load_artifact(ctx, job_id, who, kind="report_html"), if_none_match, None, "inline")
 
 
 @router.get(
@@ -154,9 +162,9 @@ def job_report(job_id: str, ctx: Ctx, team: Team, if_none_match: IfNoneMatch = N
     operation_id="list_artifacts",
 )
 @blocking
-def list_artifacts(job_id: str, ctx: Ctx, team: Team) -> ArtifactList:
+def list_artifacts(job_id: str, ctx: Ctx, who: Auth) -> ArtifactList:
     with ctx.db.read() as s:
-        load_job(s, job_id, team)
+        load_job(s, job_id, who)
         rows = s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)).all()
         return ArtifactList(items=[ArtifactOut.of(r) for r in rows])
 
@@ -173,8 +181,8 @@ def get_artifact(
     job_id: str,
     name: str,
     ctx: Ctx,
-    team: Team,
+    who: Auth,
     if_none_match: IfNoneMatch = None,
     range_: RangeHeader = None,
 ) -> Response:
-    return _serve(ctx, _load_artifact(ctx, job_id, team, name=name), if_none_match, range_)
+    return _serve(ctx, _load_artifact(ctx, job_id, who, name=name), if_none_match, range_)

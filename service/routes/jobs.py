@@ -15,17 +15,29 @@ from sqlalchemy.orm import Session
 
 from worker.compression.spec import CompressSpec, DataSpec
 
-from ..deps import Context, Ctx, Team, blocking, db_threads
+from ..auth import Principal
+from ..deps import PROTECTED, Auth, Context, Ctx, blocking, db_threads
 from ..jobcheck import check_job
 from ..models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
 from ..pagination import MAX_PAGE_SIZE, paginate
-from ..problems import FieldError, ProblemError, not_found, responses, unprocessable
-from ..queueing import BrokerUnavailable
+from ..problems import (
+    AUTH_RESPONSES,
+    FieldError,
+    ProblemError,
+    not_found,
+    reject_nul,
+    responses,
+    unprocessable,
+)
+from ..quotas import check_submission, lock_team
+from ..relay import enqueue
 from ..schemas import JobCreate, JobOut, JobPage
 from ..sse import event_stream, has_more_events
 from ..states import TERMINAL, JobNotFound, JobState, lock_job, transition
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(
+    prefix="/v1/jobs", tags=["jobs"], dependencies=PROTECTED, responses=AUTH_RESPONSES
+)
 JOB_READ = select(*[c for c in Job.__table__.c if c.key != "metrics"])
 JOB_BY_ID = JOB_READ.where(Job.id == bindparam("job_id"))
 """Built once: building the statement and its cache key per request costs as much as the query."""
@@ -38,9 +50,9 @@ async def require_json(request: Request) -> None:
         raise ProblemError(415, "send the job spec as application/json", code="unsupported_media_type")
 
 
-def load_job(s: Session, ident: str, team: str) -> Job:
+def load_job(s: Session, ident: str, who: Principal) -> Job:
     job = s.get(Job, ident)
-    if job is None or job.team_id != team:
+    if job is None or not who.sees(job.team_id):
         raise not_found("job", ident)
     return job
 
@@ -136,13 +148,16 @@ def _checked(
     response_model=JobOut,
     summary="Submit a compression job",
     dependencies=[Depends(require_json)],
-    responses=responses(413, 415, 422, 503),
+    responses=responses(400, 413, 415, 422, 429, 503),
     operation_id="create_job",
 )
 @blocking
 def create_job(
-    req: JobCreate, response: Response, ctx: Ctx, team: Team, idempotency_key: IdempotencyHeader = None
+    req: JobCreate, response: Response, ctx: Ctx, who: Auth, idempotency_key: IdempotencyHeader = None
 ) -> JobOut:
+    """The job belongs to the key's team (an admin key's own team), and so must its uploads."""
+    team = who.team_id
+    reject_nul(req.model_dump(mode="json"))
     digest = _request_sha256(req)
     if idempotency_key is not None:
         with ctx.db.read() as s:
@@ -163,6 +178,8 @@ def create_job(
     )
     try:
         with ctx.db.write() as s:
+            lock_team(s, team)
+            check_submission(s, ctx.settings, team)
             s.add(job)
             if idempotency_key is not None:
                 s.flush()
@@ -172,16 +189,12 @@ def create_job(
             if idempotency_key is not None and (earlier := _replay(s, team, idempotency_key, digest)):
                 return _accepted(earlier, response)
         raise
-    try:
-        ctx.queues.send_job(job.id, queue)
-    except BrokerUnavailable:
-        with ctx.db.write() as s:
-            s.delete(s.get(Job, job.id))
-        raise ProblemError(
-            503,
-            "the work queue is unavailable; the job was not created, try again later",
-            code="broker_unavailable",
-        ) from None
+    # The outbox (`service.relay`): the row is committed before the message is sent, so from here
+    # on no crash and no broker outage loses the job. If the broker refuses the message, the job
+    # stays QUEUED without its outbox mark and the relay sends it once the broker is back; the
+    # answer is still 202, because the job exists and will run. A 503 here would tell the client
+    # "not created" about a job that was, and its retry would submit a duplicate.
+    enqueue(ctx.db, ctx.queues, job.id, queue)
     return _accepted(job, response)
 
 
@@ -191,12 +204,12 @@ def create_job(
 @blocking
 def list_jobs(
     ctx: Ctx,
-    team: Team,
+    who: Auth,
     state: Annotated[list[JobState] | None, Query()] = None,
     page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
     page_token: str | None = Query(None, max_length=512),
 ) -> JobPage:
-    stmt = select(Job).where(Job.team_id == team)
+    stmt = select(Job) if who.is_admin else select(Job).where(Job.team_id == who.team_id)
     if state:
         stmt = stmt.where(Job.state.in_([s.value for s in state]))
     with ctx.db.read() as s:
@@ -216,14 +229,14 @@ def _json(body: bytes) -> Response:
 @router.get(
     "/{job_id}", response_model=JobOut, summary="Get a job", responses=responses(404), operation_id="get_job"
 )
-async def get_job(job_id: str, ctx: Ctx, team: Team) -> Response:
+async def get_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
     """The most polled endpoint: one Core select of the columns it shows (no ORM objects,
     not the report)."""
     # A finished job is answered from memory: its row never changes again. The body is built as
     # a `JobOut` and serialised once, so FastAPI's second validation of the return value is skipped.
     if (cached := ctx.finished_jobs.get(job_id)) is not None:
         owner, body = cached
-        if owner != team:
+        if not who.sees(owner):
             raise not_found("job", job_id)
         return _json(body)
 
@@ -233,7 +246,7 @@ async def get_job(job_id: str, ctx: Ctx, team: Team) -> Response:
         return None if row is None else (row, JobOut.of(row).model_dump_json().encode())
 
     found = await anyio.to_thread.run_sync(read, limiter=db_threads())
-    if found is None or found[0].team_id != team:
+    if found is None or not who.sees(found[0].team_id):
         raise not_found("job", job_id)
     row, body = found
     if JobState(row.state) in TERMINAL:
@@ -252,14 +265,14 @@ async def get_job(job_id: str, ctx: Ctx, team: Team) -> Response:
     operation_id="cancel_job",
 )
 @blocking
-def cancel_job(job_id: str, ctx: Ctx, team: Team) -> JobOut:
+def cancel_job(job_id: str, ctx: Ctx, who: Auth) -> JobOut:
     """A queued job is cancelled at once; a running one becomes CANCELLING until its worker stops."""
     with ctx.db.write() as s:
         try:
             job = lock_job(s, job_id)
         except JobNotFound:
             raise not_found("job", job_id) from None
-        if job.team_id != team:
+        if not who.sees(job.team_id):
             raise not_found("job", job_id)
         state = JobState(job.state)
         if state is JobState.QUEUED:
@@ -275,6 +288,20 @@ def cancel_job(job_id: str, ctx: Ctx, team: Team) -> JobOut:
         return JobOut.of(job)
 
 
+MAX_EVENT_ID = (1 << 63) - 1
+"""Event ids are 64-bit database ids: a larger Last-Event-ID is not one of ours (422)."""
+SSE_EVENT = {
+    "type": "object",
+    "description": "one Server-Sent Event of the stream",
+    "properties": {
+        "id": {"type": "string", "description": "increasing; send the last one back as Last-Event-ID"},
+        "event": {"type": "string", "enum": ["progress", "log", "state"]},
+        "data": {"type": "string", "description": "a JSON object"},
+        "retry": {"type": "integer", "description": "reconnection delay, ms"},
+    },
+}
+
+
 @router.get(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
@@ -284,20 +311,24 @@ def cancel_job(job_id: str, ctx: Ctx, team: Team) -> JobOut:
         200: {
             "description": "``progress``, ``log`` and ``state`` events until a terminal state; "
             "resumable with Last-Event-ID",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
         },
         204: {"description": "the job is finished and no event follows Last-Event-ID"},
         **responses(404),
     },
 )
 async def job_events(
-    job_id: str, request: Request, ctx: Ctx, team: Team, last_event_id: Annotated[int | None, Header()] = None
+    job_id: str,
+    request: Request,
+    ctx: Ctx,
+    who: Auth,
+    last_event_id: Annotated[int | None, Header(ge=0, le=MAX_EVENT_ID)] = None,
 ) -> Response:
     after = last_event_id or 0
 
     def check() -> bool:
         with ctx.db.read() as s:
-            load_job(s, job_id, team)
+            load_job(s, job_id, who)
             return has_more_events(s, job_id, after)
 
     if not await anyio.to_thread.run_sync(check):

@@ -1,9 +1,10 @@
 """``/v1/models`` and ``/v1/datasets``: streamed uploads, listed, fetched, deleted.
 
 Both resources behave the same way, so one factory builds both routers. An upload is
-stored and answered ``201`` in state ``validating``; a worker on the light ``validate``
-queue inspects it with the engine and records ``ready`` (with a summary) or ``invalid``
-(with the reason).
+first checked as it stands (`service.inspection`: pickles, code checkpoints, unsafe archives,
+lying headers are a 422 and nothing is stored), then stored and answered ``201`` in state
+``validating``; a worker on the light ``validate`` queue inspects it with the engine and
+records ``ready`` (with a summary) or ``invalid`` (with the reason).
 """
 
 import json
@@ -17,25 +18,18 @@ from sqlalchemy import select
 
 from worker.compression.spec import DataSpec
 
-from ..deps import Context, Ctx, Team, blocking
+from ..auth import Principal
+from ..deps import PROTECTED, Auth, Context, Ctx, blocking
+from ..inspection import InspectionLimits, inspect_upload
 from ..models import DatasetUpload, Job, ModelUpload, new_id
 from ..pagination import MAX_PAGE_SIZE, paginate
-from ..problems import ProblemError, not_found, responses, validation_problem
+from ..problems import AUTH_RESPONSES, ProblemError, not_found, reject_nul, responses, validation_problem
 from ..queueing import BrokerUnavailable
-from ..records import release_blob
+from ..quotas import check_storage, lock_team
+from ..records import lock_blob, release_blob
 from ..schemas import DatasetOut, DatasetPage, ModelFormat, ModelOut, ModelPage, UploadState
 from ..states import TERMINAL
-from ..uploads import receive_upload
-
-ZIP_MAGIC = (b"PK\x03\x04",)
-MAGIC: dict[str, tuple[bytes, ...]] = {
-    "zoo_zip": ZIP_MAGIC,
-    "hf_zip": ZIP_MAGIC,
-    "npz": ZIP_MAGIC,
-    "image_zip": ZIP_MAGIC,
-    "parquet": (b"PAR1",),
-}
-"""Formats whose files open with a known signature, checked before anything is stored."""
+from ..uploads import ReceivedUpload, receive_upload
 
 
 class ModelForm(BaseModel):
@@ -43,7 +37,9 @@ class ModelForm(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=255)
     format: ModelFormat = "auto"
-    """``zoo_zip`` (config.json + model.safetensors), ``hf_zip`` (a transformers folder), ``onnx``, or ``auto``."""
+    """``zoo_zip`` (config.json + model.safetensors), ``hf_zip`` (a transformers folder; both as a zip or a
+    tar(.gz)), ``onnx``, ``torchscript`` / ``exported_program`` (only where the operator allows code
+    checkpoints; they run in a sandbox), or ``auto``. Pickles are never accepted."""
     metadata: Json[dict[str, Any]] | None = None
     """A JSON object kept with the upload."""
 
@@ -95,25 +91,25 @@ def _row_values(k: UploadKind, form: BaseModel) -> dict[str, Any]:
     return {"format": form.format}
 
 
-def _check_magic(fmt: str, head: bytes) -> None:
-    magic = MAGIC.get(fmt)
-    if magic and not head.startswith(magic):
-        raise ProblemError(
-            415,
-            f"the file does not look like {fmt!r} (it lacks the {magic[0]!r} signature)",
-            code="unsupported_media_type",
-        )
+def _inspect(ctx: Context, kind: Literal["model", "dataset"], fmt: str, received: ReceivedUpload) -> None:
+    """The synchronous checks (see `service.inspection`) on the staged bytes, before anything is kept."""
+    inspect_upload(kind, fmt, received.blob.staged_path(), InspectionLimits.of(ctx.settings))
 
 
 def make_router(k: UploadKind) -> APIRouter:
-    router = APIRouter(prefix=f"/v1/{k.plural}", tags=[k.plural])
+    router = APIRouter(
+        prefix=f"/v1/{k.plural}",
+        tags=[k.plural],
+        dependencies=PROTECTED,  # before any other check of the request
+        responses=AUTH_RESPONSES,
+    )
     name = k.kind
     Ident = Annotated[str, Path(alias=f"{name}_id")]
     item_path = "/{" + name + "_id}"
 
-    def load(s: Any, ident: str, team: str) -> Any:
+    def load(s: Any, ident: str, who: Principal) -> Any:
         row = s.get(k.table, ident)
-        if row is None or row.team_id != team:
+        if row is None or not who.sees(row.team_id):
             raise not_found(name, ident)
         return row
 
@@ -123,16 +119,20 @@ def make_router(k: UploadKind) -> APIRouter:
         response_model=k.out,
         summary=f"Upload a {name}",
         openapi_extra=_multipart_schema(k.form),
-        responses=responses(400, 413, 415, 422, 503),
+        responses=responses(400, 413, 415, 422, 429, 503),
         operation_id=f"create_{name}",
     )
-    async def create(request: Request, response: Response, ctx: Ctx, team: Team) -> Any:
+    async def create(request: Request, response: Response, ctx: Ctx, who: Auth) -> Any:
+        """An admin key uploads as its own team."""
         s = ctx.settings
+        team = who.team_id
         received = await receive_upload(
             request,
             ctx.store,
             max_bytes=s.max_upload_bytes,
             max_field_bytes=s.max_form_field_bytes,
+            max_parts=s.max_form_parts,
+            max_part_header_bytes=s.max_part_header_bytes,
             drain_bytes=s.upload_drain_bytes,
         )
         try:
@@ -140,8 +140,10 @@ def make_router(k: UploadKind) -> APIRouter:
                 form = k.form.model_validate(received.fields)
             except ValidationError as exc:
                 raise validation_problem(exc) from None
+            reject_nul(form.model_dump(mode="json"))
             values = _row_values(k, form)
-            _check_magic(values["format"], received.blob.head())
+            await anyio.to_thread.run_sync(_inspect, ctx, k.kind, values["format"], received)
+            await anyio.to_thread.run_sync(_check_storage, ctx, team, received.blob.size)
             ref = await anyio.to_thread.run_sync(received.blob.commit)
         except BaseException:
             received.blob.abort()  # a no-op once committed
@@ -184,12 +186,15 @@ def make_router(k: UploadKind) -> APIRouter:
     @blocking
     def list_(
         ctx: Ctx,
-        team: Team,
+        who: Auth,
         state: UploadState | None = None,
         page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
         page_token: str | None = Query(None, max_length=512),
     ) -> Any:
-        stmt = select(k.table).where(k.table.team_id == team)
+        """Newest first; an admin key lists every team's."""
+        stmt = select(k.table)
+        if not who.is_admin:
+            stmt = stmt.where(k.table.team_id == who.team_id)
         if state is not None:
             stmt = stmt.where(k.table.state == state)
         with ctx.db.read() as s:
@@ -204,9 +209,9 @@ def make_router(k: UploadKind) -> APIRouter:
         operation_id=f"get_{name}",
     )
     @blocking
-    def get(ident: Ident, ctx: Ctx, team: Team) -> Any:
+    def get(ident: Ident, ctx: Ctx, who: Auth) -> Any:
         with ctx.db.read() as s:
-            return k.out.of(load(s, ident, team))
+            return k.out.of(load(s, ident, who))
 
     @router.delete(
         item_path,
@@ -216,10 +221,10 @@ def make_router(k: UploadKind) -> APIRouter:
         operation_id=f"delete_{name}",
     )
     @blocking
-    def delete(ident: Ident, ctx: Ctx, team: Team) -> Response:
+    def delete(ident: Ident, ctx: Ctx, who: Auth) -> Response:
         column = Job.teacher_model_id if k.kind == "model" else Job.dataset_id
         with ctx.db.write() as s:
-            row = load(s, ident, team)
+            row = load(s, ident, who)
             refs = [column == ident] + ([Job.eval_dataset_id == ident] if k.kind == "dataset" else [])
             for ref in refs:
                 busy = s.scalars(
@@ -237,9 +242,28 @@ def make_router(k: UploadKind) -> APIRouter:
     return router
 
 
+def _check_storage(ctx: Context, team: str, size: int) -> None:
+    """Before the blob is kept: a team over its storage quota stores nothing."""
+    with ctx.db.read() as s:
+        check_storage(s, ctx.settings, team, size)
+
+
 def _insert(ctx: Context, row: Any) -> None:
+    """Add the row under the team's quota lock and the blob's lock (see `release_blob`), then
+    make sure a concurrent deletion of the same bytes did not take the file away meanwhile."""
     with ctx.db.write() as s:
+        lock_team(s, row.team_id)
+        check_storage(s, ctx.settings, row.team_id, row.size_bytes)
+        lock_blob(s, row.sha256)
         s.add(row)
+    if not ctx.store.exists(row.sha256):
+        raise ProblemError(
+            503,
+            "the same file was being deleted (retention or a DELETE) as it arrived; nothing was stored, "
+            "send it again",
+            code="upload_conflict",
+            headers={"Retry-After": "1"},
+        )
 
 
 def _delete(ctx: Context, table: Any, ident: str, sha256: str) -> None:

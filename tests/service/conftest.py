@@ -5,6 +5,10 @@ database to connect to) and Redis on 127.0.0.1:6379. Override with ``KDQ_TEST_PG
 (a psycopg URL of a database to create test databases from) and ``KDQ_TEST_REDIS``.
 Each session gets a fresh uniquely named database (dropped at the end) and its own Redis
 key prefix (deleted at the end).
+
+The Postgres stack runs with API keys: ``kdq keys create`` (a real subprocess against the
+test database) makes the key of team ``TEAM_A`` that `Stack.client` (and so the ``api``
+fixture) sends; `Stack.make_key` makes more.
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ SERVICE_LIMITS = {
     "KDQ_CANCEL_POLL_S": "0.2",
     "KDQ_SSE_POLL_S": "0.1",
 }
+TEAM_A = "team-a"
+"""The team of the Postgres stack's default key (every fixture's uploads and jobs)."""
+RETENTION_S = 365 * 24 * 3600
+"""The Postgres stack's retention of uploads and artifacts (tests backdate rows past it)."""
 
 
 def free_port() -> int:
@@ -76,6 +84,8 @@ class Stack:
     env: dict[str, str]
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    key: str | None = None
+    """The API key `client` sends unless told otherwise (None: no Authorization header)."""
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         with open(self.logs / f"{name}.log", "ab") as log:
@@ -85,8 +95,18 @@ class Stack:
         self.procs[name] = proc
         return proc
 
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kw)
+    def client(self, key: str | None = None, **kw: Any) -> httpx.Client:
+        """A client sending ``key`` (default: the stack's key) as a bearer token."""
+        key = key or self.key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, timeout=30, headers=headers, **kw)
+
+    def make_key(self, team: str, *, admin: bool = False, label: str = "") -> str:
+        """``kdq keys create`` against this stack's database; the key it printed."""
+        argv = kdq("keys", "create", "--team", team, "--label", label, *(["--admin"] if admin else []))
+        out = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
 
     def log_tail(self, lines: int = 40) -> str:
         out = []
@@ -178,9 +198,16 @@ def pg_stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFa
         KDQ_BROKER_KEY_PREFIX=redis_prefix,
         KDQ_DATA_DIR=str(root / "data"),
         KDQ_STORAGE_DIR=str(root / "store"),
+        KDQ_AUTH="keys",
+        KDQ_AUTH_CACHE_S="2",
+        # the retention loop runs every second; only rows a test backdates by years expire
+        KDQ_RETENTION_INTERVAL_S="1",
+        KDQ_UPLOADS_RETENTION_S=str(RETENTION_S),
+        KDQ_ARTIFACTS_RETENTION_S=str(RETENTION_S),
     )
     stack = Stack(f"http://127.0.0.1:{port}", env, root)
     subprocess.run(kdq("migrate"), cwd=REPO, env=env, check=True, capture_output=True)
+    stack.key = stack.make_key(TEAM_A, label="tests")
     stack.spawn("api", kdq("api", "--host", "127.0.0.1", "--port", str(port)))
     stack.spawn("worker-validate", kdq("worker", "--queues", "validate", "--name", "validate"))
     stack.spawn("worker-jobs", kdq("worker", "--queues", "cpu,gpu", "--name", "jobs"))

@@ -109,7 +109,9 @@ def run_job(
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     assert r.headers["location"] == f"/v1/jobs/{job_id}"
-    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=str(client.base_url), timeout=30) as sse_client:
+    with ThreadPoolExecutor(1) as pool, httpx.Client(
+        base_url=str(client.base_url), headers=client.headers, timeout=30
+    ) as sse_client:
         following = pool.submit(sse_events, sse_client, job_id)
         polled: list[dict[str, Any]] = []
         job = wait_job(client, job_id, seen=polled)

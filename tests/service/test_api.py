@@ -302,7 +302,7 @@ def test_broker_down_means_503_and_nothing_stored(tmp_path: Path, assets: dict[s
     from .conftest import base_env, free_port, kdq
 
     port = free_port()
-    env = base_env(KDQ_DATA_DIR=str(tmp_path), KDQ_BROKER_URL="redis://127.0.0.1:1/0")
+    env = base_env(KDQ_DATA_DIR=str(tmp_path), KDQ_BROKER_URL="redis://127.0.0.1:1/0", KDQ_AUTH="none")
     stack = Stack(f"http://127.0.0.1:{port}", env, tmp_path)
     subprocess.run(kdq("migrate"), cwd=REPO, env=env, check=True, capture_output=True)
     stack.spawn("api", kdq("api", "--host", "127.0.0.1", "--port", str(port)))

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from tests.malicious.corpus import torchscript_mlp
+
 from .assets import CLASSES, FAST_SPEC, FEATURES
 from .conftest import FinishedJob, Stack, base_env, free_port, kdq
 from .flows import TERMINAL, ready_upload, run_job, sha256_of, submit, wait_job
@@ -174,10 +176,11 @@ def test_embedded_serve_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> N
     port = free_port()
     data_dir = tmp_path / "var"
     marker = f"KDQ_TEST_SERVE={tmp_path.name}"
-    env = base_env(KDQ_TEST_SERVE=tmp_path.name)
+    env = base_env(KDQ_TEST_SERVE=tmp_path.name, KDQ_ALLOW_CODE_CHECKPOINTS="1")
     stack = Stack(f"http://127.0.0.1:{port}", env, tmp_path)
     stack.spawn(
-        "serve", kdq("serve", "--data-dir", str(data_dir), "--port", str(port), "--shutdown-grace", "5")
+        "serve",
+        kdq("serve", "--no-auth", "--data-dir", str(data_dir), "--port", str(port), "--shutdown-grace", "5"),
     )
     try:
         stack.wait_ready()
@@ -188,6 +191,10 @@ def test_embedded_serve_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> N
             dataset = ready_upload(client, "datasets", assets["data"])
             job, events, polled = run_job(client, teacher, dataset)
             check_finished(client, job, events, polled, assets["data"])
+            # the operator allowed code checkpoints: a TorchScript teacher is validated in the sandbox
+            script = ready_upload(client, "models", torchscript_mlp(tmp_path / "script.pt"), format="auto")
+            assert script["format"] == "torchscript"
+            assert script["summary"]["kind"] == "torchscript" and script["summary"]["input_shape"] == [6]
         assert (data_dir / "kdq.sqlite").is_file() and (data_dir / "store" / "sha256").is_dir()
     finally:
         codes = stack.stop(signal.SIGTERM, timeout=40)

@@ -269,9 +269,10 @@ def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(tmp
     from fastapi.testclient import TestClient
 
     from service.app import create_app
-    from service.deps import current_team
+    from service.auth import Principal
+    from service.deps import current_principal
 
-    app = create_app(Settings(data_dir=tmp_path, reaper_interval_s=0))
+    app = create_app(Settings(data_dir=tmp_path, reaper_interval_s=0, auth="none"))
     ctx = app.state.ctx
     upgrade(ctx.settings.database_url)
     job_id = add_job(ctx.db, JobState.RUNNING)
@@ -288,6 +289,6 @@ def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(tmp
     with ctx.db.write() as s:  # (never happens: a finished row is final) proves the answer is cached
         s.get(Job, job_id).summary = {"accuracy": 0.1}
     assert client.get(f"/v1/jobs/{job_id}").content == first.content
-    app.dependency_overrides[current_team] = lambda: "other"
+    app.dependency_overrides[current_principal] = lambda: Principal("other")
     other = client.get(f"/v1/jobs/{job_id}")
     assert other.status_code == 404 and other.json()["code"] == "not_found"

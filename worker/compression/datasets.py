@@ -9,7 +9,7 @@ Formats (``DataSpec.format``; ``auto`` picks by file extension):
 * ``jsonl`` / ``text_csv`` (text): a text column, an optional text-pair column and an optional
   label, tokenized with the teacher's tokenizer. An auto-detected ``.csv`` is text when it has
   ``DataSpec.text_column`` (or the teacher takes text), else tabular.
-* ``image_zip``: a zip of class folders of PNG / JPEG images, resized and normalised.
+* ``image_zip``: a zip (or tar, tar.gz) of class folders of PNG / JPEG images, resized and normalised.
 
 Labels are optional everywhere: unlabelled data still serves for pure distillation. Integer
 or string labels become class indices with ``classes`` names (integers ``k`` keep index ``k``;
@@ -20,7 +20,7 @@ files (a CSV header is line 1), the 1-based row in Parquet, and the 0-based inde
 ``x[i]`` in array files.
 
 Hostile uploads: arrays never unpickle, image archives are extracted with the
-`archives.safe_extract_zip` rules, images are capped in pixels before decoding and only the
+`archives.safe_extract` rules, images are capped in pixels before decoding and only the
 PNG and JPEG decoders run, and decompressed ``.npz`` content and image tensors are capped in bytes.
 """
 
@@ -46,14 +46,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from .archives import ArchiveLimits, safe_extract_zip
+from .archives import ArchiveLimits, safe_extract
 from .errors import DatasetError, SpecError, UnsafeFileError, UnsupportedFormatError
 from .spec import DataSpec
 from .types import InputKind, TensorData
 
 FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip")
 _BY_SUFFIX = {".npz": "npz", ".safetensors": "safetensors", ".csv": "csv", ".parquet": "parquet",
-              ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".zip": "image_zip"}
+              ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".zip": "image_zip",
+              ".tar": "image_zip", ".tgz": "image_zip"}
 ACCEPTED = (".npz, .safetensors, .csv, .parquet/.pq, .jsonl/.ndjson/.json (JSON Lines), "
             ".zip (image class folders)")
 ARRAY_KEYS = ("x", "input_ids", "y", "attention_mask", "token_type_ids")
@@ -212,6 +213,9 @@ def _read_npz(path: Path, limits: DataLimits) -> tuple[dict[str, torch.Tensor], 
         with np.load(path, allow_pickle=False) as npz:  # object arrays raise instead of unpickling
             return {k: _numpy_tensor(npz[k], k) for k in npz.files if k in ARRAY_KEYS}, list(npz.files)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        if "allow_pickle" in str(exc):
+            raise DatasetError(f"{path.name} holds an object array, i.e. pickled Python objects, which can run "
+                               f"code and are never loaded (allow_pickle=False); save numeric arrays") from exc
         raise DatasetError(f"cannot read {path.name}: {exc}") from exc
 
 
@@ -555,7 +559,7 @@ def _load_images(path: Path, ctx: _Ctx) -> TensorData:
     spec, limits = ctx.spec, ctx.limits
     with tempfile.TemporaryDirectory(prefix="kdq-images-") as tmp:
         try:
-            root = safe_extract_zip(path, tmp, limits.archive)
+            root = safe_extract(path, tmp, limits.archive)
         except (UnsafeFileError, UnsupportedFormatError) as exc:
             raise DatasetError(f"{path.name}: {exc}") from exc
         samples, classes = _class_folders(root)

@@ -2,9 +2,11 @@
 
 Accepted: a zoo folder (``config.json`` naming an ``architecture`` + ``model.safetensors``),
 a Hugging Face folder (``config.json`` with ``model_type`` + safetensors weights), an ONNX
-file (or a folder holding exactly one), or a ``.zip`` of any of these folders.
-Pickle-based and code-bearing checkpoints (torch.save, TorchScript, ExportedProgram) are
-refused by name and by content sniffing; they are never opened with torch.
+file (or a folder holding exactly one), or a zip / tar(.gz) of any of these folders.
+What a file is comes from its bytes (`sniff`), not its name: a Python pickle (``torch.save``)
+is never loaded; TorchScript and ExportedProgram archives are code-bearing and load only
+when the operator allows them (``allow_code``), and then only inside a sandboxed child
+process (`sandbox`).
 """
 
 from __future__ import annotations
@@ -14,52 +16,32 @@ import os
 import shutil
 import tempfile
 import weakref
-import zipfile
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import safetensors_io, zoo
-from .archives import safe_extract_zip
+from .archives import safe_extract
 from .errors import ModelFileError, SpecError, UnsafeFileError, UnsupportedFormatError
+from .sniff import CODE_KINDS, PICKLE_KINDS, code_message, pickle_message, sniff
 from .types import Teacher
+
+if TYPE_CHECKING:
+    from .sandbox import SandboxLimits
 
 ZOO_FORMAT = "kdq-zoo"
 WEIGHTS = "model.safetensors"
 CODE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".pt2", ".jit", ".ptl")
-TORCH_ARCHIVE_MARKERS = {"data.pkl", "constants.pkl", "archive_format"}
-"""Entries of the zips written by torch.save / torch.jit.save / torch.export.save."""
-PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 ACCEPTED = ("a zoo folder (config.json with 'architecture' + model.safetensors), "
             "a Hugging Face folder (config.json with 'model_type' + model.safetensors), "
-            "an .onnx file, or a .zip of one of these folders")
+            "an .onnx file, or a .zip / .tar(.gz) of one of these folders")
 _IGNORED = {"__MACOSX", ".DS_Store"}
 
 
-def _refuse_code(name: str, allow_code: bool) -> None:
-    if allow_code:
-        raise UnsupportedFormatError(
-            f"{name}: code-bearing checkpoints (pickle, TorchScript, ExportedProgram) need a sandbox "
-            "that is not available yet; upload safetensors with a config.json, or ONNX")
-    raise UnsafeFileError(
-        f"{name}: code-bearing checkpoints (pickle, TorchScript, ExportedProgram) are off "
-        "(operator flag KDQ_ALLOW_CODE_CHECKPOINTS, not supported yet); "
-        "upload safetensors with a config.json, or ONNX")
-
-
-def _is_torch_archive(names: list[str]) -> bool:
-    """True for zips written by torch.save / TorchScript / torch.export (``<top>/data.pkl`` etc.)."""
-    for name in names:
-        parts = PurePosixPath(name).parts
-        if len(parts) <= 2 and parts and parts[-1] in TORCH_ARCHIVE_MARKERS:
-            return True
-    return False
-
-
 def _content_root(folder: Path) -> Path:
-    """Descend into the single top-level folder many zip tools add."""
+    """Descend into the single top-level folder many archive tools add."""
     entries = [p for p in folder.iterdir() if p.name not in _IGNORED]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
@@ -71,45 +53,53 @@ def _check_task(task: str | None) -> None:
         raise SpecError(f"unknown task {task!r}; known: {', '.join(zoo.TASKS)}")
 
 
-def load_teacher(path: str | os.PathLike[str], *, task: str | None = None, allow_code: bool = False) -> Teacher:
-    """Load a teacher from a folder, a zip of a folder, or an ONNX file (see the module doc)."""
+def load_teacher(path: str | os.PathLike[str], *, task: str | None = None, allow_code: bool = False,
+                 sandbox: SandboxLimits | None = None) -> Teacher:
+    """Load a teacher from a folder, an archive of a folder, or a model file (see the module doc).
+
+    ``allow_code`` (the operator's ``KDQ_ALLOW_CODE_CHECKPOINTS``) lets TorchScript and
+    ExportedProgram files load, in a sandboxed child limited by ``sandbox``.
+    """
     _check_task(task)
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path, task, allow_code)
+        return _load_folder(path, task, allow_code, sandbox)
     if not path.is_file():
         raise ModelFileError(f"{path.name}: no such file or folder")
+    kind = sniff(path).kind
+    if kind in PICKLE_KINDS:
+        raise UnsafeFileError(f"{path.name}: {pickle_message(kind)}")
+    if kind in CODE_KINDS:
+        return _load_code(path, kind, task, allow_code, sandbox)
     suffix = path.suffix.lower()
-    if suffix in CODE_SUFFIXES:
-        _refuse_code(path.name, allow_code)
     if suffix == ".onnx":
         from .onnx_teacher import load_onnx_teacher
         return load_onnx_teacher(path, task=task)
-    if suffix == ".safetensors":
+    if kind == "safetensors" or suffix == ".safetensors":
         raise UnsupportedFormatError(
             f"{path.name}: bare safetensors weights need a config.json naming the architecture; "
             f"upload {ACCEPTED}")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic.startswith(PICKLE_MAGIC):
-        _refuse_code(path.name, allow_code)
-    if suffix == ".zip" or zipfile.is_zipfile(path):
-        return _load_zip(path, task, allow_code)
+    if kind in ("zip", "tar"):
+        return _load_archive(path, task, allow_code, sandbox)
+    if suffix in (".zip", ".tar", ".tgz", ".gz"):
+        raise UnsupportedFormatError(f"{path.name} is not a readable zip or tar archive (truncated?)")
     raise UnsupportedFormatError(f"{path.name}: unrecognised model file; upload {ACCEPTED}")
 
 
-def _load_zip(path: Path, task: str | None, allow_code: bool) -> Teacher:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise UnsupportedFormatError(f"{path.name} is not a readable zip archive: {exc}") from exc
-    if _is_torch_archive(names):
-        _refuse_code(path.name, allow_code)
+def _load_code(path: Path, kind: str, task: str | None, allow_code: bool,
+               sandbox: SandboxLimits | None) -> Teacher:
+    if not allow_code:
+        raise UnsafeFileError(f"{path.name}: {code_message(kind)}")
+    from .sandbox import SandboxLimits, load_sandboxed_teacher
+
+    return load_sandboxed_teacher(path, kind, task=task, limits=sandbox or SandboxLimits())
+
+
+def _load_archive(path: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None) -> Teacher:
     tmp = Path(tempfile.mkdtemp(prefix="kdq-teacher-"))
     try:
-        safe_extract_zip(path, tmp)
-        teacher = _load_folder(_content_root(tmp), task, allow_code)
+        safe_extract(path, tmp)
+        teacher = _load_folder(_content_root(tmp), task, allow_code, sandbox)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,7 +121,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _load_folder(folder: Path, task: str | None, allow_code: bool) -> Teacher:
+def _load_folder(folder: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None) -> Teacher:
     if (folder / "config.json").is_file():
         cfg = _read_config(folder)
         pickles = _pickle_files(folder)
@@ -154,9 +144,20 @@ def _load_folder(folder: Path, task: str | None, allow_code: bool) -> Teacher:
         raise UnsupportedFormatError(
             f"the folder holds {len(onnx_files)} .onnx files ({', '.join(p.name for p in onnx_files)}); "
             "upload exactly one")
-    pickles = _pickle_files(folder)
-    if pickles:
-        _refuse_code(", ".join(pickles), allow_code)
+    checkpoints = [p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in CODE_SUFFIXES]
+    kinds = {p: sniff(p).kind for p in checkpoints}
+    for p, kind in kinds.items():
+        if kind not in CODE_KINDS:
+            reason = pickle_message(kind) if kind in PICKLE_KINDS else (
+                "not a TorchScript or ExportedProgram archive, and other checkpoints (pickles) are never "
+                "loaded; export safetensors (with a config.json) or ONNX")
+            raise UnsafeFileError(f"{p.name}: {reason}")
+    if len(checkpoints) == 1:
+        return _load_code(checkpoints[0], kinds[checkpoints[0]], task, allow_code, sandbox)
+    if checkpoints:
+        raise UnsupportedFormatError(
+            f"the folder holds {len(checkpoints)} checkpoints ({', '.join(p.name for p in checkpoints)}); "
+            "upload exactly one")
     if any(folder.glob("*.safetensors")):
         raise UnsupportedFormatError(
             "safetensors weights without a config.json: add a config.json naming the architecture")

@@ -44,9 +44,10 @@ class FeatureModel(Protocol):
 
 @dataclass
 class Teacher:
-    """A loaded teacher, torch-backed (zoo, hf) or a black box (onnx)."""
+    """A loaded teacher, torch-backed (zoo, hf) or a black box (onnx; torchscript and
+    exported_program, which run in a sandboxed child process)."""
 
-    kind: Literal["zoo", "hf", "onnx"]
+    kind: Literal["zoo", "hf", "onnx", "torchscript", "exported_program"]
     task: Task
     input_kind: InputKind
     input_shape: tuple[int, ...]
@@ -59,7 +60,7 @@ class Teacher:
     tokenizer: Any | None = None
     source_dir: Path | None = None
     run_onnx: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
-    """ONNX teachers only: runs a batch through onnxruntime."""
+    """Black-box teachers only: runs a batch through onnxruntime, or through the sandboxed child."""
     num_parameters: int = 0
     size_bytes: int = 0
 

@@ -10,27 +10,38 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedFormatError
 from .spec import DataSpec
 
-MODEL_FORMATS = ("auto", "zoo_zip", "hf_zip", "onnx")
+if TYPE_CHECKING:
+    from .sandbox import SandboxLimits
+
+MODEL_FORMATS = ("auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program")
+_KIND_OF_FORMAT = {"zoo_zip": "zoo", "hf_zip": "hf", "torchscript": "torchscript",
+                   "exported_program": "exported_program"}
 
 
-def validate_model(path: Path, format: str = "auto") -> dict[str, Any]:
-    """Load the uploaded teacher exactly as a job would and summarise it."""
+def validate_model(path: Path, format: str = "auto", *, allow_code: bool = False,
+                   sandbox: SandboxLimits | None = None) -> dict[str, Any]:
+    """Load the uploaded teacher exactly as a job would and summarise it (a code-bearing one
+    in its sandbox, when ``allow_code``; the sandbox ends with the teacher)."""
     from .teachers import load_teacher
 
     if format not in MODEL_FORMATS:
         raise UnsupportedFormatError(f"unknown model format {format!r}; use one of {', '.join(MODEL_FORMATS)}")
+    from .sandbox import close_teacher
+
     with _named_copy(path, ".onnx" if format == "onnx" else ".zip" if format.endswith("_zip") else "") as p:
-        teacher = load_teacher(p)
-    if format == "zoo_zip" and teacher.kind != "zoo":
-        raise UnsupportedFormatError(f"declared format zoo_zip but the archive holds a {teacher.kind} model")
-    if format == "hf_zip" and teacher.kind != "hf":
-        raise UnsupportedFormatError(f"declared format hf_zip but the archive holds a {teacher.kind} model")
-    return teacher.summary()
+        teacher = load_teacher(p, allow_code=allow_code, sandbox=sandbox)
+    try:
+        want = _KIND_OF_FORMAT.get(format)
+        if want is not None and teacher.kind != want:
+            raise UnsupportedFormatError(f"declared format {format} but the upload holds a {teacher.kind} model")
+        return teacher.summary()
+    finally:
+        close_teacher(teacher)
 
 
 def validate_dataset(path: Path, spec: DataSpec | None = None) -> dict[str, Any]:
@@ -46,6 +57,7 @@ def validate_dataset(path: Path, spec: DataSpec | None = None) -> dict[str, Any]
 
 _SUFFIXES = {"npz": ".npz", "safetensors": ".safetensors", "csv": ".csv", "parquet": ".parquet",
              "jsonl": ".jsonl", "text_csv": ".csv", "image_zip": ".zip"}
+"""An ``image_zip`` may hold a tar(.gz) too: archives are told apart by their bytes."""
 
 
 def _suffix_for(fmt: str) -> str:

@@ -1,0 +1,123 @@
+"""Per-team quotas, checked where a job or an upload is written.
+
+* running jobs: a team's QUEUED + RUNNING + CANCELLING jobs, at most ``max_running_jobs``;
+* stored bytes: a team's models + datasets + artifacts (``size_bytes`` as listed, so one
+  file uploaded twice counts twice), at most ``max_stored_bytes``;
+* submissions: jobs a team created in the last 60 seconds, at most
+  ``max_submissions_per_minute`` (counted in the jobs table, so every API replica agrees).
+
+The limits come from the team row when it sets them, else from the settings. Each check
+runs in the write transaction that adds the row, after `lock_team` (``SELECT … FOR NO KEY
+UPDATE`` on Postgres; SQLite's ``BEGIN IMMEDIATE`` already serialises writers): two concurrent
+requests of one team cannot both pass on the last free slot.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from .models import Artifact, DatasetUpload, Job, ModelUpload, Team, utcnow
+from .problems import ProblemError
+from .settings import Settings
+from .states import JobState
+
+ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.CANCELLING.value)
+RATE_WINDOW_S = 60
+RUNNING_RETRY_AFTER_S = 30
+"""A hint only: when one of the team's jobs will finish is not known."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_running_jobs: int
+    max_stored_bytes: int
+    max_submissions_per_minute: int
+
+
+def limits_for(session: Session, settings: Settings, team_id: str) -> Limits:
+    team = session.get(Team, team_id)
+
+    def pick(override: int | None, default: int) -> int:
+        return default if override is None else override
+
+    return Limits(
+        pick(team.max_running_jobs if team else None, settings.max_running_jobs_per_team),
+        pick(team.max_stored_bytes if team else None, settings.max_stored_bytes_per_team),
+        pick(team.max_submissions_per_minute if team else None, settings.max_submissions_per_minute),
+    )
+
+
+def lock_team(session: Session, team_id: str) -> None:
+    """Serialise the quota checks of one team until the transaction ends. (``NO KEY UPDATE``:
+    rows that merely refer to the team, such as a worker's artifacts, are not held up.)"""
+    session.execute(select(Team.id).where(Team.id == team_id).with_for_update(key_share=True))
+
+
+def stored_bytes(session: Session, team_id: str) -> int:
+    parts = [
+        select(func.coalesce(func.sum(t.size_bytes), 0)).where(t.team_id == team_id).scalar_subquery()
+        for t in (ModelUpload, DatasetUpload, Artifact)
+    ]
+    return int(session.scalar(select(parts[0] + parts[1] + parts[2])) or 0)
+
+
+def _exceeded(detail: str, *, code: str = "quota_exceeded", retry_after: int | None = None) -> ProblemError:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return ProblemError(429, detail, code=code, headers=headers)
+
+
+def check_storage(session: Session, settings: Settings, team_id: str, adding: int) -> None:
+    """429 when ``adding`` more bytes would take the team over its storage quota."""
+    limit = limits_for(session, settings, team_id).max_stored_bytes
+    used = stored_bytes(session, team_id)
+    if used + adding > limit:
+        raise _exceeded(
+            f"team {team_id!r} stores {used} bytes; {adding} more would exceed its quota of {limit} bytes. "
+            "Delete models, datasets or jobs' artifacts you no longer need; nothing was stored"
+        )
+
+
+def check_submission(session: Session, settings: Settings, team_id: str) -> None:
+    """429 when the team submits too fast, has too many unfinished jobs, or is over its storage
+    quota (a job's artifacts would add to it). Call after `lock_team`."""
+    limits = limits_for(session, settings, team_id)
+    now = utcnow()
+    window = now - timedelta(seconds=RATE_WINDOW_S)
+    recent = list(
+        session.scalars(
+            select(Job.created_at)
+            .where(Job.team_id == team_id, Job.created_at > window)
+            .order_by(Job.created_at.desc())
+            .limit(limits.max_submissions_per_minute)
+        )
+    )
+    if len(recent) >= limits.max_submissions_per_minute:
+        # the oldest of the newest `limit` submissions leaving the window frees one slot
+        wait = recent[-1] + timedelta(seconds=RATE_WINDOW_S) - now
+        raise _exceeded(
+            f"team {team_id!r} may submit {limits.max_submissions_per_minute} jobs per minute; "
+            f"try again in {max(1, math.ceil(wait.total_seconds()))} s",
+            code="rate_limited",
+            retry_after=max(1, math.ceil(wait.total_seconds())),
+        )
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.team_id == team_id, Job.state.in_(ACTIVE))
+    )
+    if (active or 0) >= limits.max_running_jobs:
+        raise _exceeded(
+            f"team {team_id!r} has {active} unfinished jobs (queued, running or cancelling); "
+            f"its quota is {limits.max_running_jobs}. Wait for one to finish or cancel one",
+            retry_after=RUNNING_RETRY_AFTER_S,
+        )
+    limit = limits.max_stored_bytes
+    used = stored_bytes(session, team_id)
+    if used >= limit:
+        raise _exceeded(
+            f"team {team_id!r} stores {used} bytes, its whole quota of {limit} bytes, and a job adds "
+            "artifacts. Delete models, datasets or jobs' artifacts you no longer need"
+        )
