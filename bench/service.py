@@ -1,7 +1,7 @@
 """Service benchmarks. Prints the numbers and writes bench/out/service.json.
 
 Cases (each measured in one run beside its baseline)
-  upload  a 1 GiB upload through ``POST /v1/models`` (curl as the client) against ``cp`` of the
+  upload  a 1 GiB safetensors dataset through ``POST /v1/datasets`` (curl as the client) against ``cp`` of the
           same file (and ``cp`` + fsync, since the store fsyncs; and a bare endpoint under the
           same uvicorn that only counts the bytes); the API process's peak RSS growth while it
           streams (target: ratio ≥ 0.5, growth ≤ 64 MiB).
@@ -104,6 +104,7 @@ class Service:
         self.database: str | None = None
         kdq = [sys.executable, "-m", "service.cli"]
         if stack == "embedded":
+            self.key = self._make_key(kdq)
             self._spawn([*kdq, "serve", "--port", str(self.port)])
         else:
             import psycopg
@@ -120,11 +121,24 @@ class Service:
                 KDQ_BROKER_KEY_PREFIX=f"{self.database}:",
             )
             subprocess.run([*kdq, "migrate"], cwd=REPO, env=self.env, check=True, capture_output=True)
+            self.key = self._make_key(kdq)
             self._spawn([*kdq, "api", "--host", "127.0.0.1", "--port", str(self.port)])
             self._spawn([*kdq, "worker", "--queues", "validate", "--name", "validate"])
             self._spawn([*kdq, "worker", "--queues", "cpu,gpu", "--name", "jobs"])
         self.api_pid = self.procs[0].pid
         wait_ready(self.url, self.procs)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Every request carries a team's API key: key checking is part of what is measured."""
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def _make_key(self, kdq: list[str]) -> str:
+        out = subprocess.run(
+            [*kdq, "keys", "create", "--team", "bench"], cwd=REPO, env=self.env, check=True, capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip()
 
     def _spawn(self, argv: list[str]) -> None:
         with open(self.root / "service.log", "ab") as log:
@@ -157,9 +171,12 @@ class Service:
 
 
 def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
-    src = svc.root / "big.bin"
-    with open(src, "wb") as f:  # a zip signature, then noise: validation rejects it at once
-        f.write(b"PK\x03\x04")
+    src = svc.root / "big.safetensors"
+    rows = mib * 1024  # float32 rows of 256 values: 1 KiB each
+    header = json.dumps({"x": {"dtype": "F32", "shape": [rows, 256], "data_offsets": [0, rows * 1024]}}).encode()
+    header += b" " * (-len(header) % 8)
+    with open(src, "wb") as f:  # a well-formed safetensors dataset: the upload's own checks pass it
+        f.write(len(header).to_bytes(8, "little") + header)
         f.writelines(os.urandom(1 << 20) for _ in range(mib))
     size = src.stat().st_size
 
@@ -210,8 +227,10 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
             "-F",
             f"file=@{src};type=application/octet-stream",
             "-F",
-            "format=zoo_zip",
-            f"{svc.url}/v1/models",
+            "format=safetensors",
+            "-H",
+            f"Authorization: Bearer {svc.key}",
+            f"{svc.url}/v1/datasets",
         ],
         capture_output=True,
         text=True,
@@ -223,8 +242,8 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
     assert out.stdout == "201", out
     body = json.loads((svc.root / "upload.json").read_text())
     assert body["size_bytes"] == size
-    time.sleep(2)  # let validation finish before deleting
-    httpx.delete(f"{svc.url}/v1/models/{body['id']}")
+    time.sleep(5)  # let validation finish before deleting
+    httpx.delete(f"{svc.url}/v1/datasets/{body['id']}", headers=svc.headers)
     src.unlink()
     return {
         "bytes": size,
@@ -244,9 +263,9 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
 # --- GET at 50 concurrent clients ------------------------------------------------------------
 
 
-async def _hammer(port: int, path: str, concurrency: int, seconds: float) -> dict[str, float]:
+async def _hammer(port: int, path: str, concurrency: int, seconds: float, key: str) -> dict[str, float]:
     """A minimal HTTP/1.1 keep-alive load generator (cheap enough to leave the server the CPU)."""
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
     latencies: list[float] = []
     errors = 0
     stop_at = time.monotonic() + seconds
@@ -330,16 +349,16 @@ class BareServer:
 
 def bench_get(svc: Service, job_id: str, concurrency: int = 50, seconds: float = 8.0) -> dict[str, Any]:
     payload = svc.root / "job.json"
-    payload.write_text(httpx.get(f"{svc.url}/v1/jobs/{job_id}").text)
+    payload.write_text(httpx.get(f"{svc.url}/v1/jobs/{job_id}", headers=svc.headers).text)
     with BareServer(payload) as bare:
         port = bare.port
         path = f"/v1/jobs/{job_id}"
         rounds: dict[str, list[dict[str, float]]] = {"service": [], "bare": []}
         for _ in range(2):  # alternate, so drifting machine load hits both alike
-            asyncio.run(_hammer(svc.port, path, concurrency, 1.0))  # warm-up
-            rounds["service"].append(asyncio.run(_hammer(svc.port, path, concurrency, seconds)))
-            asyncio.run(_hammer(port, path, concurrency, 1.0))
-            rounds["bare"].append(asyncio.run(_hammer(port, path, concurrency, seconds)))
+            asyncio.run(_hammer(svc.port, path, concurrency, 1.0, svc.key))  # warm-up
+            rounds["service"].append(asyncio.run(_hammer(svc.port, path, concurrency, seconds, svc.key)))
+            asyncio.run(_hammer(port, path, concurrency, 1.0, svc.key))
+            rounds["bare"].append(asyncio.run(_hammer(port, path, concurrency, seconds, svc.key)))
     best = {k: max(v, key=lambda r: r["rps"]) for k, v in rounds.items()}
     return {
         "concurrency": concurrency,
@@ -419,7 +438,7 @@ def bench_job(svc: Service, repeats: int = 5) -> tuple[dict[str, Any], str]:
         shutil.rmtree(out)
         return wall
 
-    with httpx.Client(base_url=svc.url, timeout=60) as client:
+    with httpx.Client(base_url=svc.url, timeout=60, headers=svc.headers) as client:
         ids = {
             "teacher_model_id": upload_ready(client, "models", teacher),
             "dataset_id": upload_ready(client, "datasets", data),
