@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from worker.compression.spec import CompressSpec
+from worker.compression.spec import LOWER_IS_BETTER, CompressSpec
 
 from .problems import FieldError
 
+BLACK_BOX_KINDS = ("onnx", "torchscript", "exported_program")
+"""Teachers that give outputs only: ONNX graphs, and code checkpoints run in the sandbox."""
 METRIC_TASKS = {
     "accuracy": {"classification"},
     "macro_f1": {"classification"},
@@ -55,7 +57,7 @@ def check_job(
             f"the dataset has {len(classes)} classes but the teacher predicts {teacher['output_dim']}",
         )
 
-    black_box = teacher.get("kind") == "onnx"
+    black_box = teacher.get("kind") in BLACK_BOX_KINDS
     student = spec.student
     if student is not None and student.kind == "derived" and black_box:
         bad(
@@ -80,6 +82,8 @@ def check_job(
     if distil.target is not None and task and task not in METRIC_TASKS[distil.target.metric]:
         bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
 
+    errors += _search_errors(spec, task)
+
     if student is None and spec.quantization.method == "none":
         bad("#/quantization/method", "with no student and no quantization there is nothing to do")
     if student is None and black_box and spec.quantization.method == "qat":
@@ -88,3 +92,31 @@ def check_job(
             "quantization-aware training needs a torch model; an ONNX teacher has no weights to train",
         )
     return errors
+
+
+PRIMARY_METRIC = {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}
+
+
+def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
+    """A search's targets against the teacher's task (the spec checked the rest on its own).
+
+    A latency cap at a batch size outside ``evaluation.latency_batch_sizes`` is fine: the search
+    measures that batch size too.
+    """
+    targets = spec.targets
+    if targets is None or not task:
+        return []
+    metric = targets.metric or PRIMARY_METRIC.get(task)
+    if metric is None:
+        return []
+    if task not in METRIC_TASKS[metric]:
+        return [FieldError(pointer="#/targets/metric", detail=f"{metric} does not measure a {task} model; "
+                           f"use one of {', '.join(m for m, tasks in METRIC_TASKS.items() if task in tasks)}")]
+    lower = metric in LOWER_IS_BETTER
+    if lower and targets.min is not None:
+        return [FieldError(pointer="#/targets/min",
+                           detail=f"the target metric {metric} is lower-is-better: give 'max' (a ceiling)")]
+    if not lower and targets.max is not None:
+        return [FieldError(pointer="#/targets/max",
+                           detail=f"the target metric {metric} is higher-is-better: give 'min' (a floor)")]
+    return []

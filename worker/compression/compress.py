@@ -26,6 +26,7 @@ from .quantize import calibration_sample, quantize, resolve_method
 from .report import write_manifest, write_report
 from .spec import CompressSpec
 from .students import Student, make_student, save_student
+from .sandbox import SandboxLimits, close_teacher
 from .teachers import load_teacher
 from .types import (
     Artifact,
@@ -53,16 +54,27 @@ def compress(
     progress: ProgressFn = no_progress,
     cancel: CancelFn = never_cancel,
     checkpoint_dir: Path | None = None,
+    allow_code: bool = False,
+    sandbox: SandboxLimits | None = None,
 ) -> CompressResult:
+    """``allow_code`` / ``sandbox``: TorchScript and ExportedProgram teachers (the operator's choice;
+    they run in a sandboxed child, see `sandbox`)."""
     run = _Run(spec, Path(output_dir), progress, cancel, checkpoint_dir)
+    run.allow_code, run.sandbox = allow_code, sandbox
     try:
         return run.execute(Path(teacher_path), Path(dataset_path), eval_dataset_path and Path(eval_dataset_path))
     finally:
+        if run.teacher is not None:
+            close_teacher(run.teacher)  # a sandboxed teacher's child ends with the run
         if checkpoint_dir is None:
             shutil.rmtree(run.work, ignore_errors=True)
 
 
 class _Run:
+    allow_code: bool = False
+    sandbox: SandboxLimits | None = None
+    teacher: Teacher | None = None
+
     def __init__(self, spec: CompressSpec, out: Path, progress: ProgressFn, cancel: CancelFn,
                  checkpoint_dir: Path | None) -> None:
         self.spec, self.out, self.progress, self.cancel = spec, out, progress, cancel
@@ -94,11 +106,14 @@ class _Run:
     def execute(self, teacher_path: Path, dataset_path: Path, eval_path: Path | None) -> CompressResult:
         spec = self.spec
         self._stage("load", 0, 2, "loading the teacher")
-        teacher = self._timed("load_teacher", lambda: load_teacher(teacher_path, task=spec.task))
+        teacher = self.teacher = self._timed("load_teacher", lambda: load_teacher(
+            teacher_path, task=spec.task, allow_code=self.allow_code, sandbox=self.sandbox))
         task = spec.task or teacher.task
         self._stage("load", 1, 2, "reading the data")
         train, evald = self._timed("load_data", lambda: self._load_data(teacher, task, dataset_path, eval_path))
         self._stage("load", 2, 2)
+        if spec.student is not None and spec.student.kind == "search":
+            return self._execute_search(teacher, teacher_path, dataset_path, eval_path, train, evald, task)
 
         distilled = None
         deploy: torch.nn.Module | None = teacher.module
@@ -148,6 +163,99 @@ class _Run:
         self._stage("report", 1, 1)
         return CompressResult(artifacts=self.artifacts, metrics=report)
 
+    def _execute_search(self, teacher: Teacher, teacher_path: Path, dataset_path: Path, eval_path: Path | None,
+                        train: TensorData, evald: TensorData, task: str) -> CompressResult:
+        """A search job: the chosen model is the primary artifact, every Pareto-front model is downloadable."""
+        from .search import search
+
+        sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
+        self._stage("export", 0, 1, "exporting the teacher")
+        teacher_onnx = self._teacher_onnx(teacher, teacher_path, sample)
+        self._stage("export", 1, 1)
+        result = self._timed("search", lambda: search(
+            teacher, train, evald, self.spec, teacher_onnx=teacher_onnx, workdir=self.work / "search", task=task,
+            progress=self.progress, cancel=self.cancel))
+        chosen, choice = result.chosen, result.choice
+        suffix = {"onnx_fp32": "fp32", "onnx_int4": "int4"}.get(chosen.artifact_kind, "int8")
+        primary = self.out / f"model_{suffix}.onnx"
+        shutil.copyfile(chosen.path, primary)
+        verdict = "meets every target" if choice.met_all else f"misses {', '.join(choice.unmet)}"
+        self._add(primary.name, chosen.artifact_kind, primary,
+                  f"the chosen model: {chosen.candidate} as {chosen.recipe} ({chosen.format}); {verdict}; "
+                  f"chosen because it {choice.why}")
+        if result.chosen_student is not None:
+            self._save_student(result.chosen_student, result.chosen_student.module, teacher)
+            self.artifacts[-1].description = (f"the chosen candidate's float student ({chosen.candidate}): "
+                                              "config.json + model.safetensors; loadable as a teacher")
+        files: dict[str, str] = {chosen.name: primary.name}
+        for i, name in enumerate(result.front, 1):
+            m = result.by_name(name)
+            path = self.out / f"front-{i:02d}-{name}.onnx"
+            shutil.copyfile(m.path, path)
+            files.setdefault(name, path.name)
+            latency = "–" if m.latency_ms is None else f"{m.latency_ms:.4g} ms"
+            same = " (the chosen model)" if name == chosen.name else ""
+            self._add(path.name, m.artifact_kind, path,
+                      f"Pareto-front model {name}{same}: {result.goal.metric} {m.value}, "
+                      f"{result.goal.latency_stat} {latency} at batch {result.goal.latency_batch}, {m.size_bytes:,} B")
+
+        self._stage("evaluate", 0, 1, "comparing the chosen model with the teacher")
+        evaluator = _Evaluator(task, evald, self.spec.evaluation.threads)
+        teacher_out = evaluator.outputs(teacher_onnx)
+        rows = [ModelRow("teacher", result.teacher.metrics, result.teacher.size_bytes, result.teacher.parameters,
+                         result.teacher.latency, None, "onnx fp32")]
+        outputs = {"teacher": teacher_out}
+        twin = None if chosen.twin is None or chosen.candidate == "teacher" else result.by_name(chosen.twin)
+        if twin is not None:
+            rows.append(ModelRow("student", twin.metrics, twin.size_bytes, twin.parameters, twin.latency, "teacher",
+                                 twin.format))
+        if chosen is not result.teacher:
+            outputs["chosen"] = evaluator.outputs(chosen.path)
+            rows.append(ModelRow("chosen", chosen.metrics, chosen.size_bytes, chosen.parameters, chosen.latency,
+                                 rows[-1].name, chosen.format))
+        table = compare_models(rows)
+        self._stage("evaluate", 1, 1)
+        section = result.to_dict()
+        section["files"] = files
+        report: dict[str, Any] = {
+            "title": f"Compression report: {task}, searched for targets",
+            "task": task,
+            "method": "search: distillation over a ladder of students × quantization recipes, chosen against targets",
+            "primary_metric": result.goal.metric,
+            "teacher": teacher.summary(),
+            "student": None if result.chosen_student is None else {
+                "description": result.chosen_student.description, "how": "search",
+                "kind": result.chosen_student.kind, "num_parameters": chosen.parameters,
+                "config": result.chosen_student.config},
+            "spec": self.spec.model_dump(mode="json"),
+            "data": {"train": train.summary(), "eval": evald.summary()},
+            "models": table,
+            "search": section,
+        }
+        final_out = outputs.get("chosen")
+        if final_out is not None:
+            report["disagreements"] = disagreements(task, final_out, teacher_out, self.spec.evaluation.disagreements,
+                                                    evald.texts, y=evald.y, classes=evald.classes)
+        if task == "classification" and evald.y is not None and evald.classes:
+            report["per_class"] = per_class_table(evald.y, {k: v.argmax(-1) for k, v in outputs.items()},
+                                                  evald.classes)
+        if result.chosen_history:
+            report["curves"] = {chosen.candidate: result.chosen_history}
+        if not choice.met_all:
+            self.warnings.append(f"no model met every target: the chosen {chosen.name} misses "
+                                 f"{', '.join(choice.unmet)} ({'; '.join(section['chosen_checks'])})")
+        self.warnings.extend(result.notes)
+        summary = _summary(table, result.goal.metric)
+        summary["search"] = {"chosen": chosen.name, "candidate": chosen.candidate, "recipe": chosen.recipe,
+                             "met_all": choice.met_all, "met": choice.met, "unmet": choice.unmet,
+                             "targets": result.goal.describe(), "front": result.front,
+                             "stopped_by_budget": result.budget["stopped_by_budget"]}
+        report["summary"] = summary
+        self._stage("report", 0, 1)
+        self._write_report(report, teacher_path, dataset_path, eval_path, None)
+        self._stage("report", 1, 1)
+        return CompressResult(artifacts=self.artifacts, metrics=report)
+
     def _load_data(self, teacher: Teacher, task: str, path: Path, eval_path: Path | None
                    ) -> tuple[TensorData, TensorData]:
         kw = dict(tokenizer=teacher.tokenizer, input_shape=teacher.input_shape, input_kind=teacher.input_kind,
@@ -182,6 +290,13 @@ class _Run:
     def _teacher_onnx(self, teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor]) -> Path:
         if teacher.kind == "onnx":
             return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
+        if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
+            from .onnx_teacher import load_onnx_teacher
+
+            # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
+            path = teacher.run_onnx.export_onnx(self.work / "teacher_onnx" / "teacher_fp32.onnx", sample)
+            load_onnx_teacher(path, task=teacher.task)
+            return path
         assert teacher.module is not None
         return export_onnx(teacher.module, sample, self.work / "teacher_fp32.onnx", task=teacher.task)
 

@@ -373,6 +373,9 @@ def distill(
     cancel: CancelFn = never_cancel,
     make_baseline: Callable[[], nn.Module] | None = None,
     task: Task | None = None,
+    teacher_cache: TeacherCache | None = None,
+    teacher_eval: torch.Tensor | None = None,
+    checkpoints: bool = True,
 ) -> DistillResult:
     """Distil ``student`` (trained in place) from ``teacher``; evaluate teacher, student, baseline.
 
@@ -380,6 +383,10 @@ def distill(
     resumes where a killed run stopped. ``make_baseline`` builds a fresh student for the
     labels-only baseline (trained when ``spec.baseline`` and the data has labels) with the
     same epochs, seed, schedule, target and time budget (the budget holds for each stage).
+
+    A caller distilling many students from one teacher (the search) computes the teacher's
+    outputs once: ``teacher_cache`` (its training-set outputs, used when the spec allows a
+    cache) and ``teacher_eval`` (its eval-set outputs). ``checkpoints=False`` writes none.
     """
     started = time.perf_counter()
     task = task or teacher.task
@@ -410,7 +417,10 @@ def distill(
         total = steps_per_epoch(len(train), min(spec.batch_size, len(train))) * spec.epochs
         cache: TeacherCache | None = None
         use_cache, reason = _cache_plan(spec, need_internals)
-        if use_cache:
+        if use_cache and teacher_cache is not None:
+            cache = teacher_cache.to(device)
+            reason += " (shared: computed once for every student of this run)"
+        elif use_cache:
             progress(Progress("distill", 0, total, message="caching teacher outputs"))
             t0 = time.perf_counter()
             cache = TeacherCache.build(
@@ -425,7 +435,7 @@ def distill(
         tokens = train.input_kind == "tokens"
         t0 = time.perf_counter()
         eval_inputs = {k: v.to(device) for k, v in eval_data.inputs.items()}
-        teacher_eval = runner.all_outputs(eval_data)
+        teacher_eval = runner.all_outputs(eval_data) if teacher_eval is None else teacher_eval.float().cpu()
         teacher_metrics = evaluate_outputs(task, teacher_eval, eval_data.y, teacher_eval)
         timings["teacher_eval_s"] = time.perf_counter() - t0
         metric = primary_metric(task)
@@ -470,7 +480,7 @@ def distill(
             student_run = run_training(
                 student, projector, train, kd_loss, spec, stage="distill", evaluate_fn=evaluator(student),
                 metric=metric, progress=progress, cancel=cancel, device=device,
-                checkpoint_dir=workdir / "checkpoints" / "distill",
+                checkpoint_dir=workdir / "checkpoints" / "distill" if checkpoints else None,
             )  # fmt: skip
         timings["distill_s"] = time.perf_counter() - t0
 
@@ -490,7 +500,7 @@ def distill(
                 baseline_run = run_training(
                     model, None, train, _baseline_loss(task, spec, model), spec, stage="baseline",
                     evaluate_fn=evaluator(model), metric=metric, progress=progress, cancel=cancel,
-                    checkpoint_dir=workdir / "checkpoints" / "baseline", device=device,
+                    checkpoint_dir=workdir / "checkpoints" / "baseline" if checkpoints else None, device=device,
                 )  # fmt: skip
             timings["baseline_s"] = time.perf_counter() - t0
             baseline = model

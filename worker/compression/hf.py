@@ -14,6 +14,14 @@ attention probabilities (for attention distillation) and it exports to ONNX.
 
 Our own choices are recorded in config.json as ``kdq_task``, ``kdq_pooling`` and
 ``kdq_normalize`` by `save_hf_model`, so a saved student loads back unchanged.
+
+Shrunk students (``hf_shrink.py``) may carry two extras beside the backbone: a ``token_map``
+(tokenizer id -> row of a trimmed word-embedding table, so the original tokenizer still
+applies) and a ``project`` linear layer (a narrowed embedding model's pooled output back to
+the teacher's width). They are saved in ``kdq_extra.safetensors`` and announced in config.json
+by ``kdq_original_vocab_size`` / ``kdq_output_dim``; transformers alone cannot load such a
+folder (sentence-transformers neither): it is read by `load_hf_teacher`, and its ONNX export
+holds both.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ _FFN_DEFAULT = ("intermediate.dense", "output.dense", "intermediate_size")
 """(FFN input linear, FFN output linear, config key of the FFN width) inside one encoder layer."""
 
 WEIGHTS_FILE = "model.safetensors"
+EXTRA_FILE = "kdq_extra.safetensors"
+"""``token_map`` (int32) and ``project.weight`` / ``project.bias`` of a shrunk student."""
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_SEQ_LEN = 512
@@ -73,10 +83,14 @@ class HFEncoder(nn.Module):
     ``backbone`` is an AutoModel (task ``embedding``) or an AutoModelForSequenceClassification
     (``classification`` / ``regression``). ``pooling`` (``mean`` | ``cls``) and ``normalize``
     apply to embeddings only; sequence-classification heads pool the first token themselves.
+    ``token_map`` (integer buffer, one entry per tokenizer id) turns tokenizer ids into rows
+    of a trimmed embedding table before the backbone sees them; ``project`` maps the pooled
+    embedding to another width (before normalisation). Both are None for ordinary models.
     """
 
     def __init__(self, backbone: nn.Module, task: Task, pooling: str = "mean",
-                 normalize: bool = False) -> None:
+                 normalize: bool = False, *, token_map: torch.Tensor | None = None,
+                 project: nn.Linear | None = None) -> None:
         super().__init__()
         if task not in ("classification", "regression", "embedding"):
             raise SpecError(f"unknown task {task!r}")
@@ -86,10 +100,24 @@ class HFEncoder(nn.Module):
         self.task: Task = task
         self.pooling = pooling
         self.normalize = bool(normalize)
+        self.register_buffer("token_map", token_map)
+        self.project = project
 
     @property
     def config(self) -> Any:
         return self.backbone.config
+
+    @property
+    def output_dim(self) -> int:
+        """Values per sample: the labels, else the (projected) embedding width."""
+        if self.task != "embedding":
+            return int(self.config.num_labels)
+        return int(self.project.out_features if self.project is not None else self.config.hidden_size)
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        """How many token ids the model takes: the tokenizer's, also when its table is trimmed."""
+        return int(self.token_map.numel() if self.token_map is not None else self.config.vocab_size)
 
     @property
     def uses_token_type_ids(self) -> bool:
@@ -107,6 +135,8 @@ class HFEncoder(nn.Module):
              token_type_ids: torch.Tensor | None, features: bool) -> tuple[torch.Tensor, Any]:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.token_map is not None:  # tokenizer ids -> rows of the trimmed table (ONNX: Gather)
+            input_ids = self.token_map[input_ids].to(torch.int64)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None and self.uses_token_type_ids:
             kwargs["token_type_ids"] = token_type_ids
@@ -120,6 +150,8 @@ class HFEncoder(nn.Module):
         else:  # mean over real tokens, as sentence-transformers computes it
             mask = attention_mask.unsqueeze(-1).to(last.dtype)
             pooled = (last * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.project is not None:
+            pooled = self.project(pooled)
         if self.normalize:
             pooled = F.normalize(pooled, p=2.0, dim=1)
         return pooled, out
@@ -321,10 +353,71 @@ def _load_tokenizer(folder: Path, config: Any) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelFileError(f"cannot load the tokenizer: {exc}") from exc
-    if len(tokenizer) > int(config.vocab_size):
-        raise ModelFileError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size}")
+    vocab = int(getattr(config, "kdq_original_vocab_size", None) or config.vocab_size)
+    if len(tokenizer) > vocab:
+        raise ModelFileError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab}")
     return tokenizer
+
+
+def _positive_int(config: Any, key: str) -> int | None:
+    value = getattr(config, key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelFileError(f"config.json: {key} must be a positive integer, not {value!r}")
+    return value
+
+
+def _load_extras(folder: Path, config: Any) -> tuple[torch.Tensor | None, nn.Linear | None]:
+    """The ``token_map`` and ``project`` of a shrunk student, checked against config.json."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    vocab, out_dim = _positive_int(config, "kdq_original_vocab_size"), _positive_int(config, "kdq_output_dim")
+    if vocab is None and out_dim is None:
+        return None, None
+    path = folder / EXTRA_FILE
+    if not path.is_file():
+        raise MissingTensorError(f"config.json announces a trimmed vocabulary or an output projection, "
+                                 f"but the folder has no {EXTRA_FILE}")
+    _check_safetensors(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{EXTRA_FILE} is not a valid safetensors file: {exc}") from exc
+    hidden = int(config.hidden_size)
+    expected: dict[str, tuple[int, ...]] = {}
+    if vocab is not None:
+        expected["token_map"] = (vocab,)
+    if out_dim is not None:
+        expected |= {"project.weight": (out_dim, hidden), "project.bias": (out_dim,)}
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise UnexpectedTensorError(f"{EXTRA_FILE} has tensor(s) config.json does not announce: "
+                                    f"{', '.join(unexpected[:5])}")
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise MissingTensorError(f"{EXTRA_FILE} lacks the tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise ShapeMismatchError(f"tensor {name!r} has shape {list(tensors[name].shape)} in {EXTRA_FILE} "
+                                     f"but config.json needs {list(shape)}")
+    token_map = None
+    if vocab is not None:
+        token_map = tensors["token_map"]
+        if token_map.dtype not in (torch.int32, torch.int64):
+            raise ModelFileError(f"{EXTRA_FILE}: token_map must hold int32 or int64, not {token_map.dtype}")
+        if token_map.numel() and not (0 <= int(token_map.min()) and int(token_map.max()) < int(config.vocab_size)):
+            raise ModelFileError(f"{EXTRA_FILE}: token_map points outside the {config.vocab_size} embedding rows")
+    project = None
+    if out_dim is not None:
+        weight, bias = tensors["project.weight"].float(), tensors["project.bias"].float()
+        if not (torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+            raise NonFiniteWeightsError(f"{EXTRA_FILE}: the output projection holds NaN or infinite values")
+        project = nn.Linear(hidden, out_dim)
+        with torch.no_grad():
+            project.weight.copy_(weight)
+            project.bias.copy_(bias)
+    return token_map, project
 
 
 def _max_seq_len(config: Any, folder: Path) -> int:
@@ -355,20 +448,25 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelFileError(f"config.json is not a valid transformers config: {exc}") from exc
     task_, pooling, normalize = _resolve_head(config, folder, task)
-    module = HFEncoder(_load_backbone(folder, config, task_), task_, pooling, normalize).eval()
+    token_map, project = _load_extras(folder, config)
+    if project is not None and task_ != "embedding":
+        raise ModelFileError(f"config.json: kdq_output_dim is for embedding models, this one is {task_}")
+    module = HFEncoder(_load_backbone(folder, config, task_), task_, pooling, normalize,
+                       token_map=token_map, project=project).eval()
     tokenizer = _load_tokenizer(folder, config)
+    extra_bytes = (folder / EXTRA_FILE).stat().st_size if token_map is not None or project is not None else 0
     return Teacher(
         kind="hf",
         task=task_,
         input_kind="tokens",
         input_shape=(_max_seq_len(config, folder),),
-        output_dim=int(config.num_labels if task_ != "embedding" else config.hidden_size),
+        output_dim=module.output_dim,
         config=module.config.to_dict(),
         module=module,
         tokenizer=tokenizer,
         source_dir=folder,
         num_parameters=sum(p.numel() for p in module.parameters()),
-        size_bytes=weights.stat().st_size,
+        size_bytes=weights.stat().st_size + extra_bytes,
     )
 
 
@@ -398,14 +496,22 @@ def hf_layer_count(teacher: Teacher) -> int:
     return int(_encoder_of(teacher).config.num_hidden_layers)
 
 
-def _build_like(enc: HFEncoder, config: Any) -> HFEncoder:
+def _build_like(enc: HFEncoder, config: Any, *, token_map: torch.Tensor | None = None,
+                project: nn.Linear | None = None) -> HFEncoder:
     """A freshly initialised HFEncoder of the same class, task and pooling for ``config``."""
     config._attn_implementation = "eager"
     try:
         backbone = type(enc.backbone)(config, **_init_kwargs(config.model_type, enc.task))
     except (ValueError, TypeError, KeyError) as exc:
         raise SpecError(f"bad transformers config for the student: {exc}") from exc
-    return HFEncoder(backbone, enc.task, enc.pooling, enc.normalize).eval()
+    return HFEncoder(backbone, enc.task, enc.pooling, enc.normalize, token_map=token_map, project=project).eval()
+
+
+def _same_token_map(enc: HFEncoder, config: Any) -> torch.Tensor | None:
+    """A trimmed teacher's token map, for a student that keeps its (trimmed) vocabulary."""
+    if enc.token_map is None or int(config.vocab_size) != int(enc.config.vocab_size):
+        return None
+    return enc.token_map.clone()
 
 
 def _choose_layers(total: int, layers: list[int] | None, num_layers: int | None) -> list[int]:
@@ -420,7 +526,8 @@ def _choose_layers(total: int, layers: list[int] | None, num_layers: int | None)
 
 
 def derive_hf_student(teacher: Teacher, *, layers: list[int] | None = None, num_layers: int | None = None,
-                      width_ratio: float | None = None) -> tuple[HFEncoder, dict[int, int]]:
+                      width_ratio: float | None = None, hidden_size: int | None = None,
+                      calibration: dict[str, torch.Tensor] | None = None) -> tuple[HFEncoder, dict[int, int]]:
     """A smaller copy of the teacher and its default layer map.
 
     Layers: ``layers`` (distinct teacher layer indices, used in ascending order), else
@@ -432,8 +539,13 @@ def derive_hf_student(teacher: Teacher, *, layers: list[int] | None = None, num_
 
     ``width_ratio`` < 1 narrows the feed-forward block of each kept layer to
     ``round(ffn * ratio)`` units, keeping those with the largest ``|w_in row| * |w_out column|``.
-    Attention heads are not narrowed: transformers ties the head size to
+    ``width_ratio`` leaves attention heads alone: transformers ties the head size to
     ``hidden_size / num_attention_heads``, so fewer heads would change every head's shape.
+
+    ``hidden_size`` below the teacher's narrows the residual stream (and the attention to
+    fewer whole heads): see `hf_shrink.narrow_hidden`; ``calibration`` (token inputs, a few
+    dozen texts) lets it rank dimensions and heads by their activations instead of weights.
+    A trimmed teacher's token map comes along.
 
     The layer map is ``{student hidden index: teacher hidden index}`` in ``forward_features``
     indexing: 0 (embeddings) -> 0, student layer i+1 -> teacher layer ``kept[i] + 1``.
@@ -471,9 +583,16 @@ def derive_hf_student(teacher: Teacher, *, layers: list[int] | None = None, num_
             value = value[:, units[t]]
         state[f"{pre}{kept.index(t)}.{rest}"] = value.clone()
 
-    student = _build_like(enc, config)
+    layer_map = {0: 0, **{i + 1: t + 1 for i, t in enumerate(kept)}}
+    project = copy.deepcopy(enc.project)
+    if hidden_size is not None and int(hidden_size) != int(config.hidden_size):
+        from .hf_shrink import narrow_hidden
+
+        state, config, project = narrow_hidden(enc, state, config, int(hidden_size), layer_map, calibration)
+    token_map = None if enc.token_map is None else enc.token_map.clone()
+    student = _build_like(enc, config, token_map=token_map, project=project)
     student.backbone.load_state_dict(state, strict=True)
-    return student, {0: 0, **{i + 1: t + 1 for i, t in enumerate(kept)}}
+    return student, layer_map
 
 
 def hf_student_from_config(teacher: Teacher, hf_config: dict[str, Any]) -> tuple[HFEncoder, dict[int, int]]:
@@ -501,7 +620,7 @@ def hf_student_from_config(teacher: Teacher, hf_config: dict[str, Any]) -> tuple
         config = type(base).from_dict(merged)
     except (ValueError, TypeError) as exc:
         raise SpecError(f"bad student.hf_config: {exc}") from exc
-    student = _build_like(enc, config)
+    student = _build_like(enc, config, token_map=_same_token_map(enc, config))
 
     src, dst = enc.backbone.state_dict(), student.backbone.state_dict()
     copied = {k: src[k] for k, v in dst.items()
@@ -513,13 +632,29 @@ def hf_student_from_config(teacher: Teacher, hf_config: dict[str, Any]) -> tuple
 
 def save_hf_model(module: HFEncoder, folder: Path, tokenizer: Any) -> Path:
     """Save as a transformers folder (safetensors) that `load_hf_teacher` loads back unchanged."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = module.config
     config.kdq_task, config.kdq_pooling, config.kdq_normalize = module.task, module.pooling, module.normalize
+    extras: dict[str, torch.Tensor] = {}
+    for key in ("kdq_original_vocab_size", "kdq_output_dim"):  # written below only when they apply
+        if hasattr(config, key):
+            delattr(config, key)
+    if module.token_map is not None:
+        config.kdq_original_vocab_size = int(module.token_map.numel())
+        extras["token_map"] = module.token_map.detach().to("cpu", torch.int32).contiguous()
+    if module.project is not None:
+        config.kdq_output_dim = int(module.project.out_features)
+        extras["project.weight"] = module.project.weight.detach().float().cpu().contiguous()
+        extras["project.bias"] = module.project.bias.detach().float().cpu().contiguous()
     module.backbone.save_pretrained(folder)
     if not (folder / WEIGHTS_FILE).is_file():
         raise ModelFileError(f"transformers did not write {WEIGHTS_FILE} into {folder}")
+    (folder / EXTRA_FILE).unlink(missing_ok=True)
+    if extras:
+        save_file(extras, str(folder / EXTRA_FILE), metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder

@@ -18,7 +18,9 @@ The report dict (every key optional, so partial runs such as quantize-only jobs 
       "per_class": [{...}], "sensitivity": [{...}], "disagreements": [{...}],
       "quantization": {...}, "distillation": {...}, "teacher_cache": {...},
       "data": {...}, "export_check": {...},   # shown as key / value tables
-      "warnings": [str], "timings": {stage: seconds}
+      "warnings": [str], "timings": {stage: seconds},
+      "search": {...}                 # a search job: goal, chosen (+ why, checks), front, measured models,
+                                      # candidates (the ladder, with statuses), rungs, budget, files
     }
 
 Other keys (e.g. ``summary``) are kept in report.json only. Flags of ``models`` rows are
@@ -269,6 +271,149 @@ def _scatter_plot(models: Sequence[Mapping[str, Any]], metric: str) -> str | Non
     return _png(fig)
 
 
+# --- search ----------------------------------------------------------------------------
+
+
+def _front_2d(points: Sequence[tuple[float, float]], higher: bool) -> list[tuple[float, float]]:
+    """The (x, metric) points no other point beats on both (lower x, better metric), sorted by x."""
+    from .pareto import pareto_front
+
+    rows = [{"x": x, "y": y} for x, y in points]
+    idx = pareto_front(rows, [("x", False), ("y", higher)])
+    return sorted((points[i] for i in idx), key=lambda p: p[0])
+
+
+def _search_plot(search: Mapping[str, Any]) -> str | None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatter
+
+    goal = search.get("goal") or {}
+    measured = [m for m in search.get("measured") or [] if isinstance(m.get("value"), (int, float))]
+    if not measured:
+        return None
+    higher = bool(goal.get("higher_is_better", True))
+    chosen = (search.get("chosen") or {}).get("name")
+    on_front = set(search.get("front") or [])
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    axes = fig.subplots(1, 2)
+    specs = [("latency_ms", f"{goal.get('latency_stat', 'p50')} latency at batch {goal.get('latency_batch')} "
+                            "(ms, log)", goal.get("max_latency_ms"), 1.0),
+             ("size_bytes", "ONNX size (KiB, log)", goal.get("max_size_bytes"), 1 / 1024)]
+    for ax, (key, label, cap, scale) in zip(axes, specs, strict=True):
+        pts = [(m[key] * scale, m["value"], m) for m in measured if isinstance(m.get(key), (int, float))]
+        if not pts:
+            continue
+        labelled: set[str] = set()
+
+        def legend(text: str) -> str | None:
+            if text in labelled:
+                return None
+            labelled.add(text)
+            return text
+
+        for x, y, m in pts:
+            if not m.get("eligible", True):
+                ax.scatter([x], [y], marker="x", color="#999", s=30, label=legend("slower than its fp32 twin"))
+            else:
+                fp32 = m["recipe"] == "fp32"
+                ax.scatter([x], [y], s=36, color="#1f77b4" if fp32 else "#ff7f0e",
+                           edgecolors="black" if m["name"] in on_front else "none",
+                           label=legend("fp32" if fp32 else "quantized"))
+        line = _front_2d([(x, y) for x, y, m in pts if m.get("eligible", True)], higher)
+        if line:
+            ax.step([p[0] for p in line], [p[1] for p in line], where="post", color="#2ca02c", alpha=0.7,
+                    label="Pareto front (this plot)")
+            for x, y, m in pts:
+                if (x, y) in line:
+                    ax.annotate(m["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for x, y, m in pts:
+            if m["name"] == chosen:
+                ax.scatter([x], [y], marker="*", s=220, color="#d62728", zorder=5, label=f"chosen: {chosen}")
+        if isinstance(goal.get("bound"), (int, float)):
+            ax.axhline(goal["bound"], linestyle="--", color="#d62728", alpha=0.6, label="metric bound")
+        if isinstance(cap, (int, float)):
+            ax.axvline(cap * scale, linestyle=":", color="#9467bd", alpha=0.8, label="cap")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+        ax.set_xlabel(label)
+        ax.set_ylabel(str(goal.get("metric")))
+        ax.set_title(f"{goal.get('metric')} vs {'latency' if key == 'latency_ms' else 'size'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right" if higher else "upper right")
+    return _png(fig)
+
+
+def _search_rows(search: Mapping[str, Any], names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Measured models as table rows (all of them, or ``names`` in that order)."""
+    goal = search.get("goal") or {}
+    batch, stat = goal.get("latency_batch"), goal.get("latency_stat", "p50")
+    by_name = {m["name"]: m for m in search.get("measured") or []}
+    shares = {c["name"]: c.get("embedding_share") for c in search.get("candidates") or []}
+    files = search.get("files") or {}
+    front = set(search.get("front") or [])
+    rows = []
+    for name in names if names is not None else list(by_name):
+        m = by_name.get(name)
+        if m is None:
+            continue
+        checks = m.get("checks") or {}
+        row: dict[str, Any] = {"model": name, "recipe": m.get("recipe"), str(goal.get("metric")): m.get("value"),
+                               f"{stat} ms @{batch}": m.get("latency_ms"), "size": fmt_size(m.get("size_bytes")),
+                               "parameters": m.get("parameters")}
+        if shares.get(m.get("candidate")) is not None:
+            row["embedding share"] = shares[m.get("candidate")]
+        for b in (m.get("latency") or {}).get("batches") or []:
+            if b["batch"] != batch:
+                row[f"p50 ms @{b['batch']}"] = b["p50_ms"]
+        row.update({"train s": m.get("train_s"), "epochs": m.get("epochs"),
+                    "meets": ", ".join(k for k, c in checks.items() if c.get("met")) or "none",
+                    "misses": ", ".join(k for k, c in checks.items() if not c.get("met")) or "–",
+                    "front": name in front, "eligible": m.get("eligible", True),
+                    "file": files.get(name, "–"), "notes": "; ".join(m.get("notes") or [])})
+        rows.append(row)
+    return rows
+
+
+def _search_html(search: Mapping[str, Any]) -> str:
+    chosen = search.get("chosen") or {}
+    parts = ["<h2>Search: the chosen model</h2>"]
+    verdict = "meets every target" if chosen.get("met_all") else f"misses: {', '.join(chosen.get('unmet') or [])}"
+    parts.append(_kv({"chosen": chosen.get("name"), "candidate": chosen.get("candidate"),
+                      "recipe": chosen.get("recipe"), "format": chosen.get("format"),
+                      "file": (search.get("files") or {}).get(chosen.get("name")), "verdict": verdict,
+                      "why": chosen.get("why")}))
+    checks = search.get("chosen_checks") or []
+    if checks:
+        parts.append("<h3>Targets</h3><ul>" + "".join(f"<li>{_e(c)}</li>" for c in checks) + "</ul>")
+    if search.get("budget"):
+        parts.append("<h3>Time budget</h3>" + _kv(search["budget"]))
+    plot = _search_plot(search)
+    front = search.get("front") or []
+    parts.append(f"<h2>Pareto front ({len(front)} models: metric, latency, size)</h2>")
+    if plot:
+        parts.append(_img(plot, "metric vs latency and metric vs size"))
+    if front:
+        parts.append(_table(_search_rows(search, front)))
+    parts.append("<h2>Every measured model</h2>" + _table(_search_rows(search)))
+    candidates = search.get("candidates") or []
+    if candidates:
+        keys = ("name", "description", "num_parameters", "embedding_share", "fp32_size_bytes", "fp32_latency_ms",
+                "status", "rung", "epochs", "train_s", "metric", "predicted", "reason")
+        parts.append("<h2>Candidates (the ladder)</h2>"
+                     + _table([{k: c.get(k) for k in keys if k in c or k == "embedding_share"} for c in candidates]))
+    rungs = search.get("rungs") or []
+    if rungs:
+        parts.append("<h2>Successive halving</h2>" + _table(
+            [{"rung": r.get("rung"), "epochs (cumulative)": r.get("epochs"), "entered": len(r.get("entered") or []),
+              "went on": ", ".join(r.get("kept") or []) or "–", "dropped": ", ".join(r.get("dropped") or []) or "–"}
+             for r in rungs]))
+    notes = search.get("notes") or []
+    if notes:
+        parts.append("<h3>Notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    return "\n".join(parts)
+
+
 # --- HTML ------------------------------------------------------------------------------
 
 _CSS = """
@@ -386,6 +531,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             parts.append(
                 f"<h2>{_e(metric)} vs size and latency</h2>" + _img(scatter, f"{metric} vs size and latency")
             )
+    if report.get("search"):
+        parts.append(_search_html(report["search"]))
     curves = _curves_plot(report["curves"], metric) if report.get("curves") else None
     if curves:
         parts.append("<h2>Training curves</h2>" + _img(curves, "training curves"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Spec(BaseModel):
@@ -21,9 +21,12 @@ class StudentSpec(_Spec):
       (``width_ratio`` < 1); initialised from the teacher where shapes allow.
     * ``zoo``: a zoo architecture given by ``architecture`` (a zoo config dict).
     * ``hf_config``: a transformers config dict given by ``hf_config`` (BERT family).
+    * ``search``: the smallest, fastest student that meets ``CompressSpec.targets``, found by
+      training and measuring a ladder of candidates (``search.py``); ``max_params`` /
+      ``max_params_ratio`` cap the ladder. ``auto`` becomes ``search`` when targets are given.
     """
 
-    kind: Literal["auto", "derived", "zoo", "hf_config"] = "auto"
+    kind: Literal["auto", "derived", "zoo", "hf_config", "search"] = "auto"
     max_params: int | None = Field(default=None, gt=0)
     max_params_ratio: float | None = Field(default=None, gt=0, le=1)
     layers: list[int] | None = None
@@ -42,6 +45,12 @@ class StudentSpec(_Spec):
             raise ValueError("student.layers and student.num_layers disagree")
         if self.max_params is not None and self.max_params_ratio is not None:
             raise ValueError("give student.max_params or student.max_params_ratio, not both")
+        if self.kind == "search":
+            fixed = [k for k in ("layers", "num_layers", "width_ratio", "architecture", "hf_config")
+                     if getattr(self, k) is not None]
+            if fixed:
+                raise ValueError(f"student.kind 'search' picks the architecture itself; drop {', '.join(fixed)} "
+                                 "(max_params / max_params_ratio cap its candidates)")
         return self
 
 
@@ -145,6 +154,51 @@ class EvaluationSpec(_Spec):
     """How many most-disagreeing eval examples (student vs teacher) to list."""
 
 
+LOWER_IS_BETTER = ("mse",)
+
+
+class SearchTargets(_Spec):
+    """What a team needs from the compressed model; a job with targets runs a search.
+
+    The metric target is a floor (``min``; a ceiling ``max`` for ``mse``, lower is better) and/or
+    a largest drop against the teacher's metric on the same eval split (``max_drop``, in the
+    metric's units, or as a fraction of the teacher's value when ``drop_mode`` is ``relative``).
+    Latency is onnxruntime's on the worker's CPU with ``evaluation.threads`` intra-op threads, at
+    ``latency_batch_size`` (measured even when it is not among ``evaluation.latency_batch_sizes``);
+    size is the ONNX file on disk. ``time_budget_s`` bounds the whole search: when it runs out the
+    search returns the best model measured so far and says which targets it meets.
+    """
+
+    metric: Literal["accuracy", "macro_f1", "cosine", "mse"] | None = None
+    """Default: the task's primary metric (accuracy, cosine or mse)."""
+    min: float | None = None
+    """The metric floor (higher-is-better metrics)."""
+    max: float | None = None
+    """The metric ceiling (``mse``)."""
+    max_drop: float | None = Field(default=None, ge=0)
+    drop_mode: Literal["absolute", "relative"] = "absolute"
+    max_latency_ms: float | None = Field(default=None, gt=0)
+    latency_batch_size: int = Field(default=1, ge=1, le=65_536)
+    """The batch size the latency cap is measured at; the search also ranks candidates by latency here."""
+    latency_stat: Literal["p50", "p95"] = "p50"
+    max_size_bytes: int | None = Field(default=None, gt=0)
+    time_budget_s: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchTargets":
+        if self.min is None and self.max is None and self.max_drop is None:
+            raise ValueError("targets need a metric target: 'min' (a floor; 'max' for mse) and/or 'max_drop'")
+        if self.metric is not None and self.metric in LOWER_IS_BETTER and self.min is not None:
+            raise ValueError(f"targets.metric {self.metric} is lower-is-better: give 'max', not 'min'")
+        if self.metric is not None and self.metric not in LOWER_IS_BETTER and self.max is not None:
+            raise ValueError(f"targets.metric {self.metric} is higher-is-better: give 'min', not 'max'")
+        if self.min is not None and self.max is not None:
+            raise ValueError("give targets.min or targets.max, not both")
+        if self.drop_mode == "relative" and self.max_drop is not None and self.max_drop >= 1:
+            raise ValueError("a relative targets.max_drop is a fraction of the teacher's metric: below 1")
+        return self
+
+
 class CompressSpec(_Spec):
     """One whole compression run. Each stage is optional: no ``student`` means no
     distillation (the teacher itself is quantized); ``quantization.method == "none"``
@@ -157,3 +211,28 @@ class CompressSpec(_Spec):
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    targets: SearchTargets | None = Field(default=None, validate_default=True)
+    """What the result must meet; runs a search (student ``auto`` becomes ``search``)."""
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_fit_student(cls, targets: SearchTargets | None, info: ValidationInfo) -> SearchTargets | None:
+        if "student" not in info.data:  # the student itself is invalid: reported there
+            return targets
+        student = info.data["student"]
+        kind = None if student is None else student.kind
+        if targets is not None and kind is None:
+            raise ValueError("targets drive a student search: give student {'kind': 'search'} (or 'auto')")
+        if targets is not None and kind not in ("auto", "search"):
+            raise ValueError(f"targets drive a student search, but a {kind!r} student is fixed: "
+                             "use student kind 'search' (or 'auto'), or drop the targets")
+        if targets is None and kind == "search":
+            raise ValueError("student.kind 'search' needs targets (what the model must meet)")
+        return targets
+
+    @model_validator(mode="after")
+    def _auto_searches(self) -> "CompressSpec":
+        """``auto`` with targets is a search; the stored spec says so."""
+        if self.targets is not None and self.student is not None and self.student.kind == "auto":
+            self.student = self.student.model_copy(update={"kind": "search"})
+        return self

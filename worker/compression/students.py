@@ -94,6 +94,9 @@ class Student:
 
 def make_student(teacher: Teacher, spec: StudentSpec, *, seed: int = 0) -> Student:
     """Build the student ``spec`` asks for; fresh weights are seeded by ``seed`` (global RNG untouched)."""
+    if spec.kind == "search":
+        raise SpecError("student kind 'search' is a search over many students: run it through compress() "
+                        "(worker.compression.search), not make_student")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if spec.kind == "auto":
