@@ -7,8 +7,9 @@ queues work for the Celery workers.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 from fastapi import FastAPI
@@ -32,35 +33,16 @@ API_VERSION = "1.0.0"
 JSON_BODY_LIMIT = 1 << 20
 
 
-async def _reaper_loop(ctx: Context) -> None:
-    interval = ctx.settings.reaper_interval_s
+async def _every(interval_s: float, name: str, task: Callable[[], object]) -> None:
+    """Run ``task`` in a worker thread every ``interval_s`` seconds, forever. A failed pass is
+    logged (quietly while the database is away: /readyz shows that) and tried again next time."""
     while True:
-        await anyio.sleep(interval)
+        await anyio.sleep(interval_s)
         try:
-            await anyio.to_thread.run_sync(reap_stale_jobs, ctx.db, ctx.settings, ctx.queues.send_job)
-        except Exception:  # keep reaping next time; a broken DB shows in /readyz
-            log.exception("reaper pass failed")
-
-
-async def _relay_loop(ctx: Context) -> None:
-    """The job outbox relay (see `service.relay`): re-sends QUEUED jobs whose message is missing."""
-    while True:
-        await anyio.sleep(ctx.settings.relay_interval_s)
-        try:
-            await anyio.to_thread.run_sync(relay_queued_jobs, ctx.db, ctx.settings, ctx.queues)
-        except Exception as exc:  # try again next time
+            await anyio.to_thread.run_sync(task)
+        except Exception as exc:
             if not database_unavailable(exc):
-                log.exception("relay pass failed")
-
-
-async def _retention_loop(ctx: Context) -> None:
-    """Delete expired uploads and artifacts (see `service.retention`)."""
-    while True:
-        await anyio.sleep(ctx.settings.retention_interval_s)
-        try:
-            await anyio.to_thread.run_sync(sweep, ctx.db, ctx.store, ctx.settings)
-        except Exception:  # try again next time
-            log.exception("retention pass failed")
+                log.exception("%s pass failed", name)
 
 
 def build_context(settings: Settings) -> Context:
@@ -83,12 +65,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
-            if settings.reaper_interval_s > 0:
-                tg.start_soon(_reaper_loop, ctx)
-            if settings.relay_interval_s > 0:
-                tg.start_soon(_relay_loop, ctx)
-            if retention_enabled(settings):
-                tg.start_soon(_retention_loop, ctx)
+            if settings.reaper_interval_s > 0:  # stale RUNNING jobs (service.reaper)
+                tg.start_soon(_every, settings.reaper_interval_s, "reaper",
+                              partial(reap_stale_jobs, ctx.db, settings, ctx.queues.send_job))
+            if settings.relay_interval_s > 0:  # the job outbox (service.relay)
+                tg.start_soon(_every, settings.relay_interval_s, "relay",
+                              partial(relay_queued_jobs, ctx.db, settings, ctx.queues))
+            if retention_enabled(settings):  # expired uploads and artifacts (service.retention)
+                tg.start_soon(_every, settings.retention_interval_s, "retention",
+                              partial(sweep, ctx.db, ctx.store, settings))
             yield
             tg.cancel_scope.cancel()
         ctx.db.dispose()
