@@ -17,19 +17,11 @@ from typing import Any
 
 import httpx
 
-from tests.service.assets import FAST_SPEC
+from tests.service.assets import EXPECTED_ARTIFACTS, FAST_SPEC
 from tests.service.flows import TERMINAL, sse_events, submit
 
 from .stack import FaultStack
 
-EXPECTED_ARTIFACTS = {
-    "student.zip",
-    "model_fp32.onnx",
-    "model_int8.onnx",
-    "report.json",
-    "report.html",
-    "manifest.json",
-}
 CHECKPOINT_EVERY = 20
 LONG_SPEC = {
     **FAST_SPEC,

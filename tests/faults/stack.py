@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import psycopg
 
-from tests.service.conftest import REPO, base_env, free_port, kdq
+from tests.service.conftest import REPO, base_env, free_port, kdq, wait_ready
 from tests.service.flows import ready_upload
 
 FAST_INTERVALS = {
@@ -281,18 +281,7 @@ class FaultStack:
         raise TimeoutError(f"{name} not ready after {timeout}s\n{self.log_tail(name)}")
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode}\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.url} not ready after {timeout}s\n{self.log_tail()}")
+        wait_ready(self.url, self.procs, self.log_tail, timeout)
 
     def log_text(self, name: str) -> str:
         path = self.root / "logs" / f"{name}.log"

@@ -38,23 +38,11 @@ from worker.tasks import (
     take_over_work,
 )
 
+from tests.service.rows import add_job
+
 from .stack import FaultStack, PrivateRedis
 
 
-def add_job(db: Database, state: JobState = JobState.QUEUED, **values: Any) -> str:
-    job = Job(
-        id=f"job_{os.urandom(8).hex()}",
-        team_id="default",
-        state=state.value,
-        queue="cpu",
-        spec={},
-        teacher_model_id="m",
-        dataset_id="d",
-        **values,
-    )
-    with db.write() as s:
-        s.add(job)
-    return job.id
 
 
 def runtime_for(db: Database, tmp_path: Path) -> Runtime:

@@ -61,3 +61,13 @@ def write_assets(folder: Path) -> dict[str, Path]:
         "data": write_dataset(folder),
         "bad_labels": write_dataset(folder, "bad_labels.npz", label_offset=CLASSES),
     }
+
+
+EXPECTED_ARTIFACTS = {  # what a FAST_SPEC job stores
+    "student.zip",
+    "model_fp32.onnx",
+    "model_int8.onnx",
+    "report.json",
+    "report.html",
+    "manifest.json",
+}

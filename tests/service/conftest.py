@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,24 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def wait_ready(
+    url: str, procs: dict[str, subprocess.Popen[bytes]], log_tail: Callable[[], str], timeout: float = 60
+) -> None:
+    """Until ``url``/readyz answers 200; fails at once when one of ``procs`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}\n{log_tail()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready after {timeout}s\n{log_tail()}")
+
+
 def kdq(*args: str) -> list[str]:
     return [sys.executable, "-m", "service.cli", *args]
 
@@ -115,18 +133,7 @@ class Stack:
         return "\n".join(out)
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {p.returncode}\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.url} not ready after {timeout}s\n{self.log_tail()}")
+        wait_ready(self.url, self.procs, self.log_tail, timeout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> dict[str, int]:
         for p in self.procs.values():

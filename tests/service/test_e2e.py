@@ -16,18 +16,10 @@ import onnxruntime as ort
 
 from tests.malicious.corpus import torchscript_mlp
 
-from .assets import CLASSES, FAST_SPEC, FEATURES
+from .assets import CLASSES, EXPECTED_ARTIFACTS, FAST_SPEC, FEATURES
 from .conftest import FinishedJob, Stack, base_env, free_port, kdq
 from .flows import TERMINAL, ready_upload, run_job, sha256_of, submit, wait_job
 
-EXPECTED_ARTIFACTS = {
-    "student.zip",
-    "model_fp32.onnx",
-    "model_int8.onnx",
-    "report.json",
-    "report.html",
-    "manifest.json",
-}
 
 
 def check_finished(

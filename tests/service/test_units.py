@@ -32,6 +32,7 @@ from worker.compression.types import Progress
 from worker.tasks import CancelCheck, ProgressRecorder, jsonable
 
 from .conftest import REPO
+from .rows import add_job
 
 TEACHER = {"kind": "zoo", "task": "classification", "input_kind": "vector", "output_dim": 3}
 DATASET = {"samples": 100, "input_kind": "vector", "classes": ["a", "b", "c"]}
@@ -55,20 +56,6 @@ def db(request: pytest.FixtureRequest) -> Database:
     return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
 
 
-def add_job(db: Database, state: JobState = JobState.QUEUED, **values: Any) -> str:
-    job = Job(
-        id=f"job_{os.urandom(8).hex()}",
-        team_id="default",
-        state=state.value,
-        queue="cpu",
-        spec={},
-        teacher_model_id="m",
-        dataset_id="d",
-        **values,
-    )
-    with db.write() as s:
-        s.add(job)
-    return job.id
 
 
 def test_migrations_match_the_models(db: Database) -> None:
