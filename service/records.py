@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import exists, select, text
 from sqlalchemy.orm import Session
 
@@ -24,9 +26,23 @@ def lock_blob(session: Session, sha256: str) -> None:
     """Serialise, until the transaction ends, everything that adds or drops a reference to this
     blob: a Postgres advisory lock on the hash (SQLite's ``BEGIN IMMEDIATE`` already serialises
     every writer). Taken by `release_blob` and by the API before it inserts an upload row."""
-    if session.get_bind().dialect.name == "postgresql":
-        key = int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True)
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+    lock_blobs(session, [sha256])
+
+
+def lock_blobs(session: Session, hashes: Iterable[str]) -> None:
+    """`lock_blob` for several blobs in one round trip, always in the same (sorted) order, so
+    two transactions that lock overlapping sets cannot deadlock."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    keys = sorted({int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True) for sha256 in hashes})
+    if keys:
+        session.execute(
+            text(
+                "SELECT pg_advisory_xact_lock(k)"
+                " FROM unnest(CAST(:keys AS bigint[])) WITH ORDINALITY AS t(k, n) ORDER BY n"
+            ),
+            {"keys": keys},
+        )
 
 
 def release_blob(db: Database, store: BlobStore, sha256: str) -> bool:

@@ -17,7 +17,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from sqlalchemy.orm import Session
 from service.db import Database
 from service.dberrors import database_unavailable
 from service.models import Artifact, DatasetUpload, Job, JobEvent, ModelUpload, utcnow
-from service.records import UPLOAD_TABLES, lock_blob, release_blob
+from service.records import UPLOAD_TABLES, lock_blobs, release_blob
 from service.settings import Settings, get_settings
 from service.states import TERMINAL, JobNotFound, JobState, lock_job, transition
 from service.store import BlobStore, make_store
@@ -245,11 +246,18 @@ def _database_retry(what: str, fn: Callable[[], T], within_s: float) -> T:
 
 
 class ProgressRecorder:
-    """The engine's progress callback: writes progress at most every ``interval`` seconds, but
+    """The engine's progress callback: records progress at most every ``interval`` seconds, but
     always the last report of each stage (and every log message), as job_event rows.
 
+    The engine never waits for the database: reports are handed to a writer thread, which
+    writes at most once every ``interval``, everything handed over since its last write in
+    one transaction (the database's load does not grow with the number of stages or log
+    lines). `flush` writes everything now and returns once it is written; call it before the
+    final transition, so the events keep their order, and `close` at the end. An error the writer meets is raised in the engine's thread at its
+    next report (or at `flush`).
+
     Each write is fenced (`Fence`); a database that is briefly away only delays the rows (they
-    are kept and written with the next flush) instead of stopping the job."""
+    are kept and written with the next write) instead of stopping the job."""
 
     def __init__(self, db: Database, job_id: str, interval: float, fence: Fence | None = None) -> None:
         self.db, self.job_id, self.interval = db, job_id, interval
@@ -257,51 +265,142 @@ class ProgressRecorder:
         self.stage: str | None = None
         self.pending: Any = None
         self.logs: list[dict[str, Any]] = []
-        self.last_write = 0.0
+        self.last_handoff = 0.0
         self.database_away = False
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._batch: list[tuple[Any, list[dict[str, Any]]]] = []
+        """(progress or None, log lines) handed over and not yet written, oldest first."""
+        self._writing = threading.Lock()  # one write at a time, batches in the order handed over
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self._error: BaseException | None = None
 
     def __call__(self, p: Any) -> None:
-        if p.message:
-            self.logs.append({"stage": p.stage, "message": p.message})
-        if p.stage != self.stage:
-            self.flush()  # the last report of the previous stage
-            self.stage = p.stage
+        self._raise_writer_error()
+        with self._lock:
+            if p.message:
+                self.logs.append({"stage": p.stage, "message": p.message})
+            if p.stage != self.stage:
+                self._handoff()  # the last report of the previous stage
+                self.stage = p.stage
+                self.pending = p
+                self._handoff()
+                return
             self.pending = p
-            self.flush()
-            return
-        self.pending = p
-        if time.monotonic() - self.last_write >= self.interval:
-            self.flush()
+            if time.monotonic() - self.last_handoff >= self.interval:
+                self._handoff()
 
     def log(self, message: str, **data: Any) -> None:
-        self.logs.append({"stage": self.stage, "message": message, **data})
-        self.flush()
+        self._raise_writer_error()
+        with self._lock:
+            self.logs.append({"stage": self.stage, "message": message, **data})
+            self._handoff()
 
     def flush(self) -> None:
-        p, logs = self.pending, self.logs
-        if (p is None and not logs) or self.fence.lost.is_set():
-            return
-        self.pending, self.logs = None, []
-        try:
-            self._write(p, logs)
-            if self.database_away:
-                log.info("job %s: the database is back; progress is written again", self.job_id)
-            self.database_away = False
-        except Exception as exc:
-            if not database_unavailable(exc):
-                raise
-            if not self.database_away:
-                log.warning("job %s: progress kept for later, the database is unavailable (%s)",
-                            self.job_id, type(exc).__name__)  # fmt: skip
-            self.database_away = True
-            self.pending, self.logs = self.pending or p, logs + self.logs  # written with the next flush
-        self.last_write = time.monotonic()
+        """Write everything reported so far and return once it is written (or kept for later,
+        when the database is away)."""
+        with self._lock:
+            self._handoff()
+        self._drain()
 
-    def _write(self, p: Any, logs: list[dict[str, Any]]) -> None:
+    def take(self) -> list[tuple[str, dict[str, Any]]]:
+        """Everything reported and not yet written, as (kind, data) rows, for the caller to write
+        itself (with the final transition, `finish`); nothing is written here after that."""
+        with self._writing:
+            with self._lock:
+                self._handoff()
+                batch, self._batch = self._batch, []
+                self._closed = True
+                self._wake.notify()
+            if self.fence.lost.is_set():
+                return []
+            return [(row.kind, row.data) for row in self._rows(batch)[1]]
+
+    def close(self) -> None:
+        """Write what is left, then stop the writer thread."""
+        with self._lock:
+            self._handoff()
+            self._closed = True
+            self._wake.notify()
+        if self._writer is not None:
+            self._writer.join()
+
+    def _handoff(self) -> None:
+        """(lock held) Hand the pending report and log lines to the writer thread."""
+        if (self.pending is None and not self.logs) or self.fence.lost.is_set() or self._closed:
+            return
+        self._batch.append((self.pending, self.logs))
+        self.pending, self.logs = None, []
+        self.last_handoff = time.monotonic()
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._run, daemon=True, name=f"progress-{self.job_id}")
+            self._writer.start()
+        self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._batch:
+                    self._wake.wait()
+                if self._closed and not self._batch:
+                    return
+            try:
+                self._drain()
+            except BaseException as exc:  # raised in the engine's thread at its next report
+                self._error = exc
+                return
+            with self._lock:
+                if self._closed and (self.database_away or not self._batch):
+                    return  # (what the database did not take ends with the attempt)
+                # at most one write per interval: what is handed over meanwhile goes in the next
+                deadline = time.monotonic() + self.interval
+                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._wake.wait(left)
+
+    def _drain(self) -> None:
+        with self._writing:
+            with self._lock:
+                batch, self._batch = self._batch, []
+            if not batch or self.fence.lost.is_set():
+                return
+            try:
+                self._write(batch)
+                if self.database_away:
+                    log.info("job %s: the database is back; progress is written again", self.job_id)
+                self.database_away = False
+            except Exception as exc:
+                if not database_unavailable(exc):
+                    raise
+                if not self.database_away:
+                    log.warning("job %s: progress kept for later, the database is unavailable (%s)",
+                                self.job_id, type(exc).__name__)  # fmt: skip
+                self.database_away = True
+                with self._lock:  # written with the next write, throttled reports folded together
+                    self._batch = _fold(batch + self._batch)
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write(self, batch: list[tuple[Any, list[dict[str, Any]]]]) -> None:
+        values, rows = self._rows(batch)
+        with self.db.write() as s:
+            if s.execute(update(Job).where(*self.fence.where()).values(**values)).rowcount != 1:
+                self.fence.lose(*_owner(s, self.job_id), "progress")
+                return
+            s.add_all(rows)
+
+    def _rows(self, batch: list[tuple[Any, list[dict[str, Any]]]]) -> tuple[dict[str, Any], list[JobEvent]]:
+        """The job's new column values and the event rows for a batch."""
         now = utcnow()
         values: dict[str, Any] = {"heartbeat_at": now, "updated_at": now}
-        data = None
-        if p is not None:
+        rows: list[JobEvent] = []
+        for p, logs in batch:
+            rows += [JobEvent(job_id=self.job_id, kind="log", data=entry, created_at=now) for entry in logs]
+            if p is None:
+                continue
             data = jsonable(
                 {
                     "stage": p.stage,
@@ -319,14 +418,21 @@ class ProgressRecorder:
                 "progress_total": p.total,
                 "eta_s": data["eta_s"],
             }
-        with self.db.write() as s:
-            if s.execute(update(Job).where(*self.fence.where()).values(**values)).rowcount != 1:
-                self.fence.lose(*_owner(s, self.job_id), "progress")
-                return
-            for entry in logs:
-                s.add(JobEvent(job_id=self.job_id, kind="log", data=entry, created_at=now))
-            if data is not None:
-                s.add(JobEvent(job_id=self.job_id, kind="progress", data=data, created_at=now))
+            rows.append(JobEvent(job_id=self.job_id, kind="progress", data=data, created_at=now))
+        return values, rows
+
+
+def _fold(batch: list[tuple[Any, list[dict[str, Any]]]]) -> list[tuple[Any, list[dict[str, Any]]]]:
+    """Reports kept while the database is away, with each run of one stage's reports folded into
+    its last (every log line stays), so the backlog stays small however long the wait."""
+    out: list[tuple[Any, list[dict[str, Any]]]] = []
+    for p, logs in batch:
+        if out and (out[-1][0] is None or (p is not None and out[-1][0].stage == p.stage)):
+            prev, prev_logs = out[-1]
+            out[-1] = (p if p is not None else prev, prev_logs + logs)
+        else:
+            out.append((p, logs))
+    return out
 
 
 class CancelCheck:
@@ -408,11 +514,15 @@ def finish(
     *,
     artifacts: list[Artifact] | None = None,
     files: dict[str, Path] | None = None,
+    events: Sequence[tuple[str, dict[str, Any]]] = (),
     **changes: Any,
 ) -> JobState | None:
     """Make the final transition (or hand the job back: QUEUED) if this attempt still owns the
     job. A cancel request wins over success and over a hand-back; returns the state reached
     (None when the job had moved on). Retried while the database is briefly away.
+
+    ``events`` (kind, data) are recorded just before the state change (the progress recorder's
+    last rows, `ProgressRecorder.take`: one transaction instead of two).
 
     Artifacts are recorded under each blob's lock (`lock_blob`), and a blob that a concurrent
     `release_blob` (of a superseded attempt with identical output) deleted is stored again
@@ -432,11 +542,13 @@ def finish(
                 log.warning("job %s is %s; an unasked-for cancellation is dropped", fence.job_id, state.value)
                 return None
             if reached is JobState.SUCCEEDED:
+                lock_blobs(s, [art.sha256 for art in artifacts or []])
                 for art in artifacts or []:
-                    lock_blob(s, art.sha256)
                     if not rt.store.exists(art.sha256) and files and art.name in files:
                         rt.store.put_file(files[art.name])
                 s.add_all(artifacts or [])
+            s.add_all(JobEvent(job_id=fence.job_id, kind=kind, data=data, created_at=utcnow())
+                      for kind, data in events)  # fmt: skip
             transition(s, fence.job_id, reached, **values)
             return reached
 
@@ -471,10 +583,17 @@ def _inputs(rt: Runtime, job: Job, folder: Path) -> dict[str, Path | None]:
 
 
 def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact]) -> None:
-    """Put each artifact's file in the store; ``stored`` collects the rows as they are made, so
-    whatever was stored before a failure (a full disk) can be released."""
-    for art in result.artifacts:
-        ref = rt.store.put_file(Path(art.path))
+    """Put each artifact's file in the store, all at once (most of the time is fsync, which
+    overlaps); ``stored`` collects the rows of those stored, so whatever was stored before a
+    failure (a full disk) can be released."""
+    with ThreadPoolExecutor(max(1, min(8, len(result.artifacts))), thread_name_prefix="store") as pool:
+        puts = [(art, pool.submit(rt.store.put_file, Path(art.path))) for art in result.artifacts]
+    failure: BaseException | None = None
+    for art, put in puts:
+        if (error := put.exception()) is not None:
+            failure = failure or error
+            continue
+        ref = put.result()
         stored.append(
             Artifact(
                 job_id=job.id,
@@ -486,6 +605,8 @@ def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact])
                 description=art.description or "",
             )
         )
+    if failure is not None:
+        raise failure
 
 
 def take_over_work(folder: Path, attempt: int) -> tuple[Path, Path, int | None]:
@@ -603,6 +724,7 @@ def run_job(job_id: str) -> None:
                 stage="done",
                 artifacts=artifacts,
                 files={a.name: Path(a.path) for a in result.artifacts},
+                events=recorder.take(),  # every event before the final state's
             )
     except Cancelled:
         recorder.flush()
@@ -622,6 +744,7 @@ def run_job(job_id: str) -> None:
             log.exception("job %s failed", job_id)
             outcome = finish(rt, fence, JobState.FAILED, error=internal_problem("the job"))
     finally:
+        recorder.close()
         heartbeat.done.set()
         heartbeat.join()
         if outcome is not JobState.SUCCEEDED and artifacts:  # stored, then cancelled, failed or superseded

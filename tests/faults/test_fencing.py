@@ -91,6 +91,7 @@ def test_a_stale_attempt_writes_nothing(unit_db: Database, tmp_path: Path) -> No
     recorder = ProgressRecorder(unit_db, job_id, 0.0, stale)
     recorder(Progress("distill", 5, 10, loss=0.5))
     recorder.log("a line from the past")
+    recorder.flush()
     assert stale.lost.is_set() and events(unit_db, job_id) == []
 
     stale.lost.clear()
@@ -114,7 +115,9 @@ def test_a_stale_attempt_writes_nothing(unit_db: Database, tmp_path: Path) -> No
         assert job is not None and job.state == "RUNNING" and job.heartbeat_at == beat
         assert s.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)) == 0
 
-    ProgressRecorder(unit_db, job_id, 0.0, current)(Progress("distill", 6, 10))
+    recorder = ProgressRecorder(unit_db, job_id, 0.0, current)
+    recorder(Progress("distill", 6, 10))
+    recorder.close()
     assert finish(rt, current, JobState.SUCCEEDED, stage="done") is JobState.SUCCEEDED
     assert [e.kind for e in events(unit_db, job_id)] == ["progress", "state"]
 

@@ -176,6 +176,54 @@ def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(sqlite_db: Dat
     assert (job.stage, job.progress_step, job.progress_total) == ("export", 1, 2)
 
 
+def test_progress_reports_never_wait_for_the_database(pg_db: Database) -> None:
+    """The engine's thread only hands reports over: with the job's row locked by another
+    transaction, reporting returns at once, and the rows appear once the lock is gone."""
+    job_id = add_job(pg_db, JobState.RUNNING)
+    record = ProgressRecorder(pg_db, job_id, interval=0.0)
+    with pg_db.write() as other:
+        other.execute(select(Job).where(Job.id == job_id).with_for_update())
+        record(Progress("distill", 1, 2))  # would block here, were the write made in this thread
+        record.log("a line")
+        with pg_db.read() as s:
+            assert s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all() == []
+    record.close()
+    with pg_db.read() as s:
+        kinds = [e.kind for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))]
+    assert sorted(kinds) == ["log", "progress"]
+
+
+def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_path: Path) -> None:
+    """`take` hands the unwritten reports to `finish`, which writes them in its own transaction,
+    before the state event (a stream ends at that event: nothing may come after it)."""
+    from worker.tasks import Fence, Runtime, finish
+
+    job_id = add_job(db, JobState.RUNNING, attempts=1)
+    record = ProgressRecorder(db, job_id, interval=60)  # one write, then none for a minute
+    record(Progress("distill", 1, 2))
+    record(Progress("distill", 2, 2))
+    record.log("the engine finished")
+    rows = record.take()
+    assert ("log", {"stage": "distill", "message": "the engine finished"}) in rows
+    record(Progress("export", 0, 1))  # after take: never written
+    rt = Runtime(Settings(database_url="sqlite://"), db, LocalStore(tmp_path / "store"), os.getpid())
+    assert finish(rt, Fence(job_id, 1), JobState.SUCCEEDED, events=rows) is JobState.SUCCEEDED
+    record.close()
+    with db.read() as s:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+    seen = [(e.kind, e.data.get("step", e.data.get("message", e.data.get("state")))) for e in events]
+    assert seen == [("progress", 1), ("log", "the engine finished"), ("progress", 2), ("state", "SUCCEEDED")]
+
+
+def test_reports_kept_while_the_database_is_away_fold_into_each_stages_last() -> None:
+    from worker.tasks import _fold
+
+    a1, a2, b1 = Progress("distill", 1, 9), Progress("distill", 2, 9), Progress("export", 0, 1)
+    line = {"message": "x"}
+    batch = [(a1, []), (None, [line]), (a2, [line]), (b1, []), (None, [line])]
+    assert _fold(batch) == [(a1, []), (a2, [line, line]), (b1, []), (None, [line])]
+
+
 def test_cancel_check_reads_the_row_at_most_every_interval(sqlite_db: Database) -> None:
     job_id = add_job(sqlite_db, JobState.RUNNING)
     check = CancelCheck(sqlite_db, job_id, interval=0.2)
