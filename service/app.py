@@ -20,6 +20,7 @@ from .dberrors import database_unavailable
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
+from .notices import JobNotices
 from .queueing import Queues
 from .reaper import reap_stale_jobs
 from .relay import relay_queued_jobs
@@ -55,6 +56,7 @@ def build_context(settings: Settings) -> Context:
         store=make_store(settings.storage_dir),
         queues=queues,
         metrics=Metrics(db, queues),
+        notices=JobNotices(settings.database_url),
     )
 
 
@@ -64,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.notices.start()  # wakes event streams as soon as a job has news (service.notices)
         async with anyio.create_task_group() as tg:
             if settings.reaper_interval_s > 0:  # stale RUNNING jobs (service.reaper)
                 tg.start_soon(_every, settings.reaper_interval_s, "reaper",
@@ -76,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               partial(sweep, ctx.db, ctx.store, settings))
             yield
             tg.cancel_scope.cancel()
+        ctx.notices.stop()
         ctx.db.dispose()
 
     app = FastAPI(

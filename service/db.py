@@ -56,6 +56,9 @@ class Database:
     """One engine plus two session factories: ``read()`` and ``write()``."""
 
     def __init__(self, url: str) -> None:
+        from .notices import install_hooks
+
+        install_hooks()  # committed job events are announced to the API's event streams
         self.engine = make_engine(url)
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(

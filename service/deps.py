@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .auth import KeyCache, Principal, bearer_token, ensure_team, lookup
 from .db import POOL_SIZE, Database
 from .metrics import Metrics
+from .notices import JobNotices
 from .problems import FieldError, ProblemError, unprocessable
 from .queueing import Queues
 from .settings import Settings
@@ -28,6 +29,7 @@ class Context:
     store: BlobStore
     queues: Queues
     metrics: Metrics
+    notices: JobNotices
     finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     """Serialised finished jobs by id, with their team (see `service.routes.jobs.get_job`)."""
     keys: KeyCache = field(init=False)

@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     broker_visibility_timeout_s: int = Field(default=24 * 3600, gt=0)
     """Redis: an unacknowledged job is redelivered after this long; keep it above the longest job."""
-    sse_poll_s: float = Field(default=0.25, gt=0)
+    sse_poll_s: float = Field(default=1.0, gt=0)
+    """How often an event stream reads its job's events when no notice came (`service.notices`
+    wakes it as soon as a worker commits some; this poll is the safety net)."""
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     job_tmp_keep: bool = False
     """Keep a finished job's scratch folder (debugging)."""

@@ -1,6 +1,7 @@
 """Server-Sent Events for one job, read from the job_event table.
 
-Each event carries its row id as the SSE ``id``, so a client that reconnects with
+A stream reads its job's events when a notice says there are new ones (`service.notices`),
+and every ``sse_poll_s`` in any case. Each event carries its row id as the SSE ``id``, so a client that reconnects with
 ``Last-Event-ID`` resumes exactly where it stopped. The stream ends after the event
 that made the job terminal (state changes are written in the same transaction as the
 new state, so "terminal and nothing newer" means nothing more will ever come).
@@ -61,17 +62,20 @@ async def event_stream(ctx: Context, job_id: str, after: int) -> AsyncIterator[s
     poll, keepalive = ctx.settings.sse_poll_s, ctx.settings.sse_keepalive_s
     yield f"retry: {int(poll * 4000)}\n\n"
     quiet_since = time.monotonic()
-    while True:
-        events, finished = await anyio.to_thread.run_sync(_fetch, ctx, job_id, after)
-        for event in events:
-            yield format_event(event)
-            after = event.id
-        if finished:
-            return
-        if events:
-            quiet_since = time.monotonic()
-            continue
-        if time.monotonic() - quiet_since >= keepalive:
-            yield ": keepalive\n\n"
-            quiet_since = time.monotonic()
-        await anyio.sleep(poll)
+    with ctx.notices.watch(job_id) as changed:  # before the first read: no notice slips between
+        while True:
+            changed.clear()
+            events, finished = await anyio.to_thread.run_sync(_fetch, ctx, job_id, after)
+            for event in events:
+                yield format_event(event)
+                after = event.id
+            if finished:
+                return
+            if events:
+                quiet_since = time.monotonic()
+                continue
+            if time.monotonic() - quiet_since >= keepalive:
+                yield ": keepalive\n\n"
+                quiet_since = time.monotonic()
+            with anyio.move_on_after(min(poll, keepalive)):
+                await changed.wait()

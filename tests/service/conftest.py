@@ -44,7 +44,7 @@ SERVICE_LIMITS = {
     "KDQ_UPLOAD_DRAIN_BYTES": str(64 << 20),
     "KDQ_PROGRESS_INTERVAL_S": "0.2",
     "KDQ_CANCEL_POLL_S": "0.2",
-    "KDQ_SSE_POLL_S": "0.1",
+    "KDQ_SSE_POLL_S": "2",  # the streams wake on job notices; this poll is only the safety net
 }
 TEAM_A = "team-a"
 """The team of the Postgres stack's default key (every fixture's uploads and jobs)."""
