@@ -2,13 +2,15 @@
 
 Cases (each measured in one run beside its baseline)
   upload  a 1 GiB safetensors dataset through ``POST /v1/datasets`` (curl as the client) against ``cp`` of the
-          same file (and ``cp`` + fsync, since the store fsyncs; and a bare endpoint under the
-          same uvicorn that only counts the bytes); the API process's peak RSS growth while it
-          streams (target: ratio ≥ 0.5, growth ≤ 64 MiB).
+          same file (and a copy + fsync, since the store fsyncs; and curl to a bare endpoint under
+          the same uvicorn that only counts the bytes: what HTTP over loopback costs here); the
+          API process's peak RSS growth while it streams (target: ratio ≥ 0.5, growth ≤ 64 MiB).
+          Three rounds, interleaved, each step started after ``sync``; medians.
   get     ``GET /v1/jobs/{id}`` at 50 concurrent keep-alive clients against a bare FastAPI
           endpoint returning the same JSON under the same uvicorn (target: req/s ratio ≥ 0.5).
-  job     a small job through the service (submit → SUCCEEDED, as a polling client sees it)
-          against the same ``compress()`` call made directly, both warm and alternated (target:
+  job     a small job through the service (submit → SUCCEEDED, as a client following the job's
+          event stream sees it) against the same ``compress()`` call made directly, both warm and
+          alternated, nine times each (target:
           ≤ 1.10× the wall time; queued → running median ≤ 1 s). On a shared machine the
           engine's own time swings run to run, so the service's overhead is also measured per
           job (client wall time minus the engine time the worker reports) and added to the
@@ -170,7 +172,16 @@ class Service:
 # --- upload ----------------------------------------------------------------------------------
 
 
-def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
+def _timed(argv: list[str]) -> float:
+    """Seconds ``argv`` takes, started with the page cache's dirty pages already on disk (so
+    one measurement does not pay for the writes of the one before)."""
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def bench_upload(svc: Service, mib: int, repeats: int = 3) -> dict[str, Any]:
     src = svc.root / "big.safetensors"
     rows = mib * 1024  # float32 rows of 256 values: 1 KiB each
     header = json.dumps({"x": {"dtype": "F32", "shape": [rows, 256], "data_offsets": [0, rows * 1024]}}).encode()
@@ -179,32 +190,42 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
         f.write(len(header).to_bytes(8, "little") + header)
         f.writelines(os.urandom(1 << 20) for _ in range(mib))
     size = src.stat().st_size
+    copy = svc.root / "copy.bin"
+    curl = ["curl", "-sSf", "-o", "/dev/null", "-F", f"file=@{src};type=application/octet-stream"]
 
-    t0 = time.perf_counter()
-    subprocess.run(["cp", str(src), str(svc.root / "copy.bin")], check=True)
-    cp_s = time.perf_counter() - t0
-    fd = os.open(svc.root / "copy.bin", os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-    cp_sync_s = time.perf_counter() - t0
-    (svc.root / "copy.bin").unlink()
-
+    cp_s, cp_sync_s, bare_s, upload_s, growth = [], [], [], [], []
     with BareServer() as bare:
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                "curl",
-                "-sSf",
-                "-o",
-                "/dev/null",
-                "-F",
-                f"file=@{src};type=application/octet-stream",
-                f"http://127.0.0.1:{bare.port}/upload",
-            ],
-            check=True,
-        )
-        bare_s = time.perf_counter() - t0
+        for _ in range(repeats):  # interleaved, so a slow spell of the disk hits every kind alike
+            cp_s.append(_timed(["cp", str(src), str(copy)]))
+            copy.unlink()
+            cp_sync_s.append(_timed(["dd", f"if={src}", f"of={copy}", "bs=4M", "conv=fsync", "status=none"]))
+            copy.unlink()
+            bare_s.append(_timed([*curl, f"http://127.0.0.1:{bare.port}/upload"]))
+            seconds, grew = _upload_once(svc, src, size)
+            upload_s.append(seconds)
+            growth.append(grew)
+    src.unlink()
+    cp, cp_sync, bare_med, up = (statistics.median(x) for x in (cp_s, cp_sync_s, bare_s, upload_s))
+    return {
+        "bytes": size,
+        "repeats": repeats,
+        "cp_s": [round(x, 3) for x in cp_s],
+        "cp_fsync_s": [round(x, 3) for x in cp_sync_s],
+        "bare_receive_s": [round(x, 3) for x in bare_s],
+        "upload_s": [round(x, 3) for x in upload_s],
+        "cp_MBps": round(size / cp / 1e6, 1),
+        "upload_MBps": round(size / up / 1e6, 1),
+        "throughput_ratio_vs_cp": round(cp / up, 3),
+        "throughput_ratio_vs_cp_fsync": round(cp_sync / up, 3),
+        "throughput_ratio_vs_bare_receive": round(bare_med / up, 3),
+        "bare_receive_ratio_vs_cp": round(cp / bare_med, 3),
+        "api_rss_growth_MiB": round(max(growth) / 2**20, 1),
+    }
 
+
+def _upload_once(svc: Service, src: Path, size: int) -> tuple[float, int]:
+    """One upload through the service: (seconds, the API's peak RSS growth meanwhile); the
+    upload is deleted again once validated."""
     base = rss_bytes(svc.api_pid)
     peak = [base]
     done = threading.Event()
@@ -215,15 +236,12 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    t0 = time.perf_counter()
-    out = subprocess.run(
+    seconds = _timed(
         [
             "curl",
-            "-sS",
+            "-sSf",
             "-o",
             str(svc.root / "upload.json"),
-            "-w",
-            "%{http_code}",
             "-F",
             f"file=@{src};type=application/octet-stream",
             "-F",
@@ -231,33 +249,17 @@ def bench_upload(svc: Service, mib: int) -> dict[str, Any]:
             "-H",
             f"Authorization: Bearer {svc.key}",
             f"{svc.url}/v1/datasets",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        ]
     )
-    upload_s = time.perf_counter() - t0
     done.set()
     sampler.join()
-    assert out.stdout == "201", out
     body = json.loads((svc.root / "upload.json").read_text())
-    assert body["size_bytes"] == size
-    time.sleep(5)  # let validation finish before deleting
-    httpx.delete(f"{svc.url}/v1/datasets/{body['id']}", headers=svc.headers)
-    src.unlink()
-    return {
-        "bytes": size,
-        "cp_s": round(cp_s, 3),
-        "cp_fsync_s": round(cp_sync_s, 3),
-        "upload_s": round(upload_s, 3),
-        "bare_receive_s": round(bare_s, 3),
-        "cp_MBps": round(size / cp_s / 1e6, 1),
-        "upload_MBps": round(size / upload_s / 1e6, 1),
-        "throughput_ratio_vs_cp": round(cp_s / upload_s, 3),
-        "throughput_ratio_vs_cp_fsync": round(cp_sync_s / upload_s, 3),
-        "throughput_ratio_vs_bare_receive": round(bare_s / upload_s, 3),
-        "api_rss_growth_MiB": round((peak[0] - base) / 2**20, 1),
-    }
+    assert body["size_bytes"] == size, body
+    url = f"{svc.url}/v1/datasets/{body['id']}"
+    while httpx.get(url, headers=svc.headers).json()["state"] == "validating":
+        time.sleep(0.2)
+    httpx.delete(url, headers=svc.headers).raise_for_status()
+    return seconds, peak[0] - base
 
 
 # --- GET at 50 concurrent clients ------------------------------------------------------------
@@ -407,21 +409,28 @@ def upload_ready(client: httpx.Client, kind: str, path: Path) -> str:
 
 
 def run_service_job(client: httpx.Client, ids: dict[str, str]) -> tuple[float, dict[str, Any], float]:
-    """Submit and poll to the end: (client wall time, the job, the engine's own time in the worker)."""
+    """Submit and follow the job's event stream to its end: (client wall time, the job, the
+    engine's own time in the worker)."""
     t0 = time.perf_counter()
     r = client.post("/v1/jobs", json={**JOB_SPEC, **ids})
     r.raise_for_status()
     job_id = r.json()["id"]
-    while (job := client.get(f"/v1/jobs/{job_id}").json())["state"] not in TERMINAL:
-        time.sleep(0.05)
+    engine_s = None
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        for line in stream.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = json.loads(line[6:])
+            engine_s = data.get("engine_s", engine_s)
+            if data.get("state") in TERMINAL:
+                break
     wall = time.perf_counter() - t0
-    assert job["state"] == "SUCCEEDED", job
-    lines = client.get(f"/v1/jobs/{job_id}/events").text.splitlines()
-    events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
-    return wall, job, next(e["engine_s"] for e in events if "engine_s" in e)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["state"] == "SUCCEEDED" and engine_s is not None, job
+    return wall, job, engine_s
 
 
-def bench_job(svc: Service, repeats: int = 5) -> tuple[dict[str, Any], str]:
+def bench_job(svc: Service, repeats: int = 9) -> tuple[dict[str, Any], str]:
     from datetime import datetime
 
     from worker.compression.compress import compress
