@@ -1,7 +1,8 @@
 """The embedded broker: kombu's SQLAlchemy transport on a SQLite file, tuned for several processes.
 
 URL: ``kdqsqlite+sqlite:////abs/path/broker.sqlite``. Compared with ``sqla+sqlite``, the
-file runs in WAL mode with a busy timeout (an API and two workers share it), and a sender
+file runs in WAL mode with a busy timeout (an API and two workers share it), a message's row
+is deleted once it is acknowledged (kombu keeps them all), and a sender
 rings a doorbell (`Doorbell`) that wakes the waiting workers at once: a job starts within
 milliseconds of its submission, while an idle worker polls the file only every half second.
 """
@@ -15,7 +16,7 @@ from time import monotonic
 
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import sqlalchemy as sqla
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import make_url
 
 from .doorbell import Doorbell, of_file
@@ -43,6 +44,26 @@ class Channel(sqla.Channel):
     def _put(self, queue, payload, **kwargs):  # type: ignore[no-untyped-def]
         super()._put(queue, payload, **kwargs)
         self.connection.bell().ring()
+
+    def basic_ack(self, delivery_tag, multiple=False):  # type: ignore[no-untyped-def]
+        super().basic_ack(delivery_tag, multiple)
+        self._drop_delivered(delivery_tag)
+
+    def basic_reject(self, delivery_tag, requeue=False):  # type: ignore[no-untyped-def]
+        super().basic_reject(delivery_tag, requeue)  # (a requeued message is stored again, anew)
+        self._drop_delivered(delivery_tag)
+
+    def _drop_delivered(self, delivery_tag: str) -> None:
+        """kombu keeps every delivered message as an invisible row, forever: the file would grow
+        with every job. Once a message is acknowledged or rejected, its row goes."""
+        self.session.execute(
+            text(
+                f"DELETE FROM {self.message_cls.__tablename__} WHERE visible = 0"
+                " AND json_extract(payload, '$.properties.delivery_tag') = :tag"
+            ),
+            {"tag": delivery_tag},
+        )
+        self.session.commit()
 
 
 class Transport(sqla.Transport):

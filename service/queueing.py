@@ -159,7 +159,7 @@ class _RedisInspector:
 
 class _SQLInspector:
     """Reads kombu's SQLAlchemy transport table (the embedded SQLite broker): a waiting message
-    is visible; a delivered one is kept invisible, stamped with its delivery time (local)."""
+    is visible; a delivered, unacknowledged one invisible, stamped with its delivery time (local)."""
 
     def __init__(self, settings: Settings) -> None:
         url = settings.broker_url.split("+", 1)[1]
@@ -168,7 +168,8 @@ class _SQLInspector:
         self.horizon = timedelta(seconds=settings.broker_visibility_timeout_s)
 
     def held(self) -> Held:
-        # delivered messages are never deleted: look only at those delivered within the horizon
+        # an invisible row is a message a worker holds (an acknowledged one is deleted,
+        # service.broker); one that died holding it leaves it: only the horizon counts
         since = datetime.now() - self.horizon  # kombu stamps local naive times
         query = text("SELECT visible, timestamp, payload FROM kombu_message "
                      "WHERE visible OR timestamp >= :since")  # fmt: skip

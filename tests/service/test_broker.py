@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -67,3 +68,5 @@ def test_a_published_message_wakes_a_worker_that_would_poll_only_every_30_s(
         waiting.join(10)
         assert not waiting.is_alive(), "the worker slept through the ring"
     assert got == [{"job": "j1"}]
+    with sqlite3.connect(tmp_path / "broker.sqlite") as db:  # acknowledged: nothing kept
+        assert db.execute("SELECT count(*) FROM kombu_message").fetchone() == (0,)
