@@ -11,10 +11,9 @@ API replica at once: each row is deleted by whoever gets there first.
 
 What remains: an upload swept while a job naming it is being submitted (the job was checked
 a moment before) leaves that job to fail when its worker finds the upload gone, as with a
-concurrent DELETE. The worker inserts artifact rows without `lock_blob`, so a job whose artifact
-has exactly the bytes of a blob being swept at that moment can lose that file (its download
-then answers 410); artifacts carry job-specific content (the manifest, the report), so this
-needs two identical outputs within the same instant.
+concurrent DELETE. (A job's artifact with exactly the bytes of a blob swept at that moment is
+safe: the worker records its artifacts under the blobs' locks and stores a blob again if a
+sweep deleted it first, `worker.tasks.finish`.)
 """
 
 from __future__ import annotations
