@@ -5,12 +5,14 @@ embedded database when job events are committed (`service.notices`)."""
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import secrets
 import select
 import socket
 from pathlib import Path
 
+log = logging.getLogger(__name__)
 MAX_PAYLOAD = 4096
 MAX_SOCKET_PATH = 100
 """A little under the kernel's limit on a UNIX socket's path (108 bytes with the final NUL)."""
@@ -70,6 +72,8 @@ class Doorbell:
         self._owner, self._sock = os.getpid(), None  # (a forked child listens on its own socket)
         path = self.folder / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
         if not hasattr(socket, "AF_UNIX") or len(str(path)) > MAX_SOCKET_PATH:
+            log.warning("no doorbell in %s (path too long for a UNIX socket, or none on this "
+                        "platform): waiting falls back to polling", self.folder)  # fmt: skip
             return None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
