@@ -376,11 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
     list_ = keys_sub.add_parser("list", parents=[where], help="list keys (never the keys themselves)")
     list_.add_argument("--team", help="only this team's")
     list_.set_defaults(func=cmd_keys_list)
+
+    from .client import add_parser as add_compress
+
+    add_compress(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compress":  # stderr is the job's progress, not every request
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.command == "keys":
         logging.getLogger("alembic").setLevel(logging.WARNING)  # stdout/stderr: the key and what it is
         if args.data_dir:
