@@ -279,16 +279,14 @@ class ProgressRecorder:
     def __call__(self, p: Any) -> None:
         self._raise_writer_error()
         with self._lock:
+            first = p.stage != self.stage
+            if first:
+                self._handoff()  # the last report of the previous stage, before this one's lines
+                self.stage = p.stage
             if p.message:
                 self.logs.append({"stage": p.stage, "message": p.message})
-            if p.stage != self.stage:
-                self._handoff()  # the last report of the previous stage
-                self.stage = p.stage
-                self.pending = p
-                self._handoff()
-                return
             self.pending = p
-            if time.monotonic() - self.last_handoff >= self.interval:
+            if first or time.monotonic() - self.last_handoff >= self.interval:
                 self._handoff()
 
     def log(self, message: str, **data: Any) -> None:

@@ -176,6 +176,24 @@ def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(sqlite_db: Dat
     assert (job.stage, job.progress_step, job.progress_total) == ("export", 1, 2)
 
 
+def test_a_stages_first_line_comes_after_the_last_report_of_the_stage_before(sqlite_db: Database) -> None:
+    job_id = add_job(sqlite_db, JobState.RUNNING)
+    record = ProgressRecorder(sqlite_db, job_id, interval=60)
+    record(Progress("export", 0, 2))
+    record(Progress("export", 2, 2))
+    record(Progress("quantize", 0, 1, message="preparing the graph"))
+    record.close()
+    with sqlite_db.read() as s:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
+    seen = [(e.kind, e.data["stage"], e.data.get("step", e.data.get("message"))) for e in events]
+    assert seen == [
+        ("progress", "export", 0),
+        ("progress", "export", 2),
+        ("log", "quantize", "preparing the graph"),
+        ("progress", "quantize", 0),
+    ]
+
+
 def test_progress_reports_never_wait_for_the_database(pg_db: Database) -> None:
     """The engine's thread only hands reports over: with the job's row locked by another
     transaction, reporting returns at once, and the rows appear once the lock is gone."""
