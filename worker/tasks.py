@@ -252,9 +252,9 @@ class ProgressRecorder:
     The engine never waits for the database: reports are handed to a writer thread, which
     writes at most once every ``interval``, everything handed over since its last write in
     one transaction (the database's load does not grow with the number of stages or log
-    lines). `flush` writes everything now and returns once it is written; call it before the
-    final transition, so the events keep their order, and `close` at the end. An error the writer meets is raised in the engine's thread at its
-    next report (or at `flush`).
+    lines). Before the final transition, `take` (the rows go in that transaction) or `flush`
+    (writes now, returns once written), so the events keep their order; `close` at the end.
+    An error the writer meets is raised in the engine's thread at its next report.
 
     Each write is fenced (`Fence`); a database that is briefly away only delays the rows (they
     are kept and written with the next write) instead of stopping the job."""
