@@ -30,6 +30,9 @@ SUCCEEDED, TERMINAL = "SUCCEEDED", ("SUCCEEDED", "FAILED", "CANCELLED")
 UPLOAD_ID = {"models": re.compile(r"^mdl_[0-9a-f]+$"), "datasets": re.compile(r"^ds_[0-9a-f]+$")}
 RECONNECTS = 20
 """Times in a row the event stream may drop before the command gives up (with a pause between)."""
+STREAM_TIMEOUT = httpx.Timeout(30, read=60)
+"""The service sends a keepalive every 15 s: a minute of silence is a dead connection (resumed)."""
+SLOW_VALIDATION_S = 30.0
 
 
 class ClientError(Exception):
@@ -79,6 +82,7 @@ class Session:
             with open(path, "rb") as f:
                 r = self.client.post(f"/v1/{kind}", files={"file": (path.name, f)}, data=fields)
             ident = _check(r, 201)["id"]
+        started, hinted = time.monotonic(), False
         while True:
             body = _check(self.client.get(f"/v1/{kind}/{ident}"), 200)
             if body["state"] == "ready":
@@ -87,6 +91,10 @@ class Session:
             if body["state"] == "invalid":
                 reason = (body.get("error") or {}).get("detail", "no reason given")
                 raise ClientError(2, f"{kind[:-1]} {ident} is invalid: {reason}")
+            if not hinted and time.monotonic() - started > SLOW_VALIDATION_S:
+                hinted = True
+                self.say(f"{kind[:-1]} {ident} still validating after {SLOW_VALIDATION_S:.0f} s "
+                         "(a worker on the validate queue checks it); still waiting")  # fmt: skip
             time.sleep(self.poll_s)
 
     def submit(self, body: dict[str, Any], idempotency_key: str) -> str:
@@ -104,13 +112,15 @@ class Session:
             kind, reason = "message", "the stream ended before the job did"
             try:
                 with self.client.stream(
-                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(30, read=None)
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
                 ) as r:
                     if r.status_code != 200:
                         r.read()
                         raise ClientError(2, describe(r))
                     for line in r.iter_lines():
-                        if line.startswith("id: "):
+                        if not line:  # the end of one event
+                            kind = "message"
+                        elif line.startswith("id: "):
                             last_id = line[4:]
                         elif line.startswith("event: "):
                             kind = line[7:]
