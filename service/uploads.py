@@ -229,27 +229,28 @@ class _Body:
 async def _pump(chunks: AsyncIterator[bytes], parser: MultipartParser, max_bytes: int) -> None:
     """Receive on the event loop while one worker thread parses, hashes and writes, so the
     network and the disk overlap; at most ``QUEUE_DEPTH`` batches wait in memory."""
-    send, receive = anyio.create_memory_object_stream[bytearray](QUEUE_DEPTH)
+    send, receive = anyio.create_memory_object_stream[list[bytes]](QUEUE_DEPTH)
 
     def consume() -> None:
         while True:
             try:
-                batch = anyio.from_thread.run(receive.receive)
+                chunks = anyio.from_thread.run(receive.receive)
             except anyio.EndOfStream:
                 return
-            parser.write(batch)
+            parser.write(b"".join(chunks))  # the copy happens here, off the event loop
 
     async def produce() -> None:
         async with send:
-            received, pending = 0, bytearray()
+            received, pending, size = 0, [], 0
             async for chunk in chunks:
                 received += len(chunk)
                 if received > max_bytes:
                     raise _FormError(too_large(max_bytes))
-                pending += chunk
-                if len(pending) >= BATCH:
-                    await send.send(pending)  # handed over, never changed again
-                    pending = bytearray()
+                pending.append(chunk)
+                size += len(chunk)
+                if size >= BATCH:
+                    await send.send(pending)
+                    pending, size = [], 0
             if pending:
                 await send.send(pending)
 
