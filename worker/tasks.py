@@ -18,7 +18,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -581,17 +580,12 @@ def _inputs(rt: Runtime, job: Job, folder: Path) -> dict[str, Path | None]:
 
 
 def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact]) -> None:
-    """Put each artifact's file in the store, all at once (most of the time is fsync, which
-    overlaps); ``stored`` collects the rows of those stored, so whatever was stored before a
-    failure (a full disk) can be released."""
-    with ThreadPoolExecutor(max(1, min(8, len(result.artifacts))), thread_name_prefix="store") as pool:
-        puts = [(art, pool.submit(rt.store.put_file, Path(art.path))) for art in result.artifacts]
-    failure: BaseException | None = None
-    for art, put in puts:
-        if (error := put.exception()) is not None:
-            failure = failure or error
-            continue
-        ref = put.result()
+    """Put each artifact's file in the store; ``stored`` collects the rows as they are made, so
+    whatever was stored before a failure (a full disk) can be released. (One at a time: storing
+    them in parallel measured no faster, 6.8 vs 6.5 ms for a job's six files; their fsyncs
+    serialise on the file system's journal.)"""
+    for art in result.artifacts:
+        ref = rt.store.put_file(Path(art.path))
         stored.append(
             Artifact(
                 job_id=job.id,
@@ -603,8 +597,6 @@ def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact])
                 description=art.description or "",
             )
         )
-    if failure is not None:
-        raise failure
 
 
 def take_over_work(folder: Path, attempt: int) -> tuple[Path, Path, int | None]:
