@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import io
 import json
 import os
 import re
@@ -53,6 +54,7 @@ from starlette.requests import Request
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 sys.path.insert(0, str(REPO))
+from service.client import Session as ClientSession  # noqa: E402  (after the path)
 
 JOB_SPEC = {
     "student": {"kind": "auto", "max_params_ratio": 0.25},
@@ -60,7 +62,6 @@ JOB_SPEC = {
     "quantization": {"method": "static_int8", "calibration_samples": 128},
     "evaluation": {"latency_batch_sizes": [1], "warmup": 2, "repeats": 10, "disagreements": 5},
 }
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 TEACHER_CONFIG = {
     "architecture": "mlp",
     "task": "classification",
@@ -416,33 +417,16 @@ def write_job_inputs(folder: Path) -> tuple[Path, Path]:
     return teacher, data
 
 
-def upload_ready(client: httpx.Client, kind: str, path: Path) -> str:
-    with open(path, "rb") as f:
-        r = client.post(f"/v1/{kind}", files={"file": (path.name, f)})
-    r.raise_for_status()
-    ident = r.json()["id"]
-    while (body := client.get(f"/v1/{kind}/{ident}").json())["state"] == "validating":
-        time.sleep(0.1)
-    assert body["state"] == "ready", body
-    return ident
-
-
 def run_service_job(client: httpx.Client, ids: dict[str, str]) -> tuple[float, dict[str, Any], float]:
-    """Submit and follow the job's event stream to its end: (client wall time, the job, the
-    engine's own time in the worker)."""
+    """Submit and follow the job's event stream to its end (as `kdq compress` does): (client wall
+    time, the job, the engine's own time in the worker)."""
     t0 = time.perf_counter()
     r = client.post("/v1/jobs", json={**JOB_SPEC, **ids})
     r.raise_for_status()
     job_id = r.json()["id"]
     engine_s = None
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
-        for line in stream.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = json.loads(line[6:])
-            engine_s = data.get("engine_s", engine_s)
-            if data.get("state") in TERMINAL:
-                break
+    for _, data in ClientSession(client, log=io.StringIO()).events(job_id):
+        engine_s = data.get("engine_s", engine_s)
     wall = time.perf_counter() - t0
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["state"] == "SUCCEEDED" and engine_s is not None, job
@@ -467,9 +451,10 @@ def bench_job(svc: Service, repeats: int = 9) -> tuple[dict[str, Any], str]:
         return wall
 
     with httpx.Client(base_url=svc.url, timeout=60, headers=svc.headers) as client:
+        uploads = ClientSession(client, log=io.StringIO())
         ids = {
-            "teacher_model_id": upload_ready(client, "models", teacher),
-            "dataset_id": upload_ready(client, "datasets", data),
+            "teacher_model_id": uploads.upload("models", str(teacher), {}),
+            "dataset_id": uploads.upload("datasets", str(data), {}),
         }
         direct()  # warm: imports and first-call costs, as the worker is after its first job
         run_service_job(client, ids)
