@@ -81,7 +81,7 @@ class JobNotices:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.listening = False
-        """Whether notices are heard now (for /metrics and tests)."""
+        """Whether the listener is up (tests wait for it before they commit)."""
 
     def start(self) -> None:
         """Start listening (from the event loop's thread: the streams' events belong to it)."""
