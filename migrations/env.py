@@ -1,4 +1,4 @@
-"""Alembic environment: runs on Postgres and SQLite (batch mode for SQLite's ALTER limits)."""
+"""Alembic environment (PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -13,21 +13,15 @@ url = config.attributes.get("database_url") or get_settings().database_url
 
 
 def run_offline() -> None:
-    context.configure(
-        url=url, target_metadata=Base.metadata, literal_binds=True, render_as_batch=url.startswith("sqlite")
-    )
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_online() -> None:
-    engine = make_engine(url)
+    engine = make_engine(url, pool_size=1)
     with engine.connect() as connection:
-        context.configure(
-            connection=connection,
-            target_metadata=Base.metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
-        )
+        context.configure(connection=connection, target_metadata=Base.metadata)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

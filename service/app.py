@@ -46,7 +46,7 @@ async def _every(interval_s: float, name: str, task: Callable[[], object]) -> No
                 log.exception("%s pass failed", name)
 
 
-def build_context(settings: Settings) -> Context:
+def build_context(settings: Settings, parts: Callable[[], dict[str, str]] | None = None) -> Context:
     db = Database(settings.database_url)
     queues = Queues(settings)
     assert settings.storage_dir is not None
@@ -57,12 +57,14 @@ def build_context(settings: Settings) -> Context:
         queues=queues,
         metrics=Metrics(db, queues),
         notices=JobNotices(settings.database_url),
+        parts=parts,
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, str]] | None = None) -> FastAPI:
+    """``parts``: the state of each supervised child (`kdq serve`), shown by ``/readyz``."""
     settings = settings or get_settings()
-    ctx = build_context(settings)
+    ctx = build_context(settings, parts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

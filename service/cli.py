@@ -1,10 +1,12 @@
 """The ``kdq`` command.
 
-* ``kdq serve``   — everything on one machine: migrations, the API, a Celery worker for
-  the ``validate`` queue and one for jobs, a SQLite file, a SQLite broker and a blob
-  directory under ``--data-dir``. Stops them all on SIGINT/SIGTERM.
+* ``kdq serve``   — everything on one machine, all owned by ``--data-dir``: PostgreSQL and Redis
+  on UNIX sockets inside it, migrations, a Celery worker for the ``validate`` queue and one
+  for jobs, and the API; each child is restarted if it dies (`service.embedded`). Stops them
+  all in order on SIGINT/SIGTERM.
 * ``kdq api``, ``kdq worker``, ``kdq migrate`` — the scaled-out pieces, configured by
   ``KDQ_*`` environment variables (see service/settings.py); ``kdq check`` is their health check.
+  ``kdq migrate --from-sqlite`` copies the data of the SQLite-based kdq of before.
 * ``kdq keys create|revoke|list`` — teams' API keys.
 
 Without API keys (``--no-auth`` or ``KDQ_AUTH=none``) the API serves one default team to
@@ -17,32 +19,13 @@ import argparse
 import ipaddress
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("kdq")
-
-
-def worker_argv(queues: list[str], concurrency: int, name: str, loglevel: str = "INFO") -> list[str]:
-    """Arguments of ``celery worker`` for one of our workers (shared by ``serve`` and ``worker``)."""
-    return [
-        "worker",
-        "-Q",
-        ",".join(queues),
-        "-c",
-        str(concurrency),
-        "-n",
-        f"{name}@%h",
-        "-l",
-        loglevel,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
 
 
 def _settings():  # type: ignore[no-untyped-def]
@@ -52,10 +35,22 @@ def _settings():  # type: ignore[no-untyped-def]
     return get_settings()
 
 
-def cmd_migrate(_: argparse.Namespace) -> int:
-    from .migrate import upgrade
+def cmd_migrate(args: argparse.Namespace) -> int:
+    with _database() as s:
+        if args.from_sqlite is None:
+            from .migrate import upgrade
 
-    upgrade(_settings().database_url)
+            upgrade(s.database_url)
+            return 0
+        from .embedded.sqlite_import import ImportRefused, import_sqlite
+
+        source = Path(args.from_sqlite) if args.from_sqlite else s.data_dir / "kdq.sqlite"
+        try:
+            counts = import_sqlite(source, s.database_url)
+        except ImportRefused as exc:
+            print(f"kdq migrate --from-sqlite: {exc}", file=sys.stderr)
+            return 2
+    print("copied " + ", ".join(f"{n} {table}" for table, n in counts.items()) + f" from {source}")
     return 0
 
 
@@ -105,29 +100,47 @@ def _auth_mode_allowed(no_auth: bool, host: str) -> bool:
     return True
 
 
-def _open_db():  # type: ignore[no-untyped-def]
-    """The database of the settings; the embedded SQLite file is created and migrated if needed."""
-    from .db import Database
+@contextmanager
+def _database() -> Iterator[Any]:
+    """The settings, with their database up for the length of a command: the embedded one is
+    started (and migrated) for it when no `kdq serve` holds the data dir."""
+    s = _settings()
+    if not s.embedded:
+        yield s
+        return
+    from .embedded.layout import DataDirBusy
+    from .embedded.stack import EmbeddedStack
     from .migrate import upgrade
 
-    s = _settings()
-    if s.database_url.startswith("sqlite"):
-        s.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(s.database_url)
-    return Database(s.database_url)
+    try:
+        with EmbeddedStack(s).database_only():
+            upgrade(s.database_url)
+            yield s
+    except DataDirBusy as exc:
+        raise SystemExit(f"kdq: {exc}") from None
+
+
+@contextmanager
+def _open_db() -> Iterator[Any]:
+    from .db import Database
+
+    with _database() as s:
+        db = Database(s.database_url, pool_size=1)
+        try:
+            yield db
+        finally:
+            db.dispose()
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
     from .auth import create_key
 
-    db = _open_db()
-    try:
-        new = create_key(db, args.team, scope="admin" if args.admin else "team", label=args.label)
-    except ValueError as exc:
-        print(f"kdq keys create: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        db.dispose()
+    with _open_db() as db:
+        try:
+            new = create_key(db, args.team, scope="admin" if args.admin else "team", label=args.label)
+        except ValueError as exc:
+            print(f"kdq keys create: {exc}", file=sys.stderr)
+            return 2
     print(
         f"created {new.scope} key {new.id} (prefix {new.prefix}) for team {new.team_id!r}; "
         "it is shown only now, keep it secret:",
@@ -140,11 +153,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     from .auth import revoke_key
 
-    db = _open_db()
-    try:
+    with _open_db() as db:
         row = revoke_key(db, args.key)
-    finally:
-        db.dispose()
     if row is None:
         print(f"kdq keys revoke: no key with id or prefix {args.key!r}", file=sys.stderr)
         return 1
@@ -159,11 +169,8 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from .auth import list_keys
 
-    db = _open_db()
-    try:
+    with _open_db() as db:
         rows = list_keys(db, args.team)
-    finally:
-        db.dispose()
 
     def when(t):  # type: ignore[no-untyped-def]
         return t.strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
@@ -176,123 +183,50 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    import uvicorn
-
     if not _auth_mode_allowed(args.no_auth, args.host):
         return 2
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        proxy_headers=True,
-        log_level=args.loglevel.lower(),
-        access_log=args.access_log,
-    )
+    options = {"host": args.host, "port": args.port, "proxy_headers": True, "access_log": args.access_log}
+    if args.workers == 1:  # one process: event streams end at once on shutdown (service.server)
+        from .app import create_app
+        from .server import ApiServer
+
+        ApiServer(create_app(), **options).run()
+        return 0
+    import uvicorn
+
+    from .server import GRACEFUL_S
+
+    uvicorn.run("service.app:create_app", factory=True, workers=args.workers, log_config=None,
+                timeout_graceful_shutdown=GRACEFUL_S, **options)  # fmt: skip
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.celery_app import app
 
+    from .embedded.stack import worker_argv
+
     s = _settings()
     queues = args.queues.split(",") if args.queues else [s.queue_cpu]
-    app.worker_main(worker_argv(queues, args.concurrency, args.name or queues[0], args.loglevel))
+    app.worker_main(["--quiet", *worker_argv(queues, args.concurrency, args.name or queues[0], args.loglevel)])
     return 0
 
 
-def _start_worker(queues: list[str], concurrency: int, name: str) -> subprocess.Popen[bytes]:
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app:app",
-        *worker_argv(queues, concurrency, name),
-    ]
-    return subprocess.Popen(argv, start_new_session=True)  # our signals, not the terminal's, stop it
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """Warm shutdown (finish the current task) for ``grace`` seconds, then cold, then kill."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGQUIT, 5.0), (signal.SIGKILL, 5.0)):
-        alive = [p for p in procs if p.poll() is None]
-        for p in alive:  # celery stops its own pool; only a kill goes to the whole group
-            (os.killpg if sig == signal.SIGKILL else os.kill)(p.pid, sig)
-        for p in alive:
-            try:
-                p.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .migrate import upgrade
-    from .queueing import Queues
+    from .embedded.serve import serve
 
     if args.data_dir:
         os.environ["KDQ_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
     if not _auth_mode_allowed(args.no_auth, args.host):
         return 2
-    s = _settings()
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade(s.database_url)
-    if s.auth == "keys":
-        _hint_if_no_key(s, args.data_dir)
-    Queues(s).depths()  # creates the broker tables here, before two workers race to do it
-    procs = [
-        _start_worker([s.queue_validate], args.validate_concurrency, "validate"),
-        _start_worker(s.job_queues(), args.job_concurrency, "jobs"),
-    ]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            "service.app:create_app",
-            factory=True,
-            host=args.host,
-            port=args.port,
-            log_level=args.loglevel.lower(),
-        access_log=args.access_log,
-        )
-    )
-    failed = threading.Event()
-
-    def watch() -> None:  # one process group: if a worker dies, everything stops
-        while not server.should_exit:
-            for p in procs:
-                if p.poll() is not None:
-                    log.error("worker %s exited with %s; stopping", p.args, p.returncode)
-                    failed.set()
-                    server.should_exit = True
-                    return
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, daemon=True).start()
-    # uvicorn re-raises the SIGINT/SIGTERM it caught once it has stopped; with these handlers in
-    # place that re-raise is harmless and the workers are still stopped below.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    log.info("kdq serve: data in %s, API on http://%s:%s", s.data_dir, args.host, args.port)
-    try:
-        server.run()
-    finally:
-        server.should_exit = True
-        _stop(procs, args.shutdown_grace)
-    return 1 if failed.is_set() else 0
+    return serve(_settings(), args)
 
 
-def _hint_if_no_key(s, data_dir: str | None) -> None:  # type: ignore[no-untyped-def]
+def hint_if_no_key(db: Any, data_dir: str | None) -> None:
     from .auth import has_active_key
-    from .db import Database
 
-    db = Database(s.database_url)
-    try:
-        if has_active_key(db):
-            return
-    finally:
-        db.dispose()
+    if has_active_key(db):
+        return
     where = f" --data-dir {data_dir}" if data_dir else ""
     print(
         "kdq serve: no API key exists yet, so every /v1 request will be answered 401. Make one "
@@ -311,9 +245,10 @@ ACCESS_LOG_HELP = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdq", description="Compression as a service.")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], help="log lines as text or JSON (KDQ_LOG_FORMAT)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="API + workers + SQLite on one machine")
+    serve = sub.add_parser("serve", help="the whole service on one machine: PostgreSQL, Redis, workers, API")
     serve.add_argument(
         "--data-dir", help="where the database, broker and blobs live (default ./var, or KDQ_DATA_DIR)"
     )
@@ -330,8 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--shutdown-grace",
         type=float,
-        default=10.0,
-        help="seconds a running job gets to finish on shutdown before it is stopped (it is requeued later)",
+        default=7.0,
+        help="seconds the workers get to stop (a running job hands itself back to the queue at its next "
+        "cancel check, and resumes from its last checkpoint on the next start); then they are killed",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -354,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser("migrate", help="bring the database schema up to date")
+    migrate.add_argument(
+        "--from-sqlite", nargs="?", const="", metavar="FILE",
+        help="copy teams, keys, uploads, jobs, events and artifacts from the SQLite database of an "
+        "earlier kdq (default FILE: <data dir>/kdq.sqlite) into this database",
+    )  # fmt: skip
+    migrate.add_argument("--data-dir", help="the embedded service's data folder (or KDQ_DATA_DIR)")
     migrate.set_defaults(func=cmd_migrate)
 
     check = sub.add_parser("check", help="exit 0 when the database and the broker answer")
@@ -384,14 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import configure
+
     args = build_parser().parse_args(argv)
-    if args.command == "compress":  # stderr is the job's progress, not every request
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-    if args.command == "keys":
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # stdout/stderr: the key and what it is
-        if args.data_dir:
-            os.environ["KDQ_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
-    logging.basicConfig(level=args.loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format:
+        os.environ["KDQ_LOG_FORMAT"] = args.log_format  # (the children inherit it)
+    if getattr(args, "data_dir", None):
+        os.environ["KDQ_DATA_DIR"] = str(Path(args.data_dir).expanduser().resolve())
+    configure(os.environ.get("KDQ_LOG_FORMAT", "text"), args.loglevel)
     return int(args.func(args) or 0)
 
 

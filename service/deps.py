@@ -30,6 +30,8 @@ class Context:
     queues: Queues
     metrics: Metrics
     notices: JobNotices
+    parts: Callable[[], dict[str, str]] | None = None
+    """The supervised children's states (`kdq serve`); None scaled out."""
     finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     """Serialised finished jobs by id, with their team (see `service.routes.jobs.get_job`)."""
     keys: KeyCache = field(init=False)

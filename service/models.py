@@ -39,7 +39,7 @@ def new_id(prefix: str) -> str:
 
 
 class UTCDateTime(TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+    """Timezone-aware UTC datetimes (naive values read back, as from an old SQLite file, are UTC)."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
@@ -164,9 +164,7 @@ class JobEvent(Base):
 
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
-    )
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     """``progress`` | ``log`` | ``state``."""

@@ -2,12 +2,10 @@
 event streams (`service.sse`) wake at once instead of polling the database.
 
 Whoever commits `JobEvent` rows (a worker's progress, any state transition) announces the
-job, by the session hooks `install_hooks` sets once per process: on PostgreSQL a
-``NOTIFY kdq_jobs`` in the same transaction (delivered on commit, dropped on rollback), which
-reaches every API process on any machine; on SQLite (the embedded setup, one machine) a ring
-of the database file's `Doorbell` after the commit. In each API process one `JobNotices`
-thread listens and wakes the streams that watch the job. A notice that is lost only costs the
-stream its fallback poll (``sse_poll_s``).
+job, by the session hook `install_hooks` sets once per process: a ``NOTIFY kdq_jobs`` in the
+same transaction (delivered on commit, dropped on rollback), which reaches every API process on
+any machine. In each API process one `JobNotices` thread listens and wakes the streams that
+watch the job. A notice that is lost only costs the stream its fallback poll (``sse_poll_s``).
 """
 
 from __future__ import annotations
@@ -23,12 +21,10 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from .doorbell import of_file
 from .models import JobEvent
 
 log = logging.getLogger(__name__)
 CHANNEL = "kdq_jobs"
-_PENDING = "kdq_jobs_with_events"
 _installed = False
 
 
@@ -38,8 +34,6 @@ def install_hooks() -> None:
     if _installed:
         return
     event.listen(Session, "after_flush", _after_flush)
-    event.listen(Session, "after_commit", _after_commit)
-    event.listen(Session, "after_soft_rollback", _forget)
     _installed = True
 
 
@@ -48,24 +42,8 @@ def _after_flush(session: Session, _context: Any) -> None:
     if not jobs:
         return
     conn = session.connection()
-    if conn.dialect.name == "postgresql":  # delivered when (and if) the transaction commits
-        for job_id in sorted(jobs):
-            conn.execute(text("SELECT pg_notify(:channel, :job)"), {"channel": CHANNEL, "job": job_id})
-    else:
-        session.info.setdefault(_PENDING, set()).update(jobs)
-
-
-def _after_commit(session: Session) -> None:
-    jobs = session.info.pop(_PENDING, None)
-    if not jobs:
-        return
-    database = session.get_bind().url.database
-    if database and database != ":memory:":
-        of_file(database).ring("\n".join(sorted(jobs)).encode()[:4000])
-
-
-def _forget(session: Session, _previous: Any) -> None:
-    session.info.pop(_PENDING, None)
+    for job_id in sorted(jobs):  # delivered when (and if) the transaction commits
+        conn.execute(text("SELECT pg_notify(:channel, :job)"), {"channel": CHANNEL, "job": job_id})
 
 
 class JobNotices:
@@ -82,17 +60,24 @@ class JobNotices:
         self._thread: threading.Thread | None = None
         self.listening = False
         """Whether the listener is up (tests wait for it before they commit)."""
+        self.closing = False
+        """Set when the server begins to stop: every event stream ends (`close_streams`)."""
 
     def start(self) -> None:
         """Start listening (from the event loop's thread: the streams' events belong to it)."""
-        if self.url.get_backend_name() == "sqlite" and self.url.database in (None, "", ":memory:"):
-            return
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, daemon=True, name="job-notices")
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def close_streams(self) -> None:
+        """End every event stream now (the server is stopping; clients resume elsewhere with
+        ``Last-Event-ID``). Safe to call from any thread, a signal handler included."""
+        self.closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake, list(self._watchers))
 
     @contextmanager
     def watch(self, job_id: str) -> Iterator[asyncio.Event]:
@@ -118,19 +103,6 @@ class JobNotices:
             self._loop.call_soon_threadsafe(self._wake, jobs)
 
     def _run(self) -> None:
-        if self.url.get_backend_name() == "postgresql":
-            self._listen_postgres()
-        else:
-            self._listen_doorbell()
-
-    def _listen_doorbell(self) -> None:
-        bell = of_file(str(self.url.database))
-        self.listening = True
-        while not self._stop.is_set():
-            heard = bell.wait(self.WAIT_S)
-            self._deliver([job for ring in heard for job in ring.decode("utf-8", "replace").split("\n") if job])
-
-    def _listen_postgres(self) -> None:
         import psycopg
 
         conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)

@@ -20,7 +20,7 @@ def generate() -> dict[str, Any]:
     from .settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
-        return create_app(Settings(data_dir=Path(tmp), database_url="sqlite://")).openapi()
+        return create_app(Settings(data_dir=Path(tmp), database_url="postgresql+psycopg://openapi@/none")).openapi()
 
 
 def render() -> str:

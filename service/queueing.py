@@ -6,11 +6,10 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 from celery import Celery
-from sqlalchemy import Engine, create_engine, text
 
 from worker.celery_app import RUN_JOB, VALIDATE_UPLOAD, make_celery
 
@@ -66,17 +65,10 @@ class Queues:
                 ).message_count
         return out
 
-    def held_messages(self) -> Held | None:
-        """The task messages the broker holds (see `Held`); None when this broker cannot be
-        inspected (then only jobs the broker never accepted are re-sent)."""
-        url = self.settings.broker_url
+    def held_messages(self) -> Held:
+        """The task messages the broker holds (see `Held`)."""
         if self._inspector is None:
-            if url.startswith(("redis://", "rediss://")):
-                self._inspector = _RedisInspector(self.settings)
-            elif url.startswith(("kdqsqlite+", "sqla+")):
-                self._inspector = _SQLInspector(self.settings)
-            else:
-                return None
+            self._inspector = _RedisInspector(self.settings)
         return self._inspector.held()
 
 
@@ -129,7 +121,7 @@ class _RedisInspector:
     def __init__(self, settings: Settings) -> None:
         import redis
 
-        self.client = redis.Redis.from_url(settings.broker_url, socket_timeout=5, socket_connect_timeout=5)
+        self.client = redis.Redis.from_url(settings.redis_url(), socket_timeout=5, socket_connect_timeout=5)
         prefix = settings.broker_key_prefix
         queues = (settings.queue_validate, settings.queue_cpu, settings.queue_gpu)
         self.lists = [
@@ -154,45 +146,6 @@ class _RedisInspector:
             tid, eta = _task(entry[0] if isinstance(entry, list) and entry else None)
             if tid:
                 held.add_delivered(tid, max(delivered.get(tag, now), eta or 0.0))
-        return held
-
-
-class _SQLInspector:
-    """Reads kombu's SQLAlchemy transport table (the embedded SQLite broker): a waiting message
-    is visible; a delivered, unacknowledged one invisible, stamped with its delivery time (local)."""
-
-    def __init__(self, settings: Settings) -> None:
-        url = settings.broker_url.split("+", 1)[1]
-        connect_args = {"timeout": 30} if url.startswith("sqlite") else {}
-        self.engine: Engine = create_engine(url, connect_args=connect_args)
-        self.horizon = timedelta(seconds=settings.broker_visibility_timeout_s)
-
-    def held(self) -> Held:
-        # an invisible row is a message a worker holds (an acknowledged one is deleted,
-        # service.broker); one that died holding it leaves it: only the horizon counts
-        since = datetime.now() - self.horizon  # kombu stamps local naive times
-        query = text("SELECT visible, timestamp, payload FROM kombu_message "
-                     "WHERE visible OR timestamp >= :since")  # fmt: skip
-        try:
-            with self.engine.connect() as conn:
-                rows = conn.execute(query, {"since": since}).all()
-        except Exception as exc:  # no table yet: no worker or sender has declared a queue
-            if "no such table" in str(exc) or "does not exist" in str(exc):
-                return Held()
-            raise
-        held = Held()
-        now = time.time()
-        for visible, stamp, raw in rows:
-            tid, eta = _task(_loads([raw])[0])
-            if not tid:
-                continue
-            if visible:
-                held.waiting.add(tid)
-                continue
-            if isinstance(stamp, str):
-                stamp = datetime.fromisoformat(stamp)
-            delivered = stamp.timestamp() if isinstance(stamp, datetime) else now
-            held.add_delivered(tid, max(delivered, eta or 0.0))
         return held
 
 

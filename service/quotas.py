@@ -8,8 +8,7 @@
 
 The limits come from the team row when it sets them, else from the settings. Each check
 runs in the write transaction that adds the row, after `lock_team` (``SELECT … FOR NO KEY
-UPDATE`` on Postgres; SQLite's ``BEGIN IMMEDIATE`` already serialises writers): two concurrent
-requests of one team cannot both pass on the last free slot.
+UPDATE``): two concurrent requests of one team cannot both pass on the last free slot.
 """
 
 from __future__ import annotations

@@ -24,16 +24,14 @@ def blob_in_use(session: Session, sha256: str) -> bool:
 
 def lock_blob(session: Session, sha256: str) -> None:
     """Serialise, until the transaction ends, everything that adds or drops a reference to this
-    blob: a Postgres advisory lock on the hash (SQLite's ``BEGIN IMMEDIATE`` already serialises
-    every writer). Taken by `release_blob` and by the API before it inserts an upload row."""
+    blob: a PostgreSQL advisory lock on the hash. Taken by `release_blob` and by the API before
+    it inserts an upload row."""
     lock_blobs(session, [sha256])
 
 
 def lock_blobs(session: Session, hashes: Iterable[str]) -> None:
     """`lock_blob` for several blobs in one round trip, always in the same (sorted) order, so
     two transactions that lock overlapping sets cannot deadlock."""
-    if session.get_bind().dialect.name != "postgresql":
-        return
     keys = sorted({int.from_bytes(bytes.fromhex(sha256[:16]), "big", signed=True) for sha256 in hashes})
     if keys:
         session.execute(

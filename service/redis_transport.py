@@ -12,7 +12,7 @@ redelivers it after the visibility timeout, and a redelivered job is dropped by
 `worker.tasks.begin` (a job is run only from QUEUED). The next poll then hits the dead
 connection, and Celery reconnects as usual.
 
-Registered for ``redis://`` and ``rediss://`` by `service.broker.register`.
+Registered for ``redis://``, ``rediss://`` and ``redis+socket://`` by `register` (`worker.celery_app`).
 """
 
 from __future__ import annotations

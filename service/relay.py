@@ -140,8 +140,6 @@ def _missing(queues: Queues, within: dict[str, float]) -> set[str]:
         except Exception as exc:  # the broker is away: nothing can be sent now anyway
             log.warning("relay: cannot inspect the broker (%s: %s)", type(exc).__name__, exc)
             return set()
-        if held is None:  # a broker we cannot inspect: only unmarked jobs are relayed
-            return set()
         missing = {t for t in missing if not held.holds(t, delivered_within=within[t])}
         if not missing:
             break

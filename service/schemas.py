@@ -156,8 +156,11 @@ class ArtifactList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "ready", "unavailable"]
+    status: Literal["ok", "ready", "degraded", "unavailable"]
+    """``degraded``: the API, database and broker answer, but a supervised part is restarting."""
     checks: dict[str, str] = Field(default_factory=dict)
+    parts: dict[str, str] = Field(default_factory=dict)
+    """Under ``kdq serve``: each supervised child (postgres, redis, the workers) and its state."""
 
 
 def _columns(row: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """All service and worker configuration, read from the environment (prefix ``KDQ_``).
 
-The embedded default needs nothing set: a SQLite file, a SQLite broker and a blob
-directory, all under ``data_dir``. Scaled out, point ``KDQ_DATABASE_URL`` at Postgres,
-``KDQ_BROKER_URL`` at Redis and ``KDQ_STORAGE_DIR`` at a shared volume.
+The embedded default needs nothing set: `kdq serve` runs PostgreSQL and Redis on UNIX sockets
+inside ``data_dir`` (`service.embedded`), with the blob directory beside them, and every
+process finds them from ``data_dir`` alone. Scaled out, point ``KDQ_DATABASE_URL`` at
+PostgreSQL, ``KDQ_BROKER_URL`` at Redis and ``KDQ_STORAGE_DIR`` at a shared volume.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -23,9 +24,11 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path("./var")
     database_url: str = ""
-    """Default: ``sqlite:///<data_dir>/kdq.sqlite``."""
+    """A PostgreSQL URL (``postgresql+psycopg://…``). Default: the embedded server's socket in
+    ``data_dir`` (`service.embedded.layout`)."""
     broker_url: str = ""
-    """Default: the embedded SQLite broker ``kdqsqlite+sqlite:///<data_dir>/broker.sqlite``."""
+    """A Redis URL (``redis://…``, or ``redis+socket:///path`` for a UNIX socket). Default: the
+    embedded server's socket in ``data_dir``."""
     broker_key_prefix: str = ""
     """Redis only: a prefix for every broker key (isolates several deployments on one Redis)."""
     storage_dir: Path | None = None
@@ -109,18 +112,43 @@ class Settings(BaseSettings):
     job_tmp_keep: bool = False
     """Keep a finished job's scratch folder (debugging)."""
 
+    log_format: Literal["text", "json"] = "text"
+    """Log lines as text, or as one JSON object each (with the job id and team where there is one)."""
+
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
+        from .embedded.layout import Layout
+
         self.data_dir = self.data_dir.expanduser().resolve()
+        layout = Layout(self.data_dir)
+        self._embedded = not self.database_url
         if not self.database_url:
-            self.database_url = f"sqlite:///{self.data_dir / 'kdq.sqlite'}"
+            self.database_url = layout.database_url()
+        elif not self.database_url.startswith("postgresql"):
+            raise ValueError("KDQ_DATABASE_URL must be a PostgreSQL URL (postgresql+psycopg://…); SQLite is no "
+                             "longer supported: `kdq migrate --from-sqlite` copies an old kdq.sqlite over")
         if not self.broker_url:
-            self.broker_url = f"kdqsqlite+sqlite:///{self.data_dir / 'broker.sqlite'}"
+            self.broker_url = layout.broker_url()
+        elif not self.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ValueError("KDQ_BROKER_URL must be a Redis URL (redis://, rediss:// or redis+socket://)")
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "store"
         if self.work_dir is None:
             self.work_dir = self.data_dir / "work"
         return self
+
+    _embedded: bool = PrivateAttr(default=False)
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the database is the data dir's embedded one (no ``KDQ_DATABASE_URL`` given)."""
+        return self._embedded
+
+    def redis_url(self) -> str:
+        """The broker as a redis-py URL (``redis+socket:///p`` → ``unix:///p``)."""
+        if self.broker_url.startswith("redis+socket://"):
+            return "unix://" + self.broker_url.removeprefix("redis+socket://")
+        return self.broker_url
 
     def job_queues(self) -> list[str]:
         return [self.queue_cpu, self.queue_gpu]

@@ -69,7 +69,7 @@ async def event_stream(ctx: Context, job_id: str, after: int) -> AsyncIterator[s
             for event in events:
                 yield format_event(event)
                 after = event.id
-            if finished:
+            if finished or ctx.notices.closing:
                 return
             if events:
                 quiet_since = time.monotonic()
@@ -79,3 +79,5 @@ async def event_stream(ctx: Context, job_id: str, after: int) -> AsyncIterator[s
                 quiet_since = time.monotonic()
             with anyio.move_on_after(min(poll, keepalive)):
                 await changed.wait()
+            if ctx.notices.closing:
+                return

@@ -49,8 +49,7 @@ class IllegalTransition(Exception):
 
 
 def lock_job(session: Session, job_id: str) -> Job:
-    """The job row, locked until the end of the transaction (``FOR UPDATE``; SQLite: the
-    session's ``BEGIN IMMEDIATE`` already holds the database write lock)."""
+    """The job row, locked until the end of the transaction (``FOR UPDATE``)."""
     job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
     if job is None:
         raise JobNotFound(job_id)

@@ -27,6 +27,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service.db import Database
+from service.logs import job_context
 from service.dberrors import database_unavailable
 from service.models import Artifact, DatasetUpload, Job, JobEvent, ModelUpload, utcnow
 from service.records import UPLOAD_TABLES, lock_blobs, release_blob
@@ -34,6 +35,7 @@ from service.settings import Settings, get_settings
 from service.states import TERMINAL, JobNotFound, JobState, lock_job, transition
 from service.store import BlobStore, make_store
 
+from . import shutdown
 from .celery_app import RUN_JOB, VALIDATE_UPLOAD, app
 
 log = logging.getLogger(__name__)
@@ -149,15 +151,20 @@ def local_name(stem: str, fmt: str, filename: str | None) -> str:
 @app.task(name=VALIDATE_UPLOAD, **DB_RETRY)
 def validate_upload(kind: str, upload_id: str) -> None:
     """Inspect one upload with the engine's loaders; record its summary or why it is invalid."""
-    from worker.compression.errors import InputError
-    from worker.compression.spec import DataSpec
-
     rt = runtime()
     table = UPLOAD_TABLES[kind]
     with rt.db.read() as s:
         row = s.get(table, upload_id)
     if row is None or row.state != "validating":
         return
+    with job_context(upload_id, row.team_id):
+        _validate(rt, table, kind, upload_id, row)
+
+
+def _validate(rt: Runtime, table: Any, kind: str, upload_id: str, row: Any) -> None:
+    from worker.compression.errors import InputError
+    from worker.compression.spec import DataSpec
+
     summary: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     rt.settings.work_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
@@ -202,6 +209,8 @@ class Fence:
     def __init__(self, job_id: str, attempt: int | None) -> None:
         self.job_id, self.attempt = job_id, attempt
         self.lost = threading.Event()
+        self.ended = threading.Event()
+        """Set once this attempt made its own final transition (its heartbeat then stops quietly)."""
         self.seen_state: str | None = None
         """The job's state when this attempt found it had lost the job."""
 
@@ -448,6 +457,9 @@ class CancelCheck:
             self.stop = True
         if not self.stop and time.monotonic() - self.last >= self.interval:
             self.last = time.monotonic()
+            if shutdown.requested():
+                self.stop = True
+                return True
             try:
                 with self.db.read() as s:
                     state, attempts = _owner(s, self.job_id)
@@ -479,7 +491,7 @@ class Heartbeat(threading.Thread):
                     beat = update(Job).where(*self.fence.where()).values(heartbeat_at=utcnow())
                     if s.execute(beat).rowcount != 1:
                         state, attempts = _owner(s, self.job_id)
-                        if state is None or JobState(state) not in TERMINAL:  # (finished: it just ended)
+                        if not self.fence.ended.is_set() and (state is None or JobState(state) not in TERMINAL):
                             self.fence.lose(state, attempts, "heartbeat")
                         return
             except Exception as exc:  # a missed beat is harmless; many in a row let the reaper step in
@@ -547,6 +559,7 @@ def finish(
             s.add_all(JobEvent(job_id=fence.job_id, kind=kind, data=data, created_at=utcnow())
                       for kind, data in events)  # fmt: skip
             transition(s, fence.job_id, reached, **values)
+            fence.ended.set()
             return reached
 
     return _database_retry(f"job {fence.job_id}: final state", attempt, FINISH_RETRY_S)
@@ -664,9 +677,16 @@ def storage_problem(exc: OSError) -> dict[str, Any]:
 @app.task(name=RUN_JOB, **DB_RETRY)
 def run_job(job_id: str) -> None:
     rt = runtime()
-    job = begin(rt, job_id)
+    with job_context(job_id):
+        job = begin(rt, job_id)
     if job is None:
         return
+    with job_context(job_id, job.team_id):
+        _run(rt, job)
+
+
+def _run(rt: Runtime, job: Job) -> None:
+    job_id = job.id
     from worker.compression.errors import Cancelled, InputError
     from worker.compression.spec import CompressSpec
 
@@ -717,8 +737,14 @@ def run_job(job_id: str) -> None:
                 events=recorder.take(),  # every event before the final state's
             )
     except Cancelled:
-        recorder.flush()
-        outcome = finish(rt, fence, JobState.CANCELLED)
+        if shutdown.requested():  # the worker is stopping: the job goes back to the queue
+            recorder.log("the worker is shutting down: the job is handed back and resumes from its "
+                         "last checkpoint on the next worker")
+            recorder.flush()
+            outcome = finish(rt, fence, JobState.QUEUED)
+        else:
+            recorder.flush()
+            outcome = finish(rt, fence, JobState.CANCELLED)
     except InputError as exc:
         recorder.flush()
         outcome = finish(rt, fence, JobState.FAILED, error=input_problem(exc))

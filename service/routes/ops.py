@@ -23,7 +23,7 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Health,
-    summary="The database and the broker answer",
+    summary="The database and the broker answer (and, under kdq serve, which supervised part is degraded)",
     responses=responses(503),
     operation_id="readyz",
 )
@@ -45,7 +45,9 @@ async def readyz(ctx: Ctx) -> Health:
         raise ProblemError(
             503, f"not ready: {', '.join(f'{k} {checks[k]}' for k in failed)}", code="not_ready"
         )
-    return Health(status="ready", checks=checks)
+    parts = ctx.parts() if ctx.parts is not None else {}
+    degraded = any(not state.startswith("ok") for state in parts.values())
+    return Health(status="degraded" if degraded else "ready", checks=checks, parts=parts)
 
 
 @router.get(
