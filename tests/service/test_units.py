@@ -34,6 +34,8 @@ from worker.tasks import CancelCheck, ProgressRecorder, jsonable
 from .conftest import REPO
 from .rows import add_job
 
+UNUSED_DB = "postgresql+psycopg://unused@/unused"
+"""Settings that are never connected (the test passes its own database)."""
 TEACHER = {"kind": "zoo", "task": "classification", "input_kind": "vector", "output_dim": 3}
 DATASET = {"samples": 100, "input_kind": "vector", "classes": ["a", "b", "c"]}
 
@@ -45,15 +47,8 @@ def pg_db(pg_url: str) -> Database:
 
 
 @pytest.fixture
-def sqlite_db(tmp_path: Path) -> Database:
-    url = f"sqlite:///{tmp_path / 'kdq.sqlite'}"
-    upgrade(url)
-    return Database(url)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db(request: pytest.FixtureRequest) -> Database:
-    return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
+def db(pg_db: Database) -> Database:
+    return pg_db
 
 
 
@@ -64,10 +59,10 @@ def test_migrations_match_the_models(db: Database) -> None:
 
 
 @pytest.mark.parametrize("current", list(JobState))
-def test_transition_table_is_enforced(sqlite_db: Database, current: JobState) -> None:
+def test_transition_table_is_enforced(pg_db: Database, current: JobState) -> None:
     for target in JobState:
-        job_id = add_job(sqlite_db, current)
-        with sqlite_db.write() as s:
+        job_id = add_job(pg_db, current)
+        with pg_db.write() as s:
             if target in TRANSITIONS.get(current, ()):
                 job = transition(s, job_id, target)
                 assert job.state == target.value
@@ -79,14 +74,14 @@ def test_transition_table_is_enforced(sqlite_db: Database, current: JobState) ->
         assert current not in TRANSITIONS
 
 
-def test_transition_records_a_state_event_and_times(sqlite_db: Database) -> None:
-    job_id = add_job(sqlite_db)
-    with sqlite_db.write() as s:
+def test_transition_records_a_state_event_and_times(pg_db: Database) -> None:
+    job_id = add_job(pg_db)
+    with pg_db.write() as s:
         transition(s, job_id, JobState.RUNNING)
-    with sqlite_db.write() as s:
+    with pg_db.write() as s:
         job = transition(s, job_id, JobState.FAILED, error={"title": "x", "status": 422, "code": "c"})
     assert job.attempts == 1 and job.run_seconds is not None and job.run_seconds >= 0
-    with sqlite_db.read() as s:
+    with pg_db.read() as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
     assert [e.data["state"] for e in events] == ["RUNNING", "FAILED"]
     assert events[1].data["previous"] == "RUNNING" and events[1].data["error"]["code"] == "c"
@@ -141,32 +136,32 @@ def test_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
         store.path("../../etc/passwd")
 
 
-def test_reaper_requeues_fails_and_cancels_stale_jobs(sqlite_db: Database) -> None:
-    settings = Settings(database_url="sqlite://", stale_after_s=60, max_attempts=2)
+def test_reaper_requeues_fails_and_cancels_stale_jobs(pg_db: Database) -> None:
+    settings = Settings(database_url=UNUSED_DB, stale_after_s=60, max_attempts=2)
     old = utcnow() - timedelta(seconds=120)
-    requeue = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=old, attempts=1)
-    give_up = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=old, attempts=2)
-    cancel = add_job(sqlite_db, JobState.CANCELLING, heartbeat_at=old, attempts=1)
-    fresh = add_job(sqlite_db, JobState.RUNNING, heartbeat_at=utcnow(), attempts=1)
+    requeue = add_job(pg_db, JobState.RUNNING, heartbeat_at=old, attempts=1)
+    give_up = add_job(pg_db, JobState.RUNNING, heartbeat_at=old, attempts=2)
+    cancel = add_job(pg_db, JobState.CANCELLING, heartbeat_at=old, attempts=1)
+    fresh = add_job(pg_db, JobState.RUNNING, heartbeat_at=utcnow(), attempts=1)
     sent: list[tuple[str, str]] = []
-    done = reap_stale_jobs(sqlite_db, settings, lambda job_id, queue: sent.append((job_id, queue)))
+    done = reap_stale_jobs(pg_db, settings, lambda job_id, queue: sent.append((job_id, queue)))
     assert done == {requeue: "QUEUED", give_up: "FAILED", cancel: "CANCELLED"}
     assert sent == [(requeue, "cpu")]
-    with sqlite_db.read() as s:
+    with pg_db.read() as s:
         assert s.get(Job, fresh).state == "RUNNING"
         assert s.get(Job, give_up).error["code"] == "worker_lost"
-    assert reap_stale_jobs(sqlite_db, settings, lambda *_: None) == {}
+    assert reap_stale_jobs(pg_db, settings, lambda *_: None) == {}
 
 
-def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(sqlite_db: Database) -> None:
-    job_id = add_job(sqlite_db, JobState.RUNNING)
-    record = ProgressRecorder(sqlite_db, job_id, interval=60)
+def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(pg_db: Database) -> None:
+    job_id = add_job(pg_db, JobState.RUNNING)
+    record = ProgressRecorder(pg_db, job_id, interval=60)
     for step in range(1, 101):
         record(Progress("distill", step, 100, loss=1.0 / step, message="epoch 1" if step == 50 else None))
     record(Progress("export", 0, 2, loss=float("nan")))
     record(Progress("export", 1, 2))
     record.flush()
-    with sqlite_db.read() as s:
+    with pg_db.read() as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
         job = s.get(Job, job_id)
     progress = [(e.data["stage"], e.data["step"]) for e in events if e.kind == "progress"]
@@ -176,14 +171,14 @@ def test_progress_is_throttled_but_the_last_of_each_stage_is_kept(sqlite_db: Dat
     assert (job.stage, job.progress_step, job.progress_total) == ("export", 1, 2)
 
 
-def test_a_stages_first_line_comes_after_the_last_report_of_the_stage_before(sqlite_db: Database) -> None:
-    job_id = add_job(sqlite_db, JobState.RUNNING)
-    record = ProgressRecorder(sqlite_db, job_id, interval=60)
+def test_a_stages_first_line_comes_after_the_last_report_of_the_stage_before(pg_db: Database) -> None:
+    job_id = add_job(pg_db, JobState.RUNNING)
+    record = ProgressRecorder(pg_db, job_id, interval=60)
     record(Progress("export", 0, 2))
     record(Progress("export", 2, 2))
     record(Progress("quantize", 0, 1, message="preparing the graph"))
     record.close()
-    with sqlite_db.read() as s:
+    with pg_db.read() as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
     seen = [(e.kind, e.data["stage"], e.data.get("step", e.data.get("message"))) for e in events]
     assert seen == [
@@ -224,7 +219,7 @@ def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_pat
     rows = record.take()
     assert ("log", {"stage": "distill", "message": "the engine finished"}) in rows
     record(Progress("export", 0, 1))  # after take: never written
-    rt = Runtime(Settings(database_url="sqlite://"), db, LocalStore(tmp_path / "store"), os.getpid())
+    rt = Runtime(Settings(database_url=UNUSED_DB), db, LocalStore(tmp_path / "store"), os.getpid())
     assert finish(rt, Fence(job_id, 1), JobState.SUCCEEDED, events=rows) is JobState.SUCCEEDED
     record.close()
     with db.read() as s:
@@ -242,11 +237,11 @@ def test_reports_kept_while_the_database_is_away_fold_into_each_stages_last() ->
     assert _fold(batch) == [(a1, []), (a2, [line, line]), (b1, []), (None, [line])]
 
 
-def test_cancel_check_reads_the_row_at_most_every_interval(sqlite_db: Database) -> None:
-    job_id = add_job(sqlite_db, JobState.RUNNING)
-    check = CancelCheck(sqlite_db, job_id, interval=0.2)
+def test_cancel_check_reads_the_row_at_most_every_interval(pg_db: Database) -> None:
+    job_id = add_job(pg_db, JobState.RUNNING)
+    check = CancelCheck(pg_db, job_id, interval=0.2)
     assert check() is False
-    with sqlite_db.write() as s:
+    with pg_db.write() as s:
         transition(s, job_id, JobState.CANCELLING)
     assert check() is False  # within the interval: the cached answer
     time.sleep(0.25)
@@ -318,16 +313,17 @@ def test_http_process_never_imports_torch(tmp_path: Path) -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(tmp_path: Path) -> None:
+def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(
+    tmp_path: Path, unit_pg_url: str
+) -> None:
     from fastapi.testclient import TestClient
 
     from service.app import create_app
     from service.auth import Principal
     from service.deps import current_principal
 
-    app = create_app(Settings(data_dir=tmp_path, reaper_interval_s=0, auth="none"))
+    app = create_app(Settings(data_dir=tmp_path, database_url=unit_pg_url, reaper_interval_s=0, auth="none"))
     ctx = app.state.ctx
-    upgrade(ctx.settings.database_url)
     job_id = add_job(ctx.db, JobState.RUNNING)
     with ctx.db.write() as s:
         s.get(Job, job_id).spec = CompressSpec.model_validate({}).model_dump(mode="json")
@@ -345,3 +341,26 @@ def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(tmp
     app.dependency_overrides[current_principal] = lambda: Principal("other")
     other = client.get(f"/v1/jobs/{job_id}")
     assert other.status_code == 404 and other.json()["code"] == "not_found"
+
+
+def test_log_lines_carry_the_job_and_team_in_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from service.logs import configure, job_context
+
+    try:
+        configure("json", "INFO")
+        log = logging.getLogger("kdq.test")
+        with job_context("job_abc", "vision"):
+            log.warning("inside %s", "a job")
+        log.warning("outside")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert lines[0]["message"] == "inside a job" and lines[0]["job_id"] == "job_abc" and lines[0]["team"] == "vision"
+        assert lines[0]["level"] == "WARNING" and lines[0]["logger"] == "kdq.test"
+        assert "job_id" not in lines[1] and lines[1]["message"] == "outside"
+        configure("text", "INFO")
+        with job_context("job_abc", "vision"):
+            log.warning("again")
+        assert capsys.readouterr().err.rstrip().endswith("kdq.test: again [job job_abc, team vision]")
+    finally:
+        logging.getLogger().handlers.clear()
