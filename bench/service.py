@@ -19,7 +19,7 @@ Cases (each measured in one run beside its baseline)
           job (client wall time minus the engine time the worker reports) and added to the
           direct median.
 
-The service runs as ``kdq serve`` (SQLite, SQLite broker) by default, or with ``--stack postgres``
+The service runs as ``kdq serve`` (its own PostgreSQL and Redis) by default, or with ``--stack postgres``
 as ``kdq api`` + ``kdq worker``s on a fresh Postgres database and Redis.
 
 Usage: python bench/service.py [--cases upload,get,job] [--stack embedded|postgres] [--upload-mib 1024]
