@@ -96,7 +96,7 @@ def rss_mib(procs: dict[str, psutil.Process]) -> dict[str, float]:
 def database_bytes(svc: Service) -> int:
     from sqlalchemy import create_engine, text
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     url = svc.env.get("KDQ_DATABASE_URL") or Settings(data_dir=Path(svc.env["KDQ_DATA_DIR"])).database_url
     engine = create_engine(url)

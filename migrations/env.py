@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from service.db import make_engine
-from service.models import Base
-from service.settings import get_settings
+from service.core.db import make_engine
+from service.core.models import Base
+from service.core.settings import get_settings
 
 config = context.config
 url = config.attributes.get("database_url") or get_settings().database_url

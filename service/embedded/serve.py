@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from ..settings import Settings
+from ..core.settings import Settings
 from .layout import DataDirBusy
 from .stack import EmbeddedStack, child_env_defaults
 
@@ -23,10 +23,10 @@ log = logging.getLogger("kdq.serve")
 
 
 def serve(settings: Settings, args: argparse.Namespace) -> int:
-    from ..app import create_app
-    from ..db import Database
-    from ..migrate import upgrade
-    from ..server import ApiServer
+    from ..api.app import create_app
+    from ..api.server import ApiServer
+    from ..core.db import Database
+    from ..core.migrate import upgrade
     from .sqlite_import import import_legacy_data_dir
 
     started = time.monotonic()

@@ -20,7 +20,16 @@ from pathlib import Path
 from sqlalchemy import MetaData, create_engine, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 
-from ..models import ApiKey, Artifact, DatasetUpload, IdempotencyKey, Job, JobEvent, ModelUpload, Team
+from ..core.models import (
+    ApiKey,
+    Artifact,
+    DatasetUpload,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    ModelUpload,
+    Team,
+)
 from .layout import Layout
 
 log = logging.getLogger("kdq.serve")

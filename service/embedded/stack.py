@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..settings import Settings
+from ..core.settings import Settings
 from . import postgres, redis
 from .layout import DataDirLock, Layout
 from .supervisor import Child, Supervisor, stop_child

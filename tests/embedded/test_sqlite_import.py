@@ -8,12 +8,21 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine
-from sqlalchemy.orm import Session
+from sqlalchemy import create_engine, insert
 
-from service.auth import generate_key, hash_key
-from service.models import ApiKey, Artifact, Base, DatasetUpload, Job, JobEvent, ModelUpload, Team, utcnow
-from service.store import LocalStore
+from service.core.auth import generate_key, hash_key
+from service.core.models import (
+    ApiKey,
+    Artifact,
+    Base,
+    DatasetUpload,
+    Job,
+    JobEvent,
+    ModelUpload,
+    Team,
+    utcnow,
+)
+from service.core.store import LocalStore
 from tests.service.assets import FAST_SPEC, write_assets
 from tests.service.flows import wait_job
 
@@ -31,30 +40,31 @@ def legacy_data_dir(root: Path, assets: dict[str, Path]) -> dict[str, Any]:
     Base.metadata.create_all(engine)
     prefix, key = generate_key()
     old = utcnow() - timedelta(days=30)
-    spec = {**FAST_SPEC}
-    with Session(engine) as s, s.begin():
-        s.add(Team(id="vision", name="vision", created_at=old))
-        s.add(ApiKey(id="key_legacy", team_id="vision", prefix=prefix, sha256=hash_key(key), scope="team",
-                     created_at=old))  # fmt: skip
-        s.add(ModelUpload(id="mdl_legacy", team_id="vision", name="teacher", format="zoo_zip",
-                          filename="teacher.zip", sha256=teacher.sha256, size_bytes=teacher.size, state="ready",
-                          summary={"kind": "zoo", "task": "classification", "input_kind": "vector",
-                                   "input_shape": [16], "output_dim": 3},
-                          user_metadata={}, created_at=old, updated_at=old))  # fmt: skip
-        s.add(DatasetUpload(id="ds_legacy", team_id="vision", name="data", format="npz", filename="data.npz",
-                            sha256=data.sha256, size_bytes=data.size, state="ready",
-                            summary={"samples": 240, "input_kind": "vector", "classes": ["0", "1", "2"]},
-                            user_metadata={}, options={"format": "npz"}, created_at=old, updated_at=old))  # fmt: skip
-        for ident, state in (("job_done", "SUCCEEDED"), ("job_waiting", "QUEUED")):
-            s.add(Job(id=ident, team_id="vision", state=state, queue="cpu", spec=spec, teacher_model_id="mdl_legacy",
-                      dataset_id="ds_legacy", attempts=1 if state == "SUCCEEDED" else 0,
-                      summary={"metric": "accuracy"} if state == "SUCCEEDED" else None,
-                      created_at=old, updated_at=old, enqueued_at=old))  # fmt: skip
-        s.flush()
-        s.add_all([JobEvent(id=i, job_id="job_done", kind="log", data={"message": f"line {i}"}, created_at=old)
-                   for i in range(1, 6)])  # fmt: skip
-        s.add(Artifact(job_id="job_done", name="report.json", team_id="vision", kind="report_json",
-                       sha256=artifact.sha256, size_bytes=artifact.size, description="", created_at=old))  # fmt: skip
+    jobs = [{"id": ident, "team_id": "vision", "state": state, "queue": "cpu", "spec": {**FAST_SPEC},
+             "teacher_model_id": "mdl_legacy", "dataset_id": "ds_legacy", "attempts": int(state == "SUCCEEDED"),
+             "progress_step": 0, "progress_total": 0,
+             "summary": {"metric": "accuracy"} if state == "SUCCEEDED" else None,
+             "created_at": old, "updated_at": old, "enqueued_at": old}
+            for ident, state in (("job_done", "SUCCEEDED"), ("job_waiting", "QUEUED"))]  # fmt: skip
+    upload = {"team_id": "vision", "state": "ready", "user_metadata": {}, "created_at": old, "updated_at": old}
+    with engine.begin() as conn:  # (Core inserts: no session hooks of this process run on SQLite)
+        conn.execute(insert(Team), [{"id": "vision", "name": "vision", "created_at": old}])
+        conn.execute(insert(ApiKey), [{"id": "key_legacy", "team_id": "vision", "prefix": prefix, "label": "",
+                                       "sha256": hash_key(key), "scope": "team", "created_at": old}])  # fmt: skip
+        conn.execute(insert(ModelUpload), [{**upload, "id": "mdl_legacy", "name": "teacher", "format": "zoo_zip",
+                     "filename": "teacher.zip", "sha256": teacher.sha256, "size_bytes": teacher.size,
+                     "summary": {"kind": "zoo", "task": "classification", "input_kind": "vector",
+                                 "input_shape": [16], "output_dim": 3}}])  # fmt: skip
+        conn.execute(insert(DatasetUpload), [{**upload, "id": "ds_legacy", "name": "data", "format": "npz",
+                     "filename": "data.npz", "sha256": data.sha256, "size_bytes": data.size,
+                     "options": {"format": "npz"},
+                     "summary": {"samples": 240, "input_kind": "vector", "classes": ["0", "1", "2"]}}])  # fmt: skip
+        conn.execute(insert(Job), jobs)
+        conn.execute(insert(JobEvent), [{"id": i, "job_id": "job_done", "kind": "log", "data": {"message": f"line {i}"},
+                                         "created_at": old} for i in range(1, 6)])  # fmt: skip
+        conn.execute(insert(Artifact), [{"job_id": "job_done", "name": "report.json", "team_id": "vision",
+                                         "kind": "report_json", "sha256": artifact.sha256, "size_bytes": artifact.size,
+                                         "description": "", "created_at": old}])  # fmt: skip
     engine.dispose()
     (root / "broker.sqlite").write_bytes(b"")
     return {"key": key, "artifact": artifact.sha256}

@@ -12,8 +12,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from service.db import Database
-from service.migrate import upgrade
+from service.core.db import Database
+from service.core.migrate import upgrade
 from tests.service.assets import write_assets
 
 from .stack import FaultStack

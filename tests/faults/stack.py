@@ -265,7 +265,7 @@ class FaultStack:
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise RuntimeError(f"{name} exited with {self.procs[name].returncode}\n{self.log_tail(name)}")
-            if log.exists() and " ready." in log.read_text(errors="replace"):
+            if log.exists() and " ready: queues " in log.read_text(errors="replace"):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"{name} not ready after {timeout}s\n{self.log_tail(name)}")

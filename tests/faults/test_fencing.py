@@ -17,33 +17,23 @@ import pytest
 from kombu import Consumer
 from sqlalchemy import func, select, update
 
-from service import redis_transport
-from service.db import Database
-from service.models import Artifact, Job, JobEvent, utcnow
-from service.queueing import Queues
-from service.relay import relay_queued_jobs
-from service.settings import Settings
-from service.states import JobState
-from service.store import LocalStore
-from worker.compression.types import Progress
-from worker.tasks import (
-    CancelCheck,
-    Fence,
-    Heartbeat,
-    ProgressRecorder,
-    Runtime,
-    begin,
-    finish,
-    storage_full,
-    take_over_work,
-)
-
+from service.core import redis_transport
+from service.core.db import Database
+from service.core.lifecycle import CancelCheck, Fence, Heartbeat, begin, finish
+from service.core.models import Artifact, Job, JobEvent, utcnow
+from service.core.outcomes import storage_full
+from service.core.progress import ProgressRecorder
+from service.core.queues import Queues
+from service.core.relay import relay_queued_jobs
+from service.core.settings import Settings
+from service.core.states import JobState
+from service.core.store import LocalStore
 from tests.service.rows import add_job
+from worker.compression.types import Progress
+from worker.files import take_over_work
+from worker.tasks import Runtime
 
 from .stack import FaultStack, PrivateRedis
-
-
-
 
 UNUSED_DB = "postgresql+psycopg://unused@/unused"
 """Settings whose database is never connected (the tests pass their own)."""
@@ -70,7 +60,7 @@ def test_duplicate_deliveries_begin_the_job_once(unit_db: Database, tmp_path: Pa
 
     def deliver() -> None:
         barrier.wait()
-        won.append(begin(rt, job_id))
+        won.append(begin(rt.db, job_id))
 
     threads = [threading.Thread(target=deliver) for _ in range(8)]
     for t in threads:
@@ -113,7 +103,7 @@ def test_a_stale_attempt_writes_nothing(unit_db: Database, tmp_path: Path) -> No
     ref = rt.store.put_file(blob)
     art = Artifact(job_id=job_id, name="student.zip", team_id="default", kind="student",
                    sha256=ref.sha256, size_bytes=ref.size)  # fmt: skip
-    assert finish(rt, stale, JobState.SUCCEEDED, artifacts=[art]) is None
+    assert finish(rt.db, rt.store, stale, JobState.SUCCEEDED, artifacts=[art]) is None
     with unit_db.read() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.state == "RUNNING" and job.heartbeat_at == beat
@@ -122,7 +112,7 @@ def test_a_stale_attempt_writes_nothing(unit_db: Database, tmp_path: Path) -> No
     recorder = ProgressRecorder(unit_db, job_id, 0.0, current)
     recorder(Progress("distill", 6, 10))
     recorder.close()
-    assert finish(rt, current, JobState.SUCCEEDED, stage="done") is JobState.SUCCEEDED
+    assert finish(rt.db, rt.store, current, JobState.SUCCEEDED, stage="done") is JobState.SUCCEEDED
     assert [e.kind for e in events(unit_db, job_id)] == ["progress", "state"]
 
 
@@ -137,7 +127,7 @@ def test_finish_restores_a_blob_a_superseded_attempt_released(unit_db: Database,
     rt.store.delete(ref.sha256)  # what release_blob of the other attempt did
     art = Artifact(job_id=job_id, name=path.name, team_id="default", kind="onnx_fp32",
                    sha256=ref.sha256, size_bytes=ref.size)  # fmt: skip
-    reached = finish(rt, Fence(job_id, 1), JobState.SUCCEEDED, artifacts=[art], files={path.name: path})
+    reached = finish(rt.db, rt.store, Fence(job_id, 1), JobState.SUCCEEDED, artifacts=[art], files={path.name: path})
     assert reached is JobState.SUCCEEDED and rt.store.exists(ref.sha256)
 
 

@@ -185,10 +185,17 @@ def pg_url() -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A fresh, empty database for one test (not migrated)."""
+    with _fresh_database() as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def unit_pg_url() -> Iterator[str]:
     """Another fresh database, migrated, for in-process tests whose rows no stack should see."""
-    from service.migrate import upgrade
+    from service.core.migrate import upgrade
 
     with _fresh_database() as url:
         upgrade(url)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from service.db import Database
-from service.models import Job
-from service.states import JobState
+from service.core.db import Database
+from service.core.models import Job
+from service.core.states import JobState
 
 
 def add_job(db: Database, state: JobState = JobState.QUEUED, **values: Any) -> str:

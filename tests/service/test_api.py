@@ -287,7 +287,7 @@ def test_health_readiness_and_metrics(pg_stack: Stack, api: httpx.Client, finish
         subprocess.run(kdq("check"), cwd=REPO, env=pg_stack.env, capture_output=True, check=False).returncode
         == 0
     )
-    assert api.get("/healthz").json() == {"status": "ok", "checks": {}}
+    assert api.get("/healthz").json() == {"status": "ok", "checks": {}, "parts": {}}
     assert api.get("/readyz").json()["checks"] == {"database": "ok", "broker": "ok"}
     text = api.get("/metrics").text
     assert 'kdq_jobs{state="SUCCEEDED"}' in text and 'kdq_queue_depth{queue="validate"}' in text
@@ -298,11 +298,14 @@ def test_health_readiness_and_metrics(pg_stack: Stack, api: httpx.Client, finish
     assert float(succeeded.split()[-1]) >= 1
 
 
-def test_broker_down_means_503_and_nothing_stored(tmp_path: Path, assets: dict[str, Path]) -> None:
+def test_broker_down_means_503_and_nothing_stored(
+    tmp_path: Path, assets: dict[str, Path], fresh_pg_url: str
+) -> None:
     from .conftest import base_env, free_port, kdq
 
     port = free_port()
-    env = base_env(KDQ_DATA_DIR=str(tmp_path), KDQ_BROKER_URL="redis://127.0.0.1:1/0", KDQ_AUTH="none")
+    env = base_env(KDQ_DATA_DIR=str(tmp_path), KDQ_DATABASE_URL=fresh_pg_url, KDQ_BROKER_URL="redis://127.0.0.1:1/0",
+                   KDQ_AUTH="none")  # fmt: skip
     stack = Stack(f"http://127.0.0.1:{port}", env, tmp_path)
     subprocess.run(kdq("migrate"), cwd=REPO, env=env, check=True, capture_output=True)
     stack.spawn("api", kdq("api", "--host", "127.0.0.1", "--port", str(port)))

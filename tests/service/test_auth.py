@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from service.auth import (
+from service.core.auth import (
     KeyCache,
     Principal,
     bearer_token,
@@ -30,12 +30,20 @@ from service.auth import (
     parse_key,
     revoke_key,
 )
-from service.db import Database
-from service.models import ApiKey, utcnow
+from service.core.db import Database
+from service.core.models import ApiKey, utcnow
 
 from .assets import FAST_SPEC
 from .conftest import REPO, RETENTION_S, FinishedJob, Stack, base_env, kdq
-from .flows import TERMINAL, ready_upload, run_job, submit, upload, wait_job, wait_upload
+from .flows import (
+    TERMINAL,
+    ready_upload,
+    run_job,
+    submit,
+    upload,
+    wait_job,
+    wait_upload,
+)
 
 PROBLEM = "application/problem+json"
 KEY_FORMAT = re.compile(r"^kdq_[a-z0-9]{8}_[A-Za-z0-9_-]{43}$")
@@ -92,7 +100,7 @@ def test_only_the_hash_is_stored_and_lookup_checks_it(keys_db: Database) -> None
 
 def test_key_cache_remembers_successes_only_for_its_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr("service.auth.time.monotonic", lambda: now[0])  # the clock, not our code
+    monkeypatch.setattr("service.core.auth.time.monotonic", lambda: now[0])  # the clock, not our code
     cache = KeyCache(5.0)
     cache.put("k", Principal("a"))
     assert cache.get("k") == Principal("a") and cache.get("other") is None

@@ -21,7 +21,6 @@ from .conftest import FinishedJob, Stack, base_env, free_port, kdq
 from .flows import TERMINAL, ready_upload, run_job, sha256_of, submit, wait_job
 
 
-
 def check_finished(
     client: httpx.Client,
     job: dict[str, Any],

@@ -1,4 +1,4 @@
-"""The API's synchronous upload checks (service.inspection) on the malicious corpus, without a
+"""The API's synchronous upload checks (service.api.inspection) on the malicious corpus, without a
 stack: what they refuse (422 / 415 with the reason), and what they leave to the validate worker."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.inspection import InspectionLimits, inspect_upload
-from service.problems import ProblemError
-from service.settings import Settings
+from service.api.inspection import InspectionLimits, inspect_upload
+from service.api.problems import ProblemError
+from service.core.settings import Settings
 from tests.malicious import corpus
 
 from .conftest import REPO
@@ -151,5 +151,5 @@ def test_what_needs_the_worker_passes(tmp_path: Path) -> None:
 
 
 def test_the_api_stays_torch_free() -> None:
-    code = "import service.app, service.inspection, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import service.api.app, service.api.inspection, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from service.db import Database
-from service.models import JobEvent, utcnow
-from service.notices import JobNotices
-from service.states import JobState, transition
+from service.core.db import Database
+from service.core.models import JobEvent, utcnow
+from service.core.notices import JobNotices
+from service.core.states import JobState, transition
 
 from .rows import add_job
 

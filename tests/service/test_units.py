@@ -17,19 +17,27 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select
 
-from service.db import Database
-from service.jobcheck import check_job
-from service.migrate import upgrade
-from service.models import Base, Job, JobEvent, utcnow
-from service.pagination import decode_token, encode_token
-from service.problems import ProblemError, pointer
-from service.reaper import reap_stale_jobs
-from service.settings import Settings
-from service.states import TERMINAL, TRANSITIONS, IllegalTransition, JobState, transition
-from service.store import LocalStore
+from service.api.jobcheck import check_job
+from service.api.pagination import decode_token, encode_token
+from service.api.problems import ProblemError, pointer
+from service.core.db import Database
+from service.core.lifecycle import CancelCheck
+from service.core.migrate import upgrade
+from service.core.models import Base, Job, JobEvent, utcnow
+from service.core.outcomes import jsonable
+from service.core.progress import ProgressRecorder
+from service.core.reaper import reap_stale_jobs
+from service.core.settings import Settings
+from service.core.states import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    JobState,
+    transition,
+)
+from service.core.store import LocalStore
 from worker.compression.spec import CompressSpec
 from worker.compression.types import Progress
-from worker.tasks import CancelCheck, ProgressRecorder, jsonable
 
 from .conftest import REPO
 from .rows import add_job
@@ -209,7 +217,7 @@ def test_progress_reports_never_wait_for_the_database(pg_db: Database) -> None:
 def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_path: Path) -> None:
     """`take` hands the unwritten reports to `finish`, which writes them in its own transaction,
     before the state event (a stream ends at that event: nothing may come after it)."""
-    from worker.tasks import Fence, Runtime, finish
+    from service.core.lifecycle import Fence, finish
 
     job_id = add_job(db, JobState.RUNNING, attempts=1)
     record = ProgressRecorder(db, job_id, interval=60)  # one write, then none for a minute
@@ -219,8 +227,7 @@ def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_pat
     rows = record.take()
     assert ("log", {"stage": "distill", "message": "the engine finished"}) in rows
     record(Progress("export", 0, 1))  # after take: never written
-    rt = Runtime(Settings(database_url=UNUSED_DB), db, LocalStore(tmp_path / "store"), os.getpid())
-    assert finish(rt, Fence(job_id, 1), JobState.SUCCEEDED, events=rows) is JobState.SUCCEEDED
+    assert finish(db, LocalStore(tmp_path / "store"), Fence(job_id, 1), JobState.SUCCEEDED, events=rows) is JobState.SUCCEEDED
     record.close()
     with db.read() as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()
@@ -229,12 +236,12 @@ def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_pat
 
 
 def test_reports_kept_while_the_database_is_away_fold_into_each_stages_last() -> None:
-    from worker.tasks import _fold
+    from service.core.progress import fold
 
     a1, a2, b1 = Progress("distill", 1, 9), Progress("distill", 2, 9), Progress("export", 0, 1)
     line = {"message": "x"}
     batch = [(a1, []), (None, [line]), (a2, [line]), (b1, []), (None, [line])]
-    assert _fold(batch) == [(a1, []), (a2, [line, line]), (b1, []), (None, [line])]
+    assert fold(batch) == [(a1, []), (a2, [line, line]), (b1, []), (None, [line])]
 
 
 def test_cancel_check_reads_the_row_at_most_every_interval(pg_db: Database) -> None:
@@ -295,16 +302,17 @@ def test_pointer_escapes_json_pointer_characters() -> None:
 
 
 def test_openapi_file_is_current() -> None:
-    from service.openapi import generate
+    from service.api.openapi import generate
 
     committed = json.loads((REPO / "openapi" / "openapi.json").read_text())
-    assert committed == generate(), "openapi/openapi.json is stale: run python -m service.openapi"
+    assert committed == generate(), "openapi/openapi.json is stale: run python -m service.api.openapi"
 
 
 def test_http_process_never_imports_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; import service.app, service.cli, worker.celery_app; service.app.create_app(); "
-        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+        "import sys; import service.api.app, service.cli; service.api.app.create_app(); "
+        "assert 'worker.celery_app' not in sys.modules, 'the API built the worker app'; "
+        "import worker.celery_app; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     env = {**os.environ, "KDQ_DATA_DIR": str(tmp_path)}
     out = subprocess.run(
@@ -318,9 +326,9 @@ def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from service.app import create_app
-    from service.auth import Principal
-    from service.deps import current_principal
+    from service.api.app import create_app
+    from service.api.deps import current_principal
+    from service.core.auth import Principal
 
     app = create_app(Settings(data_dir=tmp_path, database_url=unit_pg_url, reaper_interval_s=0, auth="none"))
     ctx = app.state.ctx
@@ -346,7 +354,7 @@ def test_job_reads_are_fresh_until_finished_then_served_from_memory_per_team(
 def test_log_lines_carry_the_job_and_team_in_json_and_text(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
-    from service.logs import configure, job_context
+    from service.core.logs import configure, job_context
 
     try:
         configure("json", "INFO")

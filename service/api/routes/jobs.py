@@ -15,10 +15,20 @@ from sqlalchemy.orm import Session
 
 from worker.compression.spec import CompressSpec, DataSpec
 
-from ..auth import Principal
+from ...core.auth import Principal
+from ...core.lifecycle import JobFinished, request_cancel
+from ...core.models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
+from ...core.quotas import check_submission, lock_team
+from ...core.relay import enqueue
+from ...core.states import (
+    TERMINAL,
+    JobNotFound,
+    JobState,
+    UploadState,
+    lock_job,
+)
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking, db_threads
 from ..jobcheck import check_job
-from ..models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
 from ..pagination import MAX_PAGE_SIZE, paginate
 from ..problems import (
     AUTH_RESPONSES,
@@ -29,11 +39,8 @@ from ..problems import (
     responses,
     unprocessable,
 )
-from ..quotas import check_submission, lock_team
-from ..relay import enqueue
 from ..schemas import JobCreate, JobOut, JobPage
 from ..sse import event_stream, has_more_events
-from ..states import TERMINAL, JobNotFound, JobState, lock_job, transition
 
 router = APIRouter(
     prefix="/v1/jobs", tags=["jobs"], dependencies=PROTECTED, responses=AUTH_RESPONSES
@@ -64,8 +71,8 @@ def _ready_upload(
     what = "model" if table is ModelUpload else "dataset"
     if row is None or row.team_id != team:
         raise unprocessable([FieldError(pointer=pointer, detail=f"{what} {ident!r} does not exist")])
-    if row.state != "ready":
-        reason = f": {row.error.get('detail')}" if row.state == "invalid" and row.error else ""
+    if row.state != UploadState.READY:
+        reason = f": {row.error.get('detail')}" if row.state == UploadState.INVALID and row.error else ""
         raise unprocessable(
             [
                 FieldError(
@@ -189,7 +196,7 @@ def create_job(
             if idempotency_key is not None and (earlier := _replay(s, team, idempotency_key, digest)):
                 return _accepted(earlier, response)
         raise
-    # The outbox (`service.relay`): the row is committed before the message is sent, so from here
+    # The outbox (`service.core.relay`): the row is committed before the message is sent, so from here
     # on no crash and no broker outage loses the job. If the broker refuses the message, the job
     # stays QUEUED without its outbox mark and the relay sends it once the broker is back; the
     # answer is still 202, because the job exists and will run. A 503 here would tell the client
@@ -274,17 +281,10 @@ def cancel_job(job_id: str, ctx: Ctx, who: Auth) -> JobOut:
             raise not_found("job", job_id) from None
         if not who.sees(job.team_id):
             raise not_found("job", job_id)
-        state = JobState(job.state)
-        if state is JobState.QUEUED:
-            job = transition(s, job_id, JobState.CANCELLED)
-        elif state is JobState.RUNNING:
-            job = transition(s, job_id, JobState.CANCELLING)
-        elif state is not JobState.CANCELLING:
-            raise ProblemError(
-                409,
-                f"job {job_id} already finished ({state.value}); there is nothing to cancel",
-                code="job_finished",
-            )
+        try:
+            job = request_cancel(s, job)
+        except JobFinished as exc:
+            raise ProblemError(409, str(exc), code="job_finished") from None
         return JobOut.of(job)
 
 

@@ -30,8 +30,19 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
-from worker.compression.archives import ArchiveLimits, Member, Opener, archive_kind, walk_members
-from worker.compression.errors import InputError, TruncatedFileError, UnsafeFileError, UnsupportedFormatError
+from worker.compression.archives import (
+    ArchiveLimits,
+    Member,
+    Opener,
+    archive_kind,
+    walk_members,
+)
+from worker.compression.errors import (
+    InputError,
+    TruncatedFileError,
+    UnsafeFileError,
+    UnsupportedFormatError,
+)
 from worker.compression.safetensors_header import parse_header, read_header
 from worker.compression.sniff import (
     CODE_KINDS,
@@ -45,8 +56,8 @@ from worker.compression.sniff import (
     sniff,
 )
 
+from ..core.settings import Settings
 from .problems import FieldError, ProblemError
-from .settings import Settings
 
 CODE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".pt2", ".jit", ".ptl")
 ARCHIVE_HEADS = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")

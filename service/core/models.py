@@ -99,7 +99,7 @@ class _Upload:
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16), default="validating")
-    """``validating`` → ``ready`` | ``invalid``."""
+    """``validating`` → ``ready`` | ``invalid`` (`service.core.states.UploadState`)."""
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)

@@ -3,7 +3,7 @@ requeued (up to ``max_attempts``), failed, or cancelled. Safe to run from every 
 replica at once: each decision is re-checked under the row lock.
 
 A requeued job gets a new attempt number when a worker begins it; the attempt that was
-given up on is fenced off by that number (`worker.tasks.Fence`), so if its worker was only
+given up on is fenced off by that number (`service.core.lifecycle.Fence`), so if its worker was only
 paused and wakes up, it cannot overwrite the newer attempt. A requeue whose message the
 broker refuses stays QUEUED without an outbox mark, and the relay sends it later."""
 
@@ -16,12 +16,12 @@ from datetime import timedelta
 from sqlalchemy import select, update
 
 from .db import Database
+from .lifecycle import reap_verdict
 from .models import Job, utcnow
 from .settings import Settings
 from .states import JobState, lock_job, transition
 
 log = logging.getLogger(__name__)
-WORKER_LOST = {"type": "about:blank", "title": "Worker lost", "status": 500, "code": "worker_lost"}
 
 
 def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, str], None]) -> dict[str, str]:
@@ -37,13 +37,7 @@ def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, s
             job = lock_job(s, job_id)
             if job.state not in active or job.heartbeat_at is None or job.heartbeat_at >= cutoff:
                 continue  # it moved on while we looked
-            if job.state == JobState.CANCELLING:
-                target, changes = JobState.CANCELLED, {}
-            elif job.attempts >= settings.max_attempts:
-                detail = f"the worker running this job stopped responding {job.attempts} times; giving up"
-                target, changes = JobState.FAILED, {"error": {**WORKER_LOST, "detail": detail}}
-            else:
-                target, changes = JobState.QUEUED, {}
+            target, changes = reap_verdict(job, settings.max_attempts)
             transition(s, job_id, target, **changes)
             queue = job.queue
         log.warning("job %s: no heartbeat since before %s, now %s", job_id, cutoff.isoformat(), target.value)

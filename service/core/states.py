@@ -1,4 +1,8 @@
-"""The job state machine. Every state change goes through `transition`.
+"""The state machines of jobs and uploads. Every job state change goes through `transition`,
+every upload's through `finish_validation` (the rules for which target a caller picks are in
+`service.core.lifecycle`).
+
+Jobs:
 
 QUEUED ──▶ RUNNING ──▶ SUCCEEDED | FAILED
   │           │  ▲
@@ -7,6 +11,8 @@ QUEUED ──▶ RUNNING ──▶ SUCCEEDED | FAILED
   │           ▼
   │       CANCELLING ──▶ CANCELLED | FAILED
   └──▶ CANCELLED | FAILED
+
+Uploads (models and datasets): ``validating ──▶ ready | invalid``.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import Job, JobEvent, utcnow
+from .models import DatasetUpload, Job, JobEvent, ModelUpload, utcnow
 
 
 class JobState(StrEnum):
@@ -83,3 +89,42 @@ def transition(session: Session, job_id: str, target: JobState, **changes: Any) 
         data["error"] = job.error
     session.add(JobEvent(job_id=job_id, kind="state", data=data, created_at=now))
     return job
+
+
+class UploadState(StrEnum):
+    VALIDATING = "validating"
+    READY = "ready"
+    INVALID = "invalid"
+
+
+UPLOAD_TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
+    UploadState.VALIDATING: frozenset({UploadState.READY, UploadState.INVALID}),
+}
+
+
+def finish_validation(
+    session: Session,
+    table: type[ModelUpload | DatasetUpload],
+    upload_id: str,
+    *,
+    summary: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    detected_format: str | None = None,
+) -> UploadState | None:
+    """``validating → invalid`` (with ``error``) or ``ready`` (with ``summary``, and the detected
+    format of an ``auto`` model), under the row lock; None when the upload is gone or was already
+    validated (a duplicate delivery)."""
+    row = session.get(table, upload_id, with_for_update=True)
+    if row is None:
+        return None
+    target = UploadState.INVALID if error is not None else UploadState.READY
+    if target not in UPLOAD_TRANSITIONS.get(UploadState(row.state), frozenset()):
+        return None
+    row.state = target.value
+    if error is not None:
+        row.error = error
+    else:
+        row.summary = summary
+        if detected_format:
+            row.format = detected_format
+    return target

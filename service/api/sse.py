@@ -1,6 +1,6 @@
 """Server-Sent Events for one job, read from the job_event table.
 
-A stream reads its job's events when a notice says there are new ones (`service.notices`),
+A stream reads its job's events when a notice says there are new ones (`service.core.notices`),
 and every ``sse_poll_s`` in any case. Each event carries its row id as the SSE ``id``, so a client that reconnects with
 ``Last-Event-ID`` resumes exactly where it stopped. The stream ends after the event
 that made the job terminal (state changes are written in the same transaction as the
@@ -18,8 +18,8 @@ import anyio
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from .models import Job, JobEvent
-from .states import TERMINAL, JobState
+from ..core.models import Job, JobEvent
+from ..core.states import TERMINAL, JobState
 
 if TYPE_CHECKING:
     from .deps import Context

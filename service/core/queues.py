@@ -1,4 +1,8 @@
-"""Sending work to the workers, and asking the broker how it is doing."""
+"""Sending work to the workers by task name, and asking the broker how it is doing.
+
+The API never builds the worker's Celery app (`worker.celery_app`), which imports the tasks:
+it sends by name through a sender app with the same broker settings (`celery_config`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ from datetime import datetime
 from typing import Any, Literal
 
 from celery import Celery
+from kombu import Exchange, Queue
 
-from worker.celery_app import RUN_JOB, VALIDATE_UPLOAD, make_celery
-
+from . import redis_transport
 from .settings import Settings
+
+RUN_JOB = "kdq.run_job"
+VALIDATE_UPLOAD = "kdq.validate_upload"
 
 UploadKind = Literal["model", "dataset"]
 REDIS_PRIORITY_SEP = "\x06\x16"
@@ -26,10 +33,46 @@ class BrokerUnavailable(Exception):
     pass
 
 
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """What the senders and the workers agree on: late acknowledgement, one task per worker slot,
+    explicit queues, JSON only, no result backend (the job row is the truth)."""
+    redis_transport.register()
+    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout_s}
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    queues = (settings.queue_validate, settings.queue_cpu, settings.queue_gpu)
+    return {
+        "broker_url": settings.broker_url,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_store_errors_even_if_ignored": False,
+        "task_queues": [Queue(q, Exchange(q, type="direct"), routing_key=q) for q in queues],
+        "task_default_queue": settings.queue_cpu,
+        "task_create_missing_queues": False,
+        "task_routes": {VALIDATE_UPLOAD: {"queue": settings.queue_validate}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        "worker_enable_remote_control": False,
+        "worker_send_task_events": False,
+    }
+
+
+def make_sender(settings: Settings) -> Celery:
+    """A Celery app that only sends (no tasks, not the current app)."""
+    app = Celery("kdq-sender", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
 class Queues:
     def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self.settings = settings
-        self.celery = celery or make_celery(settings)
+        self.celery = celery or make_sender(settings)
         self._inspector: Any = None
 
     def send_job(self, job_id: str, queue: str) -> None:

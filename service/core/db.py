@@ -13,7 +13,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 POOL_SIZE = 16
-"""Connections kept open: as many as the API's database threads (`service.deps.blocking`),
+"""Connections kept open: as many as the API's database threads (`service.api.deps.blocking`),
 so a busy API never opens and closes connections per request."""
 
 

@@ -1,6 +1,6 @@
 """Which database errors mean "the database is away for now" rather than a bug.
 
-The API answers them with a retryable 503 (`service.problems`); the worker retries its final
+The API answers them with a retryable 503 (`service.api.problems`); the worker retries its final
 write for a while, and its progress and heartbeat writes simply skip a beat
 (`worker.tasks`). Everything else (an integrity error, a bad statement) stays an error.
 """

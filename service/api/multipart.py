@@ -17,13 +17,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    parse_options_header,
+)
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive
 
+from ..core.store import BlobStore, BlobWriter
 from .limits import drain_body
 from .problems import FieldError, ProblemError, unprocessable
-from .store import BlobStore, BlobWriter
 
 BATCH = 1 << 20
 """Bytes gathered before one parser/disk step in the worker thread."""

@@ -48,7 +48,7 @@ def release_blob(db: Database, store: BlobStore, sha256: str) -> bool:
 
     The check and the deletion happen under `lock_blob`, inside one write transaction: an
     upload of the same bytes that inserts its row after this deletion finds the file gone
-    when it checks (`service.routes.uploads`) and is refused with a retryable 503.
+    when it checks (`service.api.routes.uploads`) and is refused with a retryable 503.
     """
     with db.write() as s:
         lock_blob(s, sha256)

@@ -9,7 +9,7 @@ that its connection is gone: it sits idle forever (seen in the Redis-restart fau
 
 Forgetting the message regardless is safe: it is either gone with the old Redis, or Redis
 redelivers it after the visibility timeout, and a redelivered job is dropped by
-`worker.tasks.begin` (a job is run only from QUEUED). The next poll then hits the dead
+`service.core.lifecycle.begin` (a job is run only from QUEUED). The next poll then hits the dead
 connection, and Celery reconnects as usual.
 
 Registered for ``redis://``, ``rediss://`` and ``redis+socket://`` by `register` (`worker.celery_app`).

@@ -1,4 +1,4 @@
-"""The FastAPI application factory (``uvicorn --factory service.app:create_app``).
+"""The FastAPI application factory (``uvicorn --factory service.api.app:create_app``).
 
 The HTTP process never imports torch: it reads and writes rows, streams blobs, and
 queues work for the Celery workers.
@@ -14,20 +14,20 @@ from functools import partial
 import anyio
 from fastapi import FastAPI
 
+from ..core.db import Database
+from ..core.dberrors import database_unavailable
+from ..core.notices import JobNotices
+from ..core.queues import Queues
+from ..core.reaper import reap_stale_jobs
+from ..core.relay import relay_queued_jobs
+from ..core.retention import retention_enabled, sweep
+from ..core.settings import Settings, get_settings
+from ..core.store import make_store
 from . import problems
-from .db import Database
-from .dberrors import database_unavailable
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
-from .notices import JobNotices
-from .queueing import Queues
-from .reaper import reap_stale_jobs
-from .relay import relay_queued_jobs
-from .retention import retention_enabled, sweep
 from .routes import artifacts, jobs, ops, uploads
-from .settings import Settings, get_settings
-from .store import make_store
 
 log = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
@@ -68,15 +68,15 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ctx.notices.start()  # wakes event streams as soon as a job has news (service.notices)
+        ctx.notices.start()  # wakes event streams as soon as a job has news (service.core.notices)
         async with anyio.create_task_group() as tg:
-            if settings.reaper_interval_s > 0:  # stale RUNNING jobs (service.reaper)
+            if settings.reaper_interval_s > 0:  # stale RUNNING jobs (service.core.reaper)
                 tg.start_soon(_every, settings.reaper_interval_s, "reaper",
                               partial(reap_stale_jobs, ctx.db, settings, ctx.queues.send_job))
-            if settings.relay_interval_s > 0:  # the job outbox (service.relay)
+            if settings.relay_interval_s > 0:  # the job outbox (service.core.relay)
                 tg.start_soon(_every, settings.relay_interval_s, "relay",
                               partial(relay_queued_jobs, ctx.db, settings, ctx.queues))
-            if retention_enabled(settings):  # expired uploads and artifacts (service.retention)
+            if retention_enabled(settings):  # expired uploads and artifacts (service.core.retention)
                 tg.start_soon(_every, settings.retention_interval_s, "retention",
                               partial(sweep, ctx.db, ctx.store, settings))
             yield

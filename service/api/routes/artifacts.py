@@ -16,9 +16,9 @@ from sqlalchemy import select
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from ..auth import Principal
+from ...core.auth import Principal
+from ...core.models import Artifact
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking
-from ..models import Artifact
 from ..problems import AUTH_RESPONSES, ProblemError, not_found, responses
 from ..schemas import ArtifactList, ArtifactOut
 from .jobs import load_job

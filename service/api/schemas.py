@@ -10,11 +10,10 @@ from sqlalchemy import Row
 
 from worker.compression.spec import CompressSpec
 
-from .models import Artifact, DatasetUpload, Job, ModelUpload
+from ..core.models import Artifact, DatasetUpload, Job, ModelUpload
+from ..core.states import JobState, UploadState
 from .problems import Problem
-from .states import JobState
 
-UploadState = Literal["validating", "ready", "invalid"]
 ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program"]
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, ParamSpec, TypeVar
 
@@ -12,14 +12,14 @@ import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .auth import KeyCache, Principal, bearer_token, ensure_team, lookup
-from .db import POOL_SIZE, Database
+from ..core.auth import KeyCache, Principal, bearer_token, ensure_team, lookup
+from ..core.db import POOL_SIZE, Database
+from ..core.notices import JobNotices
+from ..core.queues import Queues
+from ..core.settings import Settings
+from ..core.store import BlobStore
 from .metrics import Metrics
-from .notices import JobNotices
 from .problems import FieldError, ProblemError, unprocessable
-from .queueing import Queues
-from .settings import Settings
-from .store import BlobStore
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Context:
     parts: Callable[[], dict[str, str]] | None = None
     """The supervised children's states (`kdq serve`); None scaled out."""
     finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
-    """Serialised finished jobs by id, with their team (see `service.routes.jobs.get_job`)."""
+    """Serialised finished jobs by id, with their team (see `service.api.routes.jobs.get_job`)."""
     keys: KeyCache = field(init=False)
     """API keys this process accepted in the last ``auth_cache_s`` seconds."""
     default_team_ready: bool = field(default=False, init=False)

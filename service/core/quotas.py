@@ -21,7 +21,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from .models import Artifact, DatasetUpload, Job, ModelUpload, Team, utcnow
-from .problems import ProblemError
 from .settings import Settings
 from .states import JobState
 
@@ -65,25 +64,29 @@ def stored_bytes(session: Session, team_id: str) -> int:
     return int(session.scalar(select(parts[0] + parts[1] + parts[2])) or 0)
 
 
-def _exceeded(detail: str, *, code: str = "quota_exceeded", retry_after: int | None = None) -> ProblemError:
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return ProblemError(429, detail, code=code, headers=headers)
+class QuotaExceeded(Exception):
+    """A team is over one of its quotas (the API answers 429 with ``code`` and ``Retry-After``)."""
+
+    def __init__(self, detail: str, *, code: str = "quota_exceeded", retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.code, self.retry_after = detail, code, retry_after
+
 
 
 def check_storage(session: Session, settings: Settings, team_id: str, adding: int) -> None:
-    """429 when ``adding`` more bytes would take the team over its storage quota."""
+    """`QuotaExceeded` when ``adding`` more bytes would take the team over its storage quota."""
     limit = limits_for(session, settings, team_id).max_stored_bytes
     used = stored_bytes(session, team_id)
     if used + adding > limit:
-        raise _exceeded(
+        raise QuotaExceeded(
             f"team {team_id!r} stores {used} bytes; {adding} more would exceed its quota of {limit} bytes. "
             "Delete models, datasets or jobs' artifacts you no longer need; nothing was stored"
         )
 
 
 def check_submission(session: Session, settings: Settings, team_id: str) -> None:
-    """429 when the team submits too fast, has too many unfinished jobs, or is over its storage
-    quota (a job's artifacts would add to it). Call after `lock_team`."""
+    """`QuotaExceeded` when the team submits too fast, has too many unfinished jobs, or is over its
+    storage quota (a job's artifacts would add to it). Call after `lock_team`."""
     limits = limits_for(session, settings, team_id)
     now = utcnow()
     window = now - timedelta(seconds=RATE_WINDOW_S)
@@ -98,7 +101,7 @@ def check_submission(session: Session, settings: Settings, team_id: str) -> None
     if len(recent) >= limits.max_submissions_per_minute:
         # the oldest of the newest `limit` submissions leaving the window frees one slot
         wait = recent[-1] + timedelta(seconds=RATE_WINDOW_S) - now
-        raise _exceeded(
+        raise QuotaExceeded(
             f"team {team_id!r} may submit {limits.max_submissions_per_minute} jobs per minute; "
             f"try again in {max(1, math.ceil(wait.total_seconds()))} s",
             code="rate_limited",
@@ -108,7 +111,7 @@ def check_submission(session: Session, settings: Settings, team_id: str) -> None
         select(func.count()).select_from(Job).where(Job.team_id == team_id, Job.state.in_(ACTIVE))
     )
     if (active or 0) >= limits.max_running_jobs:
-        raise _exceeded(
+        raise QuotaExceeded(
             f"team {team_id!r} has {active} unfinished jobs (queued, running or cancelling); "
             f"its quota is {limits.max_running_jobs}. Wait for one to finish or cancel one",
             retry_after=RUNNING_RETRY_AFTER_S,
@@ -116,7 +119,7 @@ def check_submission(session: Session, settings: Settings, team_id: str) -> None
     limit = limits.max_stored_bytes
     used = stored_bytes(session, team_id)
     if used >= limit:
-        raise _exceeded(
+        raise QuotaExceeded(
             f"team {team_id!r} stores {used} bytes, its whole quota of {limit} bytes, and a job adds "
             "artifacts. Delete models, datasets or jobs' artifacts you no longer need"
         )

@@ -2,18 +2,18 @@
 crash between the two nor a broker outage can lose it.
 
 `enqueue` sends a job's message and marks the row (``enqueued_at``) once the broker took it.
-`relay_queued_jobs` (a loop in every API process, see `service.app`) sends again every
+`relay_queued_jobs` (a loop in every API process, see `service.api.app`) sends again every
 QUEUED job whose message is missing for longer than ``relay_grace_s``:
 
 * never accepted: no mark (the API died after the commit, the broker was away, the reaper
   requeued it while the broker was away);
 * no longer held: the broker lost it (Redis restarted without persistence) or a worker died
-  holding it unacknowledged (`service.queueing.Queues.held_messages`).
+  holding it unacknowledged (`service.core.queues.Queues.held_messages`).
 
 Uploads still ``validating`` whose validation message is missing are sent again the same way.
 
 Sending twice is harmless: a worker runs a job only if it moves the row from QUEUED to RUNNING
-under the row lock (`worker.tasks.begin`); a second delivery finds it RUNNING (or finished)
+under the row lock (`service.core.lifecycle.begin`); a second delivery finds it RUNNING (or finished)
 and is dropped, and validation likewise only acts on an upload still ``validating``. So
 several API replicas may relay at once.
 """
@@ -28,9 +28,9 @@ from sqlalchemy import and_, or_, select, update
 from .db import Database
 from .dberrors import database_unavailable
 from .models import DatasetUpload, Job, JobEvent, ModelUpload, utcnow
-from .queueing import BrokerUnavailable, Queues
+from .queues import BrokerUnavailable, Queues
 from .settings import Settings
-from .states import JobState
+from .states import JobState, UploadState
 
 log = logging.getLogger(__name__)
 BATCH = 500
@@ -82,7 +82,7 @@ def relay_queued_jobs(db: Database, settings: Settings, queues: Queues) -> list[
             for kind, table in (("model", ModelUpload), ("dataset", DatasetUpload))
             for ident in s.scalars(
                 select(table.id)
-                .where(table.state == "validating", table.updated_at < cutoff)
+                .where(table.state == UploadState.VALIDATING.value, table.updated_at < cutoff)
                 .order_by(table.created_at)
                 .limit(BATCH)
             )
@@ -123,7 +123,7 @@ def relay_queued_jobs(db: Database, settings: Settings, queues: Queues) -> list[
             continue
         with db.write() as s:  # the next pass waits another grace period before looking again
             table = ModelUpload if kind == "model" else DatasetUpload
-            still = and_(table.id == ident, table.state == "validating")
+            still = and_(table.id == ident, table.state == UploadState.VALIDATING.value)
             s.execute(update(table).where(still).values(updated_at=utcnow()))
         log.warning("relay: validation of %s %s sent again", kind, ident)
         sent.append(ident)

@@ -13,12 +13,12 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from .models import Job
-from .states import JobState
+from ..core.models import Job
+from ..core.states import JobState
 
 if TYPE_CHECKING:
-    from .db import Database
-    from .queueing import Queues
+    from ..core.db import Database
+    from ..core.queues import Queues
 
 log = logging.getLogger(__name__)
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)

@@ -1,6 +1,6 @@
 """A cap on small request bodies (the JSON ones), answered as a 413 problem.
 
-Uploads stream through `service.uploads` with their own, much larger cap; every other
+Uploads stream through `service.api.multipart` with their own, much larger cap; every other
 body is read here first (at most ``max_bytes``, so memory stays bounded) and replayed to
 the app. An oversize body is drained a little so the client can read the answer.
 """

@@ -1,7 +1,7 @@
 """``/v1/models`` and ``/v1/datasets``: streamed uploads, listed, fetched, deleted.
 
 Both resources behave the same way, so one factory builds both routers. An upload is
-first checked as it stands (`service.inspection`: pickles, code checkpoints, unsafe archives,
+first checked as it stands (`service.api.inspection`: pickles, code checkpoints, unsafe archives,
 lying headers are a 422 and nothing is stored), then stored and answered ``201`` in state
 ``validating``; a worker on the light ``validate`` queue inspects it with the engine and
 records ``ready`` (with a summary) or ``invalid`` (with the reason).
@@ -13,23 +13,43 @@ from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Path, Query, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, Json, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Json,
+    ValidationError,
+    field_validator,
+)
 from sqlalchemy import select
 
 from worker.compression.spec import DataSpec
 
-from ..auth import Principal
+from ...core.auth import Principal
+from ...core.models import DatasetUpload, Job, ModelUpload, new_id
+from ...core.queues import BrokerUnavailable
+from ...core.quotas import check_storage, lock_team
+from ...core.records import lock_blob, release_blob
+from ...core.states import TERMINAL, UploadState
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking
 from ..inspection import InspectionLimits, inspect_upload
-from ..models import DatasetUpload, Job, ModelUpload, new_id
+from ..multipart import ReceivedUpload, receive_upload
 from ..pagination import MAX_PAGE_SIZE, paginate
-from ..problems import AUTH_RESPONSES, ProblemError, not_found, reject_nul, responses, validation_problem
-from ..queueing import BrokerUnavailable
-from ..quotas import check_storage, lock_team
-from ..records import lock_blob, release_blob
-from ..schemas import DatasetOut, DatasetPage, ModelFormat, ModelOut, ModelPage, UploadState
-from ..states import TERMINAL
-from ..uploads import ReceivedUpload, receive_upload
+from ..problems import (
+    AUTH_RESPONSES,
+    ProblemError,
+    not_found,
+    reject_nul,
+    responses,
+    validation_problem,
+)
+from ..schemas import (
+    DatasetOut,
+    DatasetPage,
+    ModelFormat,
+    ModelOut,
+    ModelPage,
+)
 
 
 class ModelForm(BaseModel):
@@ -92,7 +112,7 @@ def _row_values(k: UploadKind, form: BaseModel) -> dict[str, Any]:
 
 
 def _inspect(ctx: Context, kind: Literal["model", "dataset"], fmt: str, received: ReceivedUpload) -> None:
-    """The synchronous checks (see `service.inspection`) on the staged bytes, before anything is kept."""
+    """The synchronous checks (see `service.api.inspection`) on the staged bytes, before anything is kept."""
     inspect_upload(kind, fmt, received.blob.staged_path(), InspectionLimits.of(ctx.settings))
 
 
@@ -155,7 +175,7 @@ def make_router(k: UploadKind) -> APIRouter:
             filename=received.filename,
             sha256=ref.sha256,
             size_bytes=ref.size,
-            state="validating",
+            state=UploadState.VALIDATING.value,
             user_metadata=form.metadata or {},
             **values,
         )  # type: ignore[attr-defined]

@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int = Field(default=24 * 3600, gt=0)
     """Redis: an unacknowledged job is redelivered after this long; keep it above the longest job."""
     sse_poll_s: float = Field(default=1.0, gt=0)
-    """How often an event stream reads its job's events when no notice came (`service.notices`
+    """How often an event stream reads its job's events when no notice came (`service.core.notices`
     wakes it as soon as a worker commits some; this poll is the safety net)."""
     sse_keepalive_s: float = Field(default=15.0, gt=0)
     job_tmp_keep: bool = False
@@ -117,7 +117,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
-        from .embedded.layout import Layout
+        from ..embedded.layout import Layout
 
         self.data_dir = self.data_dir.expanduser().resolve()
         layout = Layout(self.data_dir)

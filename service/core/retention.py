@@ -13,7 +13,7 @@ What remains: an upload swept while a job naming it is being submitted (the job 
 a moment before) leaves that job to fail when its worker finds the upload gone, as with a
 concurrent DELETE. (A job's artifact with exactly the bytes of a blob swept at that moment is
 safe: the worker records its artifacts under the blobs' locks and stores a blob again if a
-sweep deleted it first, `worker.tasks.finish`.)
+sweep deleted it first, `service.core.lifecycle.finish`.)
 """
 
 from __future__ import annotations

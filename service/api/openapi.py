@@ -1,4 +1,4 @@
-"""Write the API's OpenAPI document to ``openapi/openapi.json`` (``python -m service.openapi``).
+"""Write the API's OpenAPI document to ``openapi/openapi.json`` (``python -m service.api.openapi``).
 
 A test fails when the committed file differs from what the app generates.
 """
@@ -11,13 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-OUTPUT = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
+OUTPUT = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 
 
 def generate() -> dict[str, Any]:
     """The app's schema, built with throwaway settings (nothing is created or connected)."""
+    from ..core.settings import Settings
     from .app import create_app
-    from .settings import Settings
 
     with tempfile.TemporaryDirectory() as tmp:
         return create_app(Settings(data_dir=Path(tmp), database_url="postgresql+psycopg://openapi@/none")).openapi()
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv == ["--check"]:
         current = OUTPUT.read_text() if OUTPUT.exists() else ""
         if current != text:
-            print(f"{OUTPUT} is stale; run python -m service.openapi", file=sys.stderr)
+            print(f"{OUTPUT} is stale; run python -m service.api.openapi", file=sys.stderr)
             return 1
         return 0
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)

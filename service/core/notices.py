@@ -1,5 +1,5 @@
 """Job notices: the API learns that a job has new events as soon as they are committed, so its
-event streams (`service.sse`) wake at once instead of polling the database.
+event streams (`service.api.sse`) wake at once instead of polling the database.
 
 Whoever commits `JobEvent` rows (a worker's progress, any state transition) announces the
 job, by the session hook `install_hooks` sets once per process: a ``NOTIFY kdq_jobs`` in the
