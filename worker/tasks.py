@@ -69,7 +69,7 @@ SUFFIX = {
 def code_checkpoints(settings: Settings) -> dict[str, Any]:
     """The engine's options for TorchScript / ExportedProgram teachers: refused unless the operator
     set ``KDQ_ALLOW_CODE_CHECKPOINTS``, and then run only in a sandboxed child process."""
-    from worker.compression.sandbox import SandboxLimits
+    from worker.compression.io.sandbox import SandboxLimits
 
     return {
         "allow_code": settings.allow_code_checkpoints,
@@ -164,7 +164,7 @@ def validate_upload(kind: str, upload_id: str) -> None:
     with tempfile.TemporaryDirectory(dir=rt.settings.work_dir, prefix="validate-") as tmp:
         path = rt.store.fetch(row.sha256, Path(tmp) / local_name(kind, row.format, row.filename))
         try:
-            from worker.compression.validate import validate_dataset, validate_model
+            from worker.compression.io.validate import validate_dataset, validate_model
 
             if isinstance(row, ModelUpload):
                 summary = validate_model(path, row.format, **code_checkpoints(rt.settings))

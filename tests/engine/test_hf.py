@@ -36,7 +36,7 @@ from worker.compression.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from worker.compression.hf import (
+from worker.compression.students.hf import (
     HFEncoder,
     derive_hf_student,
     hf_layer_count,

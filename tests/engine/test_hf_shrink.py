@@ -24,10 +24,10 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from worker.compression.distill import distill
+from worker.compression.distill.distill import distill
 from worker.compression.errors import MissingTensorError, ModelFileError, SpecError, UnexpectedTensorError
-from worker.compression.export import export_onnx, run_onnx_model
-from worker.compression.hf import (
+from worker.compression.measure.export import export_onnx, run_onnx_model
+from worker.compression.students.hf import (
     EXTRA_FILE,
     HFEncoder,
     derive_hf_student,
@@ -35,7 +35,7 @@ from worker.compression.hf import (
     save_hf_model,
     tokenize,
 )
-from worker.compression.hf_shrink import (
+from worker.compression.students.hf_shrink import (
     calibration_inputs,
     count_student_parameters,
     default_hidden_sizes,
@@ -44,7 +44,7 @@ from worker.compression.hf_shrink import (
     used_token_ids,
 )
 from worker.compression.spec import DistillSpec
-from worker.compression.students import Student
+from worker.compression.students.factory import Student
 from worker.compression.types import Teacher, TensorData
 
 WORDS = "the a cat dog sat on mat is good bad movie film great awful and not very".split()

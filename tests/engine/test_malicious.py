@@ -17,7 +17,7 @@ from worker.compression.errors import (
     UnsafeFileError,
 )
 from worker.compression.spec import DataSpec
-from worker.compression.validate import MODEL_FORMATS, validate_dataset, validate_model
+from worker.compression.io.validate import MODEL_FORMATS, validate_dataset, validate_model
 
 
 @pytest.fixture

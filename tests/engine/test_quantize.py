@@ -16,10 +16,10 @@ import onnx
 import pytest
 import torch
 
-from worker.compression import zoo
+from worker.compression.students import zoo
 from worker.compression.errors import Cancelled, InputError, ModelFileError, SpecError
-from worker.compression.export import export_onnx, run_onnx_model
-from worker.compression.quantize import calibration_sample, quantize
+from worker.compression.measure.export import export_onnx, run_onnx_model
+from worker.compression.quantize.api import calibration_sample, quantize
 from worker.compression.spec import QuantizationSpec
 
 MLP = {"architecture": "mlp", "input_dim": 64, "hidden": [256, 256], "output_dim": 10}
@@ -261,7 +261,7 @@ def test_cancel_during_calibration(tmp_path: Path, mlp: Path, data) -> None:
 
 
 def test_auto_method_is_dynamic_for_token_graphs_and_static_otherwise(tmp_path):
-    from worker.compression.quantize import resolve_method
+    from worker.compression.quantize.api import resolve_method
 
     mlp = zoo.build({"architecture": "mlp", "input_dim": 8, "hidden": [8], "output_dim": 2})
     vec = export_onnx(mlp, {"x": torch.randn(2, 8)}, tmp_path / "v.onnx")

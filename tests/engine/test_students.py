@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from worker.compression import zoo
+from worker.compression.students import zoo
 from worker.compression.errors import SpecError
 from worker.compression.spec import StudentSpec
-from worker.compression.students import make_student, save_student
+from worker.compression.students.factory import make_student, save_student
 from worker.compression.types import Teacher
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -380,7 +380,7 @@ def test_students_are_repeatable_with_a_seed_and_leave_the_global_rng_alone() ->
 
 @pytest.mark.parametrize("arch", ["cnn", "transformer"])
 def test_saved_student_loads_back_with_identical_outputs(arch: str, tmp_path: Any) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     teacher = zoo_teacher(CONFIGS[arch])
     student = make_student(teacher, StudentSpec())
@@ -399,7 +399,7 @@ def test_saved_student_loads_back_with_identical_outputs(arch: str, tmp_path: An
 def hf_teacher(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bert")
@@ -457,7 +457,7 @@ def test_auto_hf_student_over_any_budget_is_the_smallest_and_says_so(hf_teacher:
 def test_derived_hf_student_saves_and_loads_back_with_identical_outputs(
     hf_teacher: Teacher, tmp_path: Any
 ) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     student = make_student(hf_teacher, StudentSpec(kind="derived", layers=[1, 3], width_ratio=0.5))
     assert student.how == "derived" and student.layer_map == {0: 0, 1: 2, 2: 4}
@@ -476,7 +476,7 @@ def test_hf_config_student(hf_teacher: Teacher) -> None:
 def test_zoo_transformer_student_of_an_hf_teacher_is_saved_with_the_tokenizer(
     hf_teacher: Teacher, tmp_path: Any
 ) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     arch = {"architecture": "transformer", "dim": 8, "num_layers": 1, "num_heads": 2}
     student = make_student(hf_teacher, StudentSpec(kind="zoo", architecture=arch))

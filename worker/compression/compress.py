@@ -17,17 +17,17 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .datasets import load_dataset, train_eval_split
+from .io.datasets import load_dataset, train_eval_split
 from .errors import Cancelled, SpecError
-from .evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
-from .export import check_onnx, export_onnx, onnx_size_bytes
-from .metrics import evaluate_outputs, higher_is_better, primary_metric
-from .quantize import calibration_sample, quantize, resolve_method
-from .report import write_manifest, write_report
+from .measure.evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
+from .measure.export import check_onnx, export_onnx, onnx_size_bytes
+from .measure.metrics import evaluate_outputs, higher_is_better, primary_metric
+from .quantize.api import calibration_sample, quantize, resolve_method
+from .measure.report import write_manifest, write_report
 from .spec import CompressSpec
-from .students import Student, make_student, save_student
-from .sandbox import SandboxLimits, close_teacher
-from .teachers import load_teacher
+from .students.factory import Student, make_student, save_student
+from .io.sandbox import SandboxLimits, close_teacher
+from .io.teachers import load_teacher
 from .types import (
     Artifact,
     CancelFn,
@@ -39,7 +39,7 @@ from .types import (
     never_cancel,
     no_progress,
 )
-from .zoo import count_parameters
+from .students.zoo import count_parameters
 
 SAMPLE_ROWS = 8
 
@@ -127,7 +127,7 @@ class _Run:
             raise SpecError("quantization 'qat' trains a student: give a 'student' or another method")
 
         if spec.quantization.method == "qat":
-            from .qat import qat_distill
+            from .distill.qat import qat_distill
 
             assert deploy is not None
             self._stage("qat", 0, 1)
@@ -166,7 +166,7 @@ class _Run:
     def _execute_search(self, teacher: Teacher, teacher_path: Path, dataset_path: Path, eval_path: Path | None,
                         train: TensorData, evald: TensorData, task: str) -> CompressResult:
         """A search job: the chosen model is the primary artifact, every Pareto-front model is downloadable."""
-        from .search import search
+        from .search.run import search
 
         sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self._stage("export", 0, 1, "exporting the teacher")
@@ -265,7 +265,7 @@ class _Run:
         return train_eval_split(data, eval_data, self.spec.data)
 
     def _distill(self, teacher: Teacher, student: Student, train: TensorData, evald: TensorData, task: str):
-        from .distill import distill
+        from .distill.distill import distill
 
         spec = self.spec
         assert spec.student is not None
@@ -291,7 +291,7 @@ class _Run:
         if teacher.kind == "onnx":
             return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
         if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
-            from .onnx_teacher import load_onnx_teacher
+            from .io.onnx_teacher import load_onnx_teacher
 
             # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
             path = teacher.run_onnx.export_onnx(self.work / "teacher_onnx" / "teacher_fp32.onnx", sample)
