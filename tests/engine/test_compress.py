@@ -10,13 +10,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.compress import compress
 from worker.compression.errors import Cancelled, SpecError
+from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.measure.export import export_onnx
 from worker.compression.measure.report import sha256_file
 from worker.compression.spec import CompressSpec
-from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.students import zoo
 
 CFG = {"architecture": "mlp", "task": "classification", "input_dim": 16, "hidden": [128, 128], "output_dim": 4}
 

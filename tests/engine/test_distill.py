@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.compression.students import zoo
 from worker.compression.distill.distill import distill, trim_padding
+from worker.compression.distill.teacher_cache import TeacherCache
 from worker.compression.errors import Cancelled, DatasetError, SpecError
 from worker.compression.spec import DistillSpec, TargetSpec
-from worker.compression.distill.teacher_cache import TeacherCache
+from worker.compression.students import zoo
 from worker.compression.types import Progress, Teacher, TensorData
 
 STUDENT = {"architecture": "mlp", "input_dim": 12, "hidden": [24], "output_dim": 4}

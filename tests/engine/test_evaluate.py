@@ -9,7 +9,6 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.errors import DatasetError, InputError, SpecError
 from worker.compression.measure.evaluate import (
     ModelRow,
@@ -22,6 +21,7 @@ from worker.compression.measure.evaluate import (
     per_class_table,
 )
 from worker.compression.measure.export import export_onnx
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "task": "classification", "input_dim": 6, "hidden": [16], "output_dim": 3}
 

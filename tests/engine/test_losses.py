@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from worker.compression.errors import SpecError
 from worker.compression.distill.losses import (
     FeatureProjector,
     attention_loss,
@@ -18,6 +17,7 @@ from worker.compression.distill.losses import (
     kd_kl_topk,
     regression_loss,
 )
+from worker.compression.errors import SpecError
 from worker.compression.measure.metrics import accuracy, evaluate_outputs, macro_f1, mean_cosine, per_class
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from worker.compression.students import zoo
+from worker.compression.distill.qat import qat_distill
 from worker.compression.errors import Cancelled, SpecError
 from worker.compression.measure.evaluate import onnx_outputs
 from worker.compression.measure.export import export_onnx
-from worker.compression.distill.qat import qat_distill
 from worker.compression.quantize.api import calibration_sample, quantize
 from worker.compression.spec import DistillSpec, QuantizationSpec
+from worker.compression.students import zoo
 from worker.compression.types import Progress, Teacher, TensorData
 
 MLP = {"architecture": "mlp", "task": "classification", "input_dim": 8, "output_dim": 4}

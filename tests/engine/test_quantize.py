@@ -16,11 +16,11 @@ import onnx
 import pytest
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.errors import Cancelled, InputError, ModelFileError, SpecError
 from worker.compression.measure.export import export_onnx, run_onnx_model
 from worker.compression.quantize.api import calibration_sample, quantize
 from worker.compression.spec import QuantizationSpec
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "input_dim": 64, "hidden": [256, 256], "output_dim": 10}
 TRANSFORMER = {"architecture": "transformer", "vocab_size": 300, "dim": 128, "num_layers": 2, "num_heads": 4,

@@ -12,18 +12,18 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from worker.compression.students import zoo
 from worker.compression.compress import compress
+from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.measure.export import export_onnx
 from worker.compression.measure.pareto import dominates, nondominated_ranks, pareto_front
-from worker.compression.search.run import SearchOptions, search
 from worker.compression.search.goal import Goal, choose, front
 from worker.compression.search.halving import extrapolate, hopeless, keep_order
 from worker.compression.search.ladder import TEACHER, Candidate, build_ladder
 from worker.compression.search.measure import merge_rounds
+from worker.compression.search.run import SearchOptions, search
 from worker.compression.spec import CompressSpec, SearchTargets, StudentSpec
+from worker.compression.students import zoo
 from worker.compression.students.factory import make_student
-from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.types import TensorData
 
 CFG = {"architecture": "mlp", "task": "classification", "input_dim": 16, "hidden": [128, 128], "output_dim": 4}

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.errors import SpecError
 from worker.compression.spec import StudentSpec
+from worker.compression.students import zoo
 from worker.compression.students.factory import make_student, save_student
 from worker.compression.types import Teacher
 

@@ -17,17 +17,25 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .io.datasets import load_dataset, train_eval_split
 from .errors import Cancelled, SpecError
-from .measure.evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
-from .measure.export import check_onnx, export_onnx, onnx_size_bytes
-from .measure.metrics import evaluate_outputs, higher_is_better, primary_metric
-from .quantize.api import calibration_sample, quantize, resolve_method
-from .measure.report import write_manifest, write_report
-from .spec import CompressSpec
-from .students.factory import Student, make_student, save_student
+from .io.datasets import load_dataset, train_eval_split
 from .io.sandbox import SandboxLimits, close_teacher
 from .io.teachers import load_teacher
+from .measure.evaluate import (
+    ModelRow,
+    compare_models,
+    disagreements,
+    measure_onnx_latency,
+    onnx_outputs,
+    per_class_table,
+)
+from .measure.export import check_onnx, export_onnx, onnx_size_bytes
+from .measure.metrics import evaluate_outputs, higher_is_better, primary_metric
+from .measure.report import write_manifest, write_report
+from .quantize.api import calibration_sample, quantize, resolve_method
+from .spec import CompressSpec
+from .students.factory import Student, make_student, save_student
+from .students.zoo import count_parameters
 from .types import (
     Artifact,
     CancelFn,
@@ -39,7 +47,6 @@ from .types import (
     never_cancel,
     no_progress,
 )
-from .students.zoo import count_parameters
 
 SAMPLE_ROWS = 8
 

@@ -20,21 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DatasetError, SpecError
-from .losses import (
-    FeatureProjector,
-    attention_loss,
-    default_layer_map,
-    embedding_loss,
-    hard_ce,
-    kd_kl,
-    kd_kl_topk,
-    regression_loss,
-)
 from ..measure.metrics import TASK_METRICS, evaluate_outputs, primary_metric
 from ..spec import DistillSpec
-from .teacher_cache import TeacherCache
-from .trainer import LossFn, TrainResult, resolve_device, steps_per_epoch, target_threshold
-from .trainer import train as run_training
+from ..students.zoo import count_parameters
 from ..types import (
     CancelFn,
     ModelOutput,
@@ -45,8 +33,21 @@ from ..types import (
     TensorData,
     never_cancel,
     no_progress,
+    trim_padding,
 )
-from ..students.zoo import count_parameters
+from .losses import (
+    FeatureProjector,
+    attention_loss,
+    default_layer_map,
+    embedding_loss,
+    hard_ce,
+    kd_kl,
+    kd_kl_topk,
+    regression_loss,
+)
+from .teacher_cache import TeacherCache
+from .trainer import LossFn, TrainResult, resolve_device, steps_per_epoch, target_threshold
+from .trainer import train as run_training
 
 EVAL_BATCH = 256
 
@@ -156,24 +157,6 @@ class _TeacherRunner:
             batch = {k: v[lo : lo + EVAL_BATCH].to(self.device) for k, v in data.inputs.items()}
             chunks.append(self.outputs(batch).float().cpu())
         return torch.cat(chunks)
-
-
-def trim_padding(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Token inputs cut after the batch's last real token (right padding).
-
-    Datasets are padded to their longest sequence, so without this every batch would cost
-    that length (docstring sentences: 23 tokens on average, padded to 64). Outputs do not
-    change: padding is masked out of attention and pooling. Inputs without a 2-D
-    ``attention_mask`` and left-padded batches come back as they are.
-    """
-    mask = inputs.get("attention_mask")
-    if mask is None or mask.ndim != 2:
-        return inputs
-    used = mask.any(0).nonzero()
-    length = int(used[-1]) + 1 if used.numel() else mask.shape[1]
-    if length == mask.shape[1]:
-        return inputs
-    return {k: v[:, :length] if v.ndim == 2 and v.shape == mask.shape else v for k, v in inputs.items()}
 
 
 def _keep(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

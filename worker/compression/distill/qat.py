@@ -36,11 +36,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DatasetError, SpecError
-from .losses import embedding_loss, hard_ce, kd_kl, regression_loss
 from ..spec import DistillSpec, QuantizationSpec
+from ..types import CancelFn, ProgressFn, Task, Teacher, TensorData, never_cancel, no_progress
+from .losses import embedding_loss, hard_ce, kd_kl, regression_loss
 from .trainer import resolve_device, steps_per_epoch
 from .trainer import train as train_loop
-from ..types import CancelFn, ProgressFn, Task, Teacher, TensorData, never_cancel, no_progress
 
 QUANTIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 RECALIBRATIONS = 50

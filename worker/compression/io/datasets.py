@@ -46,10 +46,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from .archives import ArchiveLimits, safe_extract
 from ..errors import DatasetError, SpecError, UnsafeFileError, UnsupportedFormatError
 from ..spec import DataSpec
 from ..types import InputKind, TensorData
+from .archives import ArchiveLimits, safe_extract
+from .hf_folder import tokenize
 
 FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip")
 _BY_SUFFIX = {".npz": "npz", ".safetensors": "safetensors", ".csv": "csv", ".parquet": "parquet",
@@ -545,8 +546,6 @@ def _tokenize(texts: list[str], pairs: list[str] | None, ctx: _Ctx) -> dict[str,
     if ctx.structure_only:
         empty = torch.zeros((len(texts), 0), dtype=torch.long)
         return {"input_ids": empty, "attention_mask": empty.clone()}
-    from ..students.hf import tokenize
-
     max_length = ctx.spec.max_length
     if ctx.input_shape and ctx.input_shape[0] > 0:
         max_length = min(max_length, ctx.input_shape[0])

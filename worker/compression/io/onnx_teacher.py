@@ -33,8 +33,8 @@ from ..errors import (
     UnsafeFileError,
     UnsupportedOpError,
 )
-from ..types import TOKEN_KEYS, InputKind, Task, Teacher
 from ..students.zoo import TASKS
+from ..types import TOKEN_KEYS, InputKind, Task, Teacher
 
 DEFAULT_SEQ_LEN = 128
 ONNX_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview.training")

@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .sandbox_child import recv_frame, send_frame
 from ..errors import ModelFileError, SpecError
-from .sniff import DESCRIPTIONS
-from ..types import TOKEN_KEYS, InputKind, Teacher
 from ..students.zoo import TASKS
+from ..types import TOKEN_KEYS, InputKind, Teacher
+from .sandbox_child import recv_frame, send_frame
+from .sniff import DESCRIPTIONS
 
 log = logging.getLogger(__name__)
 CHILD = Path(__file__).with_name("sandbox_child.py")

@@ -17,20 +17,20 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import safetensors_io
-from ..students import zoo
-from .archives import safe_extract
 from ..errors import ModelFileError, SpecError, UnsafeFileError, UnsupportedFormatError
-from .sniff import CODE_KINDS, PICKLE_KINDS, code_message, pickle_message, sniff
+from ..students import zoo
 from ..types import Teacher
-
-if TYPE_CHECKING:
-    from .sandbox import SandboxLimits
+from . import safetensors_io
+from .archives import safe_extract
+from .hf_folder import load_hf_teacher
+from .onnx_teacher import load_onnx_teacher
+from .sandbox import SandboxLimits, load_sandboxed_teacher
+from .sniff import CODE_KINDS, PICKLE_KINDS, code_message, pickle_message, sniff
 
 ZOO_FORMAT = "kdq-zoo"
 WEIGHTS = "model.safetensors"
@@ -74,7 +74,6 @@ def load_teacher(path: str | os.PathLike[str], *, task: str | None = None, allow
         return _load_code(path, kind, task, allow_code, sandbox)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from .onnx_teacher import load_onnx_teacher
         return load_onnx_teacher(path, task=task)
     if kind == "safetensors" or suffix == ".safetensors":
         raise UnsupportedFormatError(
@@ -91,8 +90,6 @@ def _load_code(path: Path, kind: str, task: str | None, allow_code: bool,
                sandbox: SandboxLimits | None) -> Teacher:
     if not allow_code:
         raise UnsafeFileError(f"{path.name}: {code_message(kind)}")
-    from .sandbox import SandboxLimits, load_sandboxed_teacher
-
     return load_sandboxed_teacher(path, kind, task=task, limits=sandbox or SandboxLimits())
 
 
@@ -133,13 +130,11 @@ def _load_folder(folder: Path, task: str | None, allow_code: bool, sandbox: Sand
         if "architecture" in cfg:
             return _load_zoo(folder, cfg, task)
         if "model_type" in cfg:
-            from ..students.hf import load_hf_teacher
             return load_hf_teacher(folder, task=task)
         raise UnsupportedFormatError(
             "config.json names neither an 'architecture' (zoo) nor a 'model_type' (Hugging Face)")
     onnx_files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".onnx")
     if len(onnx_files) == 1:
-        from .onnx_teacher import load_onnx_teacher
         return load_onnx_teacher(onnx_files[0], task=task)
     if len(onnx_files) > 1:
         raise UnsupportedFormatError(

@@ -8,7 +8,7 @@
 * black-box (ONNX) teachers: fresh zoo students for their input kind (MLP of 2 and 1 hidden layers,
   CNN of 3 and 2 blocks, 1-D CNN of 3, 2 and 1 blocks, transformer of 4, 2 and 1 layers), the widest
   within the teacher's parameter count, halving down to ``MIN_LADDER_WIDTH`` (transformer dim 32).
-* Hugging Face teachers: ``hf_shrink.hf_ladder`` (4, 3 and 2 layers, narrower hidden sizes,
+* Hugging Face teachers: ``students.hf_ladder.hf_ladder`` (4, 3 and 2 layers, narrower hidden sizes,
   vocabulary trimmed to the tokens the training data uses).
 * the teacher itself (``TEACHER``), never trained: its fp32 and int8 graphs may already meet the
   targets.
@@ -25,19 +25,20 @@ from typing import Any
 
 from torch import nn
 
-from ..students import zoo
 from ..errors import SpecError
 from ..spec import StudentSpec
-from ..students.factory import (
-    Student,
-    _depth,
-    _describe,
-    _even_layers,
-    _input_keys,
-    _meta_count,
-    _min_depth,
+from ..students import zoo
+from ..students.factory import make_student
+from ..students.hf_ladder import hf_ladder
+from ..students.student import Student
+from ..students.zoo_layers import (
     derive_zoo_config,
-    make_student,
+    describe_config,
+    even_layers,
+    input_keys,
+    layer_count,
+    meta_count,
+    min_layer_count,
 )
 from ..types import Teacher, TensorData
 
@@ -74,8 +75,6 @@ def build_ladder(teacher: Teacher, train: TensorData, student: StudentSpec) -> l
     """Every candidate for ``teacher`` within the student spec's parameter cap, teacher first."""
     cap = _cap(teacher, student)
     if teacher.kind == "hf":
-        from ..students.hf_shrink import hf_ladder
-
         entries = hf_ladder(teacher, train, max_params=cap)
         students = [Candidate(e.name, e.description, int(e.num_parameters), e.build,
                               int(e.embedding_parameters)) for e in entries]
@@ -143,7 +142,7 @@ def short_name(cfg: dict[str, Any]) -> str:
 
 
 def _depths(cfg: dict[str, Any]) -> list[int]:
-    depth, low = _depth(cfg), _min_depth(cfg)
+    depth, low = layer_count(cfg), min_layer_count(cfg)
     if depth <= 4:
         return list(range(depth, low - 1, -1))
     out, d = [depth], depth
@@ -155,10 +154,10 @@ def _depths(cfg: dict[str, Any]) -> list[int]:
 
 def _zoo_ladder(teacher: Teacher) -> list[Candidate]:
     cfg_t = zoo.validate_config(teacher.config)
-    depth = _depth(cfg_t)
+    depth = layer_count(cfg_t)
     out: list[Candidate] = []
     for d in _depths(cfg_t):
-        kept = _even_layers(cfg_t, d)
+        kept = even_layers(cfg_t, d)
         previous = None
         for k in range(16):
             ratio = 2.0 ** -k
@@ -171,8 +170,8 @@ def _zoo_ladder(teacher: Teacher) -> list[Candidate]:
                 continue  # the teacher itself
             spec = StudentSpec(kind="derived", layers=kept, width_ratio=ratio)
             out.append(Candidate(
-                name, f"derived: {_describe(cfg)} (width ×{ratio:g}, {d} of {depth} layers), initialised from "
-                      "the teacher", _meta_count(cfg),
+                name, f"derived: {describe_config(cfg)} (width ×{ratio:g}, {d} of {depth} layers), initialised from "
+                      "the teacher", meta_count(cfg),
                 lambda spec=spec: make_student(teacher, spec), _meta_embedding(cfg)))
     return out
 
@@ -192,7 +191,7 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
         widths = [512, 256, 128, 64, 32]
     else:
         arch = {"vector": "mlp", "image": "cnn", "signal": "cnn1d"}[kind]
-        base.update(architecture=arch, **_input_keys(teacher, arch))
+        base.update(architecture=arch, **input_keys(teacher, arch))
         widths = [2 ** p for p in range(10 if arch == "mlp" else 7, 2, -1) if 2 ** p >= MIN_LADDER_WIDTH]
         if arch == "mlp":
             families = [lambda w: {**base, "hidden": [w, w]}, lambda w: {**base, "hidden": [w]}]
@@ -205,17 +204,17 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
     for family in families:
         for w in widths:
             cfg = zoo.validate_config(family(w))
-            n = _meta_count(cfg)
+            n = meta_count(cfg)
             if budget is not None and n > budget:
                 continue
             spec = StudentSpec(kind="zoo", architecture=cfg)
-            out.append(Candidate(short_name(cfg), f"fresh zoo student for a black-box teacher: {_describe(cfg)}", n,
+            out.append(Candidate(short_name(cfg), f"fresh zoo student for a black-box teacher: {describe_config(cfg)}", n,
                                  lambda spec=spec: make_student(teacher, spec), _meta_embedding(cfg)))
     return out
 
 
 def _token_families(teacher: Teacher, base: dict[str, Any]) -> list[Callable[[int], dict[str, Any]]]:
-    keys = _input_keys(teacher, "transformer")
+    keys = input_keys(teacher, "transformer")
     if "vocab_size" not in keys:
         raise SpecError("the teacher's vocabulary size is unknown (no tokenizer and no vocab_size in its config)")
     base = {**base, "architecture": "transformer", **keys, "pooling": "mean"}

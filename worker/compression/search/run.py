@@ -47,20 +47,20 @@ from typing import Any
 
 import torch
 
+from ..distill.teacher_cache import TeacherCache
+from ..distill.trainer import resolve_device, steps_per_epoch
 from ..errors import Cancelled, SpecError
 from ..measure.export import export_onnx, onnx_size_bytes
 from ..measure.metrics import TASK_METRICS, evaluate_outputs
 from ..quantize.api import calibration_sample, quantize
+from ..spec import CompressSpec, QuantizationSpec
+from ..students.factory import Student
+from ..students.zoo import count_parameters
+from ..types import CancelFn, Progress, ProgressFn, Teacher, TensorData, never_cancel, no_progress, trim_padding
 from .goal import Choice, Goal, choose, describe_check, front
 from .halving import extrapolate, hopeless, keep_order
 from .ladder import TEACHER, Candidate, build_ladder, embedding_parameters
 from .measure import Measured, Meter, latency_at
-from ..spec import CompressSpec, QuantizationSpec
-from ..students.factory import Student
-from ..distill.teacher_cache import TeacherCache
-from ..distill.trainer import resolve_device, steps_per_epoch
-from ..types import CancelFn, Progress, ProgressFn, Teacher, TensorData, never_cancel, no_progress
-from ..students.zoo import count_parameters
 
 INT8_SIZE_BOUND = 0.25
 """int8 weights take a quarter of fp32's bytes: no int8 graph is smaller than this share of its fp32 twin."""
@@ -469,8 +469,6 @@ class _Search:
     @torch.no_grad()
     def _torch_metric(self, module: torch.nn.Module) -> float | None:
         """The goal metric of a torch model on the eval split (the untrained student, before rung 1)."""
-        from ..distill.distill import trim_padding
-
         was_training = module.training
         module.eval()
         tokens = self.evald.input_kind == "tokens"

@@ -64,7 +64,7 @@ class MLP(nn.Module):
         return self.forward_features(x).output
 
 
-class _ConvNet(nn.Module):
+class ConvNet(nn.Module):
     """Shared body of ``cnn`` (2-D) and ``cnn1d``: conv-BN-ReLU blocks, then pool and head."""
 
     def __init__(self, cfg: dict[str, Any], dims: int) -> None:
@@ -100,12 +100,12 @@ class _ConvNet(nn.Module):
         return self.forward_features(x).output
 
 
-class CNN(_ConvNet):
+class CNN(ConvNet):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg, 2)
 
 
-class CNN1d(_ConvNet):
+class CNN1d(ConvNet):
     def __init__(self, cfg: dict[str, Any]) -> None:
         super().__init__(cfg, 1)
 

@@ -1,41 +1,22 @@
-"""Smaller BERT-family students: fewer layers, a narrower hidden width, a trimmed vocabulary.
-
-Three ways to shrink a transformers encoder, combined by `hf_ladder` into candidate students
-for the search:
-
-* **Layers** — `hf.derive_hf_student` keeps evenly spaced teacher layers.
-* **Vocabulary** — `trim_vocabulary` keeps only the word-embedding rows of the tokens the data
-  uses (`used_token_ids`). The tokenizer is not touched: a ``token_map`` buffer (one int32 per
-  tokenizer id) sends kept ids to their new row and every other id to the UNK row, inside the
-  model (ONNX: one Gather), so the original tokenizer files still apply. On a corpus of
-  docstring sentences all-MiniLM-L6-v2 uses a few thousand of its 30,522 ids, and the word
-  table is 11.7 M of its 22.7 M parameters.
-* **Hidden width** — `narrow_hidden` (through ``derive_hf_student(hidden_size=...)``) keeps the
-  most important residual dimensions, consistently in every tensor that reads or writes the
-  residual stream, and whole attention heads (below).
-
-Saved with `hf.save_hf_model`, the token map and an embedding model's output projection go to
-``kdq_extra.safetensors`` (no pickle); `hf.load_hf_teacher` reads them back.
+"""Narrowing a transformers student's hidden width (`narrow_hidden`): the most important residual
+dimensions, consistently in every tensor that reads or writes the residual stream, and whole
+attention heads (see `narrow_hidden`). Called through ``hf_derive.derive_hf_student(hidden_size=...)``.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import DatasetError, SpecError
-from .hf import _PADDING_OFFSET_POSITIONS, HFEncoder, _build_like, _choose_layers, _encoder_of, hf_layer_count
-from ..types import Teacher, TensorData
+from ..errors import SpecError
+from .hf_model import HFEncoder, build_like
 
-CALIBRATION_SAMPLES = 256
-"""Texts `hf_ladder` gives `narrow_hidden` (all-MiniLM-L6-v2, 3 layers, hidden 256: cosine to
-the teacher before training 0.65 with 256 texts, 0.56 with 64, 0.37 with none)."""
 _NORM_TOKENS = 4096
 """Tokens per LayerNorm kept for its statistics."""
 _NARROWABLE = frozenset({"bert", "roberta", "xlm-roberta", "distilbert"})
@@ -43,111 +24,6 @@ _RIDGE = 1.0
 """Ridge strength of the output-projection fit (towards putting the kept dimensions back), relative
 to the student features' mean variance; 0.1 and 10 did worse on MiniLM."""
 
-# --- vocabulary ------------------------------------------------------------------------------
-
-
-def special_token_ids(tokenizer: Any) -> list[int]:
-    """The ids of the tokenizer's pad, unk, cls, sep, mask (and bos / eos) tokens."""
-    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or [] if i is not None}
-    for name in ("pad_token_id", "unk_token_id", "cls_token_id", "sep_token_id", "mask_token_id",
-                 "bos_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return sorted(ids)
-
-
-def used_token_ids(data: TensorData, tokenizer: Any) -> list[int]:
-    """Sorted ids that occur in ``data.inputs["input_ids"]`` where ``attention_mask`` is 1
-    (everywhere without a mask), plus every special token id of ``tokenizer``."""
-    ids = data.inputs.get("input_ids")
-    if ids is None:
-        raise DatasetError("the data has no input_ids: vocabulary trimming needs tokenized text")
-    mask = data.inputs.get("attention_mask")
-    real = ids if mask is None else ids[mask.to(torch.bool)]
-    used = set(torch.unique(real).tolist())
-    return sorted(used | set(special_token_ids(tokenizer)))
-
-
-def trim_vocabulary(encoder: HFEncoder, keep_ids: Sequence[int], *, unk_id: int | None = None) -> HFEncoder:
-    """A copy of ``encoder`` whose word-embedding table holds only the rows of ``keep_ids``.
-
-    The copy still takes the original tokenizer's ids: its ``token_map`` sends each kept id to
-    its row and every other id to the UNK row, so its outputs are identical to the original's
-    for texts whose tokens are all kept. ``unk_id`` is the tokenizer's UNK id (needed unless
-    the config names one, ``unk_token_id``); it and the config's pad / bos / eos ids are always
-    kept; the copy's config names their new rows. RoBERTa-style models number positions
-    from ``pad_token_id + 1``: when the pad row moves down by k, the position table loses its
-    first k rows (`max_position_embeddings` - k), so every position reads the same vector.
-    Trimming a trimmed encoder composes. The copy is in eval mode.
-    """
-    enc = encoder
-    config = copy.deepcopy(enc.config)
-    unk = unk_id if unk_id is not None else getattr(config, "unk_token_id", None)
-    if unk is None:
-        raise SpecError("trim_vocabulary needs the tokenizer's UNK id (unk_id=tokenizer.unk_token_id)")
-    old_map, rows = _kept_rows(enc, keep_ids, int(unk))
-    new_row = torch.full((int(config.vocab_size),), -1, dtype=torch.long)
-    new_row[rows] = torch.arange(rows.numel())
-    token_map = new_row[old_map]
-    token_map[token_map < 0] = new_row[old_map[int(unk)]]
-
-    for key, row in _config_rows(enc).items():  # rows of the current table -> rows of the new one
-        setattr(config, key, int(new_row[row]))
-    config.vocab_size = int(rows.numel())
-    shift = _position_shift(enc, rows)
-    config.max_position_embeddings = int(config.max_position_embeddings) - shift
-    table, positions = _word_embedding_key(enc), _position_embedding_key(enc)
-    state = {k: (v[rows] if k == table else v[shift:] if k == positions else v).clone()
-             for k, v in enc.backbone.state_dict().items()}
-    out = _build_like(enc, config, token_map=token_map.to(torch.int32), project=copy.deepcopy(enc.project))
-    out.backbone.load_state_dict(state, strict=True)
-    return out
-
-
-def _config_rows(enc: HFEncoder) -> dict[str, int]:
-    """The config's pad / bos / eos ids: rows of the current embedding table (equal to tokenizer
-    ids until a trim, which rewrites them as rows)."""
-    rows = {}
-    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        value = getattr(enc.config, key, None)
-        if isinstance(value, int) and 0 <= value < int(enc.config.vocab_size):
-            rows[key] = value
-    return rows
-
-
-def _kept_rows(enc: HFEncoder, keep_ids: Sequence[int], unk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the current id -> row map, the ascending rows a trimmed table keeps): those of
-    ``keep_ids`` and UNK, and the config's pad / bos / eos rows."""
-    vocab = enc.tokenizer_vocab_size
-    keep = torch.tensor(sorted({int(i) for i in keep_ids} | {int(unk)}))
-    if int(keep[0]) < 0 or int(keep[-1]) >= vocab:
-        raise SpecError(f"token ids to keep must be in 0..{vocab - 1}")
-    old_map = enc.token_map.long() if enc.token_map is not None else torch.arange(vocab)
-    specials = torch.tensor(sorted(_config_rows(enc).values()), dtype=torch.long)
-    return old_map, torch.unique(torch.cat([old_map[keep], specials]))
-
-
-def _position_shift(enc: HFEncoder, rows: torch.Tensor) -> int:
-    """How far the pad row moves down in a table keeping ``rows``, for models whose positions
-    start after the pad id (0 for the others)."""
-    pad = _config_rows(enc).get("pad_token_id")
-    if enc.config.model_type not in _PADDING_OFFSET_POSITIONS or pad is None:
-        return 0
-    return pad - int((rows < pad).sum())
-
-
-def _position_embedding_key(enc: HFEncoder) -> str | None:
-    return next((k for k in enc.backbone.state_dict() if k.endswith("embeddings.position_embeddings.weight")), None)
-
-
-def _word_embedding_key(enc: HFEncoder) -> str:
-    table = enc.backbone.get_input_embeddings()
-    name = next(n for n, m in enc.backbone.named_modules() if m is table)
-    return f"{name}.weight"
-
-
-# --- hidden width ----------------------------------------------------------------------------
 
 _RES, _ATTN, _FFN, _POOL = "res", "attn", "ffn", "pool"
 _RULES: list[tuple[re.Pattern[str], tuple[str | None, ...]]] = [
@@ -380,7 +256,7 @@ def narrow_hidden(
 
     project = _projection(enc, select[(_RES, -1)], width)
     if project is not None and calibration is not None and enc.project is None:
-        student = _build_like(enc, copy.deepcopy(new_config), project=project)  # shares `project`
+        student = build_like(enc, copy.deepcopy(new_config), project=project)  # shares `project`
         student.backbone.load_state_dict(out, strict=True)
         _fit_projection(student, enc, calibration)
     return out, new_config, project
@@ -444,143 +320,3 @@ def _fit_projection(student: HFEncoder, teacher: HFEncoder, inputs: Mapping[str,
     w = torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ yc + lam * prior)
     proj.weight.copy_(w.T.float())
     proj.bias.copy_((y_mean - x_mean @ w).float())
-
-
-# --- the ladder ------------------------------------------------------------------------------
-
-
-@dataclass
-class LadderEntry:
-    name: str
-    description: str
-    num_parameters: int
-    embedding_parameters: int
-    """Parameters of the embedding tables (word, position, token type)."""
-    layers: int
-    hidden_size: int
-    vocab_size: int
-    build: Callable[[], Any]
-    """Builds the student (a `students.Student`, kind ``hf``, how ``derived``)."""
-
-
-def default_hidden_sizes(config: Any) -> list[int]:
-    """The teacher's width, about 2/3 and 1/2 of it, as multiples of the head size (distinct)."""
-    width, size = int(config.hidden_size), head_size(config)
-    sizes = [width, *(max(size, round(width * f / size) * size) for f in (2 / 3, 1 / 2))]
-    return sorted(set(sizes), reverse=True)
-
-
-def count_student_parameters(enc: HFEncoder, *, layers: int, hidden_size: int, vocab_size: int,
-                             position_shift: int = 0) -> tuple[int, int]:
-    """(all, embedding-table) parameters of a student shaped so, from a meta-device build
-    (``position_shift``: rows a trimmed RoBERTa-style model drops from its position table)."""
-    config = copy.deepcopy(enc.config)
-    config.num_hidden_layers = layers
-    if hidden_size != int(config.hidden_size):
-        config = narrowed_config(config, hidden_size)
-    config.vocab_size = vocab_size
-    config.max_position_embeddings = int(config.max_position_embeddings) - position_shift
-    with torch.device("meta"):
-        model = _build_like(enc, config).backbone
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
-    out_dim = enc.output_dim
-    if enc.task == "embedding" and (enc.project is not None or hidden_size != out_dim):
-        total += hidden_size * out_dim + out_dim
-    return total, embedding
-
-
-def calibration_inputs(data: TensorData, n: int = CALIBRATION_SAMPLES, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A seeded sample of ``n`` rows of ``data``'s token inputs, cut to their longest text."""
-    from ..distill.distill import trim_padding
-
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=g)[: min(n, len(data))]
-    return trim_padding({k: v[idx] for k, v in data.inputs.items()})
-
-
-def hf_ladder(teacher: Teacher, data: TensorData, *, layer_counts: Sequence[int] = (4, 3, 2),
-              hidden_sizes: Sequence[int] | None = None, trim_vocab: bool = True,
-              max_params: int | None = None) -> list[LadderEntry]:
-    """Candidate students: every layer count × hidden size (default `default_hidden_sizes`),
-    with the vocabulary trimmed to the tokens of ``data`` when ``trim_vocab``; largest first,
-    none over ``max_params``. Counts come from meta-device builds; nothing is built until an
-    entry's ``build()`` is called (layers evenly spaced, last kept; hidden dimensions and heads
-    ranked on `CALIBRATION_SAMPLES` texts of ``data``; see `narrow_hidden`)."""
-    from .factory import Student
-
-    enc = _encoder_of(teacher)
-    total_layers = hf_layer_count(teacher)
-    counts = sorted({int(n) for n in layer_counts if 1 <= int(n) <= total_layers}, reverse=True)
-    if not counts:
-        raise SpecError(f"layer counts {list(layer_counts)} must be between 1 and the teacher's {total_layers}")
-    sizes = sorted({int(h) for h in (hidden_sizes or default_hidden_sizes(enc.config))}, reverse=True)
-    for h in sizes:
-        if h != int(enc.config.hidden_size):
-            narrowed_config(enc.config, h)  # raises on a size that cannot be built
-    keep = used_token_ids(data, teacher.tokenizer) if trim_vocab else None
-    unk = getattr(teacher.tokenizer, "unk_token_id", None)
-    if keep is not None and unk is None:
-        raise SpecError("the tokenizer has no UNK token: its vocabulary cannot be trimmed")
-    vocab = enc.tokenizer_vocab_size
-    trimmed_vocab, shift = None, 0
-    if keep is not None:
-        rows = _kept_rows(enc, keep, int(unk))[1]
-        trimmed_vocab, shift = int(rows.numel()), _position_shift(enc, rows)
-    calibration = calibration_inputs(data)
-
-    entries: list[LadderEntry] = []
-    for n in counts:
-        for h in sizes:
-            v = trimmed_vocab if trimmed_vocab is not None else int(enc.config.vocab_size)
-            total, emb = count_student_parameters(enc, layers=n, hidden_size=h, vocab_size=v, position_shift=shift)
-            if max_params is not None and total > max_params:
-                continue
-            kept = _choose_layers(total_layers, None, n)
-            vocab_text = f"vocabulary trimmed to {v:,} of {vocab:,} tokens" if keep is not None else \
-                f"full vocabulary of {v:,} tokens"
-            description = (f"{n} of {total_layers} layers {kept}, hidden {h} ({h // head_size(enc.config)} heads), "
-                           f"{vocab_text}; {total:,} parameters, {emb / total:.0%} in embedding tables; "
-                           "initialised from the teacher")
-            name = f"hf-L{n}-H{h}" + ("-trimmed" if keep is not None else "")
-
-            def build(n: int = n, h: int = h, description: str = description) -> Student:
-                module, layer_map = _derive(teacher, n, h, calibration)
-                if keep is not None:
-                    module = trim_vocabulary(module, keep, unk_id=int(unk))
-                n_params = sum(p.numel() for p in module.parameters())
-                return Student(module, "hf", module.config.to_dict(), layer_map, description, n_params, "derived")
-
-            entries.append(LadderEntry(name, description, total, emb, n, h, v, build))
-    return sorted(entries, key=lambda e: (-e.num_parameters, -e.layers, -e.hidden_size))
-
-
-def _derive(teacher: Teacher, layers: int, hidden: int, calibration: dict[str, torch.Tensor]
-            ) -> tuple[HFEncoder, dict[int, int]]:
-    from .hf import derive_hf_student
-
-    width = int(_encoder_of(teacher).config.hidden_size)
-    return derive_hf_student(teacher, num_layers=layers, hidden_size=None if hidden == width else hidden,
-                             calibration=calibration if hidden != width else None)
-
-
-def embedding_share(module: nn.Module) -> float:
-    """Fraction of the module's parameters in embedding tables."""
-    total = sum(p.numel() for p in module.parameters())
-    emb = sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Embedding))
-    return emb / total if total else 0.0
-
-
-__all__ = [
-    "LadderEntry",
-    "calibration_inputs",
-    "count_student_parameters",
-    "default_hidden_sizes",
-    "embedding_share",
-    "hf_ladder",
-    "narrow_hidden",
-    "narrowed_config",
-    "special_token_ids",
-    "trim_vocabulary",
-    "used_token_ids",
-]
