@@ -17,8 +17,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .distill.distill import distill
+from .distill.qat import qat_distill
 from .errors import Cancelled, SpecError
 from .io.datasets import load_dataset, train_eval_split
+from .io.onnx_teacher import load_onnx_teacher
 from .io.sandbox import SandboxLimits, close_teacher
 from .io.teachers import load_teacher
 from .measure.evaluate import (
@@ -33,6 +36,7 @@ from .measure.export import check_onnx, export_onnx, onnx_size_bytes
 from .measure.metrics import evaluate_outputs, higher_is_better, primary_metric
 from .measure.report import write_manifest, write_report
 from .quantize.api import calibration_sample, quantize, resolve_method
+from .search.run import search
 from .spec import CompressSpec
 from .students.factory import Student, make_student, save_student
 from .students.zoo import count_parameters
@@ -134,8 +138,6 @@ class _Run:
             raise SpecError("quantization 'qat' trains a student: give a 'student' or another method")
 
         if spec.quantization.method == "qat":
-            from .distill.qat import qat_distill
-
             assert deploy is not None
             self._stage("qat", 0, 1)
             deploy = self._timed("qat", lambda: qat_distill(
@@ -173,8 +175,6 @@ class _Run:
     def _execute_search(self, teacher: Teacher, teacher_path: Path, dataset_path: Path, eval_path: Path | None,
                         train: TensorData, evald: TensorData, task: str) -> CompressResult:
         """A search job: the chosen model is the primary artifact, every Pareto-front model is downloadable."""
-        from .search.run import search
-
         sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self._stage("export", 0, 1, "exporting the teacher")
         teacher_onnx = self._teacher_onnx(teacher, teacher_path, sample)
@@ -272,8 +272,6 @@ class _Run:
         return train_eval_split(data, eval_data, self.spec.data)
 
     def _distill(self, teacher: Teacher, student: Student, train: TensorData, evald: TensorData, task: str):
-        from .distill.distill import distill
-
         spec = self.spec
         assert spec.student is not None
         return distill(
@@ -298,8 +296,6 @@ class _Run:
         if teacher.kind == "onnx":
             return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
         if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
-            from .io.onnx_teacher import load_onnx_teacher
-
             # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
             path = teacher.run_onnx.export_onnx(self.work / "teacher_onnx" / "teacher_fp32.onnx", sample)
             load_onnx_teacher(path, task=teacher.task)

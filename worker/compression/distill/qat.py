@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DatasetError, SpecError
+from ..quantize.api import CPU_CHOICES, calibration_sample
 from ..spec import DistillSpec, QuantizationSpec
 from ..types import CancelFn, ProgressFn, Task, Teacher, TensorData, never_cancel, no_progress
 from .losses import embedding_loss, hard_ce, kd_kl, regression_loss
@@ -100,8 +101,6 @@ class _InputFakeQuant:
 def weight_qmax() -> int:
     """The symmetric int8 weight range of the engine's static quantization: [-64, 64] with
     onnxruntime's ``reduce_range`` (7-bit weights, chosen in ``quantize.CPU_CHOICES``), else 127."""
-    from ..quantize.api import CPU_CHOICES
-
     return 64 if CPU_CHOICES["static"]["reduce_range"] else 127
 
 
@@ -167,8 +166,6 @@ def qat_distill(
     teacher as target (the shared training loop: AdamW, warm-up + cosine LR, clipping, cancel,
     time budget of ``distill_spec``); returns the float model (eval mode, CPU) to export and
     quantize with ``static_int8``."""
-    from ..quantize.api import calibration_sample
-
     task = task or teacher.task
     if len(train) == 0:
         raise DatasetError("quantization-aware training needs at least one training sample")

@@ -185,7 +185,7 @@ def _resolve_head(config: Any, folder: Path, task: str | None) -> tuple[Task, st
 
 
 def _auto_class(task: str) -> Any:
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification  # heavy: only HF models need it
 
     return AutoModel if task == "embedding" else AutoModelForSequenceClassification
 
@@ -226,7 +226,7 @@ def _load_backbone(folder: Path, config: Any, task: str) -> nn.Module:
 
 
 def _load_tokenizer(folder: Path, config: Any) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only HF models need it
 
     # transformers 5 would silently build an empty-vocabulary tokenizer without these files
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -316,7 +316,7 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
     ``regression`` for a ``*ForSequenceClassification`` checkpoint, else ``embedding``
     (pooling from the sentence-transformers files, default mean).
     """
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: only HF models need it
 
     folder = _as_folder(Path(folder))
     _check_model_type(folder)

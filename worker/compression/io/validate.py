@@ -10,13 +10,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import UnsupportedFormatError
 from ..spec import DataSpec
-
-if TYPE_CHECKING:
-    from .sandbox import SandboxLimits
+from .datasets import load_dataset
+from .sandbox import SandboxLimits, close_teacher
+from .teachers import load_teacher
 
 MODEL_FORMATS = ("auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program")
 _KIND_OF_FORMAT = {"zoo_zip": "zoo", "hf_zip": "hf", "torchscript": "torchscript",
@@ -27,12 +27,8 @@ def validate_model(path: Path, format: str = "auto", *, allow_code: bool = False
                    sandbox: SandboxLimits | None = None) -> dict[str, Any]:
     """Load the uploaded teacher exactly as a job would and summarise it (a code-bearing one
     in its sandbox, when ``allow_code``; the sandbox ends with the teacher)."""
-    from .teachers import load_teacher
-
     if format not in MODEL_FORMATS:
         raise UnsupportedFormatError(f"unknown model format {format!r}; use one of {', '.join(MODEL_FORMATS)}")
-    from .sandbox import close_teacher
-
     with _named_copy(path, ".onnx" if format == "onnx" else ".zip" if format.endswith("_zip") else "") as p:
         teacher = load_teacher(p, allow_code=allow_code, sandbox=sandbox)
     try:
@@ -47,8 +43,6 @@ def validate_model(path: Path, format: str = "auto", *, allow_code: bool = False
 def validate_dataset(path: Path, spec: DataSpec | None = None) -> dict[str, Any]:
     """Read the uploaded dataset and summarise it. Text data is checked structurally:
     its rows are parsed but tokenized only at job time, with the teacher's tokenizer."""
-    from .datasets import load_dataset
-
     spec = spec or DataSpec()
     with _named_copy(path, _suffix_for(spec.format)) as p:
         data = load_dataset(p, spec, structure_only=True)

@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
 from ..errors import DatasetError, InputError, SpecError
 from ..types import Task
+from .export import feed_arrays, run_onnx_model
+from .export import session as ort_session
+from .metrics import per_class
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -94,11 +98,6 @@ def measure_onnx_latency(
     repeats: int,
 ) -> dict[str, Any]:
     """Latency p50/p95 and throughput of an ONNX model in onnxruntime on CPU, per batch size."""
-    import onnxruntime as ort
-
-    from .export import feed_arrays
-    from .export import session as ort_session
-
     _check_timing_args(batch_sizes, threads, repeats)
     session = ort_session(Path(onnx_path), threads)
     options = session.get_session_options()
@@ -125,8 +124,6 @@ def onnx_outputs(
     onnx_path: str | Path, inputs: Mapping[str, ArrayLike], threads: int = 1, batch_size: int = 256
 ) -> np.ndarray:
     """The model's first output over a whole eval set, run in batches of ``batch_size``."""
-    from .export import run_onnx_model
-
     return run_onnx_model(Path(onnx_path), inputs, threads=threads, batch_size=batch_size)
 
 
@@ -340,8 +337,6 @@ def per_class_table(
     """Per-class support, precision, recall and F1 (``metrics.per_class``); ``y_pred`` may map model
     names to predictions, giving one row per class with ``<name>_precision`` / ``_recall`` / ``_f1``
     columns side by side."""
-    from .metrics import per_class
-
     n = len(classes)
     truth = _class_indices(y_true, "labels", n)
     preds = dict(y_pred) if isinstance(y_pred, Mapping) else {"": y_pred}

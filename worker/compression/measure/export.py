@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -110,8 +111,6 @@ def onnx_size_bytes(path: Path) -> int:
 
 def session(path: Path, threads: int = 1):
     """An onnxruntime CPU session with full graph optimisation and ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1

@@ -48,6 +48,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .pareto import pareto_front
+
 VERSIONED_PACKAGES = ("torch", "onnx", "onnxruntime", "transformers", "numpy", "kdq")
 _X_KEYS = {"step", "epoch"}
 _NOT_PLOTTED = {"lr", "learning_rate", "time", "elapsed_s", "samples"}
@@ -176,7 +178,7 @@ def _records(history: Any) -> list[dict[str, Any]]:
 
 
 def _curves_plot(curves: Mapping[str, Any], metric: str | None) -> str | None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only plots need it
 
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax_loss, ax_metric = fig.subplots(1, 2)
@@ -232,7 +234,7 @@ def _smallest_batch_p50(row: Mapping[str, Any]) -> tuple[int, float] | None:
 
 
 def _scatter_plot(models: Sequence[Mapping[str, Any]], metric: str) -> str | None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only plots need it
     from matplotlib.ticker import LogFormatter
 
     fig = Figure(figsize=(10, 3.6), dpi=100)
@@ -276,15 +278,13 @@ def _scatter_plot(models: Sequence[Mapping[str, Any]], metric: str) -> str | Non
 
 def _front_2d(points: Sequence[tuple[float, float]], higher: bool) -> list[tuple[float, float]]:
     """The (x, metric) points no other point beats on both (lower x, better metric), sorted by x."""
-    from .pareto import pareto_front
-
     rows = [{"x": x, "y": y} for x, y in points]
     idx = pareto_front(rows, [("x", False), ("y", higher)])
     return sorted((points[i] for i in idx), key=lambda p: p[0])
 
 
 def _search_plot(search: Mapping[str, Any]) -> str | None:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only plots need it
     from matplotlib.ticker import LogFormatter
 
     goal = search.get("goal") or {}

@@ -208,7 +208,8 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
             if budget is not None and n > budget:
                 continue
             spec = StudentSpec(kind="zoo", architecture=cfg)
-            out.append(Candidate(short_name(cfg), f"fresh zoo student for a black-box teacher: {describe_config(cfg)}", n,
+            out.append(Candidate(short_name(cfg),
+                                 f"fresh zoo student for a black-box teacher: {describe_config(cfg)}", n,
                                  lambda spec=spec: make_student(teacher, spec), _meta_embedding(cfg)))
     return out
 

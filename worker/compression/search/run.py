@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from ..distill.distill import distill
+from ..distill.qat import qat_distill
 from ..distill.teacher_cache import TeacherCache
 from ..distill.trainer import resolve_device, steps_per_epoch
 from ..errors import Cancelled, SpecError
@@ -424,8 +426,6 @@ class _Search:
 
     def _train(self, e: _Entry, r: int, rung_epochs: int, budget_s: float, i: int, n: int, n_rungs: int,
                final_step: int) -> None:
-        from ..distill.distill import distill
-
         assert e.student is not None
         base = self.spec.distillation
         per_epoch = steps_per_epoch(len(self.train), min(base.batch_size, len(self.train)))
@@ -585,8 +585,6 @@ class _Search:
         return pays or needs_size
 
     def _qat(self, e: _Entry, fp32_row: Measured, folder: Path) -> None:
-        from ..distill.qat import qat_distill
-
         assert e.student is not None
         qspec = self.spec.quantization.model_copy(update={"method": "qat"})
 

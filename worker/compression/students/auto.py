@@ -142,7 +142,8 @@ def _auto_tokens(teacher: Teacher, budget: int, base: dict[str, Any]) -> Student
         dim = largest_fitting(dims, lambda d, n=layers: meta_count(cfg(n, d)), budget)
         if dim is not None and dim >= min_dim:
             chosen = zoo.validate_config(cfg(layers, dim))
-            return fresh_zoo_student(chosen, f"auto for a black-box teacher: {describe_config(chosen)}, within {budget:,} parameters")
+            return fresh_zoo_student(
+                chosen, f"auto for a black-box teacher: {describe_config(chosen)}, within {budget:,} parameters")
     raise SpecError(f"no transformer student fits {budget:,} parameters: the smallest (1 layer, dim "
                     f"{MIN_WIDTH}, vocabulary {base['vocab_size']:,}) has {meta_count(cfg(1, MIN_WIDTH)):,}; "
                     "raise the budget")

@@ -87,7 +87,8 @@ def _derived(teacher: Teacher, spec: StudentSpec) -> Student:
         raise SpecError("student.kind 'derived' needs a zoo or Hugging Face teacher; "
                         "an ONNX teacher is a black box: use 'auto' or 'zoo'")
     cfg = zoo.validate_config(teacher.config)
-    return derive_zoo_student(teacher, kept_layers(cfg, spec.layers, spec.num_layers), spec.width_ratio or 1.0, "derived")
+    kept = kept_layers(cfg, spec.layers, spec.num_layers)
+    return derive_zoo_student(teacher, kept, spec.width_ratio or 1.0, "derived")
 
 
 def _zoo_student(teacher: Teacher, architecture: dict[str, Any]) -> Student:
