@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,13 +19,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import Cancelled, DatasetError, SpecError
 from ..measure.metrics import higher_is_better
 from ..spec import DistillSpec, TargetSpec
 from ..types import CancelFn, Progress, ProgressFn, TensorData, never_cancel, no_progress
+from .checkpoints import Checkpoints, host_copy, split_prefix
 
 StopReason = Literal["completed", "target_reached", "no_improvement", "time_budget"]
 LossFn = Callable[[dict[str, torch.Tensor], "torch.Tensor | None", torch.Tensor], torch.Tensor]
@@ -38,7 +34,6 @@ EvaluateFn = Callable[[], "dict[str, Any] | None"]
 
 HISTORY_POINTS = 200
 """About how many loss points a run logs (and syncs the loss for)."""
-_LATEST = "latest.json"
 
 
 @dataclass
@@ -130,52 +125,6 @@ class _State:
     stopped: str | None = None
 
 
-class _Checkpoints:
-    """``step-N/{weights.safetensors,state.pt}`` directories written atomically, plus a pointer."""
-
-    def __init__(self, root: Path, fingerprint: dict[str, Any]) -> None:
-        self.root = root
-        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back (int keys → str)
-
-    def save(self, step: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Write a new folder, then switch the pointer to it, then drop the older ones."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        save_file(tensors, str(tmp / "weights.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        name = f"step-{step:09d}-{tmp.name.removeprefix('.tmp-')}"
-        os.replace(tmp, self.root / name)
-        pointer = self.root / (_LATEST + ".tmp")
-        pointer.write_text(json.dumps({"dir": name, "fingerprint": self.fingerprint}))
-        os.replace(pointer, self.root / _LATEST)
-        for old in [*self.root.glob("step-*"), *self.root.glob(".tmp-*")]:
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The latest checkpoint of this same run configuration, else None (start afresh)."""
-        try:
-            pointer = json.loads((self.root / _LATEST).read_text())
-        except (OSError, ValueError):
-            return None
-        name = str(pointer.get("dir"))
-        if pointer.get("fingerprint") != self.fingerprint or not name.startswith("step-") or "/" in name:
-            return None
-        folder = self.root / name
-        tensors = load_file(str(folder / "weights.safetensors"))
-        state = torch.load(folder / "state.pt", weights_only=True)
-        return tensors, state
-
-
-def _split(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _host_copy(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Detached CPU copies (cloned: breaks storage sharing, which safetensors refuses)."""
-    return {prefix + k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-
-
 class _Loop:
     def __init__(
         self,
@@ -228,18 +177,18 @@ class _Loop:
             "stage": stage, "samples": n, "parameters": sum(p.numel() for p in self.params),
             "spec": spec.model_dump(exclude={"device", "time_budget_s", "checkpoint_every", "baseline"}),
         }  # fmt: skip
-        self.checkpoints = _Checkpoints(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
+        self.checkpoints = Checkpoints(checkpoint_dir, fingerprint) if checkpoint_dir is not None else None
 
     # --- checkpoints -----------------------------------------------------------------
 
     def _save(self) -> None:
         assert self.checkpoints is not None
         s = self.state
-        tensors = _host_copy(self.model.state_dict(), "model.")
+        tensors = host_copy(self.model.state_dict(), "model.")
         if self.extra is not None:
-            tensors |= _host_copy(self.extra.state_dict(), "extra.")
+            tensors |= host_copy(self.extra.state_dict(), "extra.")
         if self.best_weights is not None and s.best_step != s.step:
-            tensors |= _host_copy(self.best_weights, "best.")
+            tensors |= host_copy(self.best_weights, "best.")
         state = {
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
@@ -254,16 +203,16 @@ class _Loop:
         if self.checkpoints is None or (saved := self.checkpoints.load()) is None:
             return False
         tensors, state = saved
-        self.model.load_state_dict(_split(tensors, "model."))
+        self.model.load_state_dict(split_prefix(tensors, "model."))
         if self.extra is not None:
-            self.extra.load_state_dict(_split(tensors, "extra."))
+            self.extra.load_state_dict(split_prefix(tensors, "extra."))
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.state = _State(**state["loop"])
-        best = _split(tensors, "best.")
+        best = split_prefix(tensors, "best.")
         if self.state.best_step is not None:
             self.best_weights = (
                 {k: v.to(self.device) for k, v in best.items()} if best else self._clone_weights()
