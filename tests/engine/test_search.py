@@ -21,7 +21,7 @@ from worker.compression.search.halving import extrapolate, hopeless, keep_order
 from worker.compression.search.ladder import TEACHER, Candidate, build_ladder
 from worker.compression.search.measure import merge_rounds
 from worker.compression.search.run import SearchOptions, search
-from worker.compression.spec import CompressSpec, SearchTargets, StudentSpec
+from worker.compression.spec import CompressSpec, DerivedStudent, SearchStudent, SearchTargets, ZooStudent
 from worker.compression.students import zoo
 from worker.compression.students.factory import make_student
 from worker.compression.types import TensorData
@@ -70,8 +70,8 @@ def _run(problem, tmp_path, spec, **kw):
 
 def _candidate(problem, name, architecture=None, **derived):
     teacher = problem["teacher"]
-    spec = (StudentSpec(kind="zoo", architecture=architecture) if architecture
-            else StudentSpec(kind="derived", **derived))
+    spec = (ZooStudent(architecture=architecture) if architecture
+            else DerivedStudent(**derived))
     n = make_student(teacher, spec).num_parameters
     return Candidate(name, name, n, lambda: make_student(teacher, spec))
 
@@ -87,7 +87,8 @@ def test_targets_make_auto_a_search_and_bad_search_specs_name_the_field():
         ({"targets": {}}, ("targets",), "metric target"),
         ({"student": None, "targets": {"min": 0.9}}, ("targets",), "student search"),
         ({"student": {"kind": "derived", "num_layers": 1}, "targets": {"min": 0.9}}, ("targets",), "fixed"),
-        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student",), "num_layers"),
+        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student", "search", "num_layers"),
+         "Extra inputs are not permitted"),
         ({"targets": {"metric": "mse", "min": 0.1}}, ("targets",), "give 'max'"),
         ({"targets": {"max_drop": 2.0, "drop_mode": "relative"}}, ("targets",), "fraction"),
     ]
@@ -196,12 +197,12 @@ def test_merge_rounds_takes_medians_per_batch():
 
 def test_ladder_goes_from_the_teacher_down_and_respects_the_parameter_cap(problem):
     teacher = problem["teacher"]
-    full = build_ladder(teacher, problem["train"], StudentSpec(kind="search"))
+    full = build_ladder(teacher, problem["train"], SearchStudent())
     assert full[0].name == TEACHER and full[0].num_parameters == teacher.num_parameters
     names = [c.name for c in full[1:]]
     assert len(set(names)) == len(names) and "mlp-128-128" not in names  # that one is the teacher
     assert {"mlp-64-64", "mlp-8-8", "mlp-128", "mlp-8"} <= set(names)  # width and depth, down to 8 units
-    capped = build_ladder(teacher, problem["train"], StudentSpec(kind="search", max_params=3000))
+    capped = build_ladder(teacher, problem["train"], SearchStudent(max_params=3000))
     assert capped and all(c.num_parameters <= 3000 for c in capped)
     assert TEACHER not in [c.name for c in capped]
     assert [c.num_parameters for c in capped] == sorted(c.num_parameters for c in capped)

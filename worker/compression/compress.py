@@ -35,9 +35,11 @@ from .measure.evaluate import (
 from .measure.export import check_onnx, export_onnx, onnx_size_bytes
 from .measure.metrics import evaluate_outputs, higher_is_better, primary_metric
 from .measure.report import write_manifest, write_report
-from .quantize.api import calibration_sample, quantize, resolve_method
+from .quantize.api import quantize
+from .quantize.calibration import calibration_sample
+from .quantize.handlers import resolve_method
 from .search.run import search
-from .spec import CompressSpec
+from .spec import CompressSpec, QatConfig, StaticInt8Config
 from .students.factory import Student, make_student, save_student
 from .students.zoo import count_parameters
 from .types import (
@@ -306,9 +308,11 @@ class _Run:
     def _quantize(self, fp32: Path, train: TensorData, evaluator: "_Evaluator", teacher_out: torch.Tensor,
                   task: str):
         qspec = resolve_method(self.spec.quantization, fp32)
-        if qspec.method == "qat":  # the QAT-tuned float model is quantized statically, on the grid it trained on
-            qspec = qspec.model_copy(update={"method": "static_int8", "calibration": "minmax"})
-        calib, ids = calibration_sample(train.inputs, qspec.calibration_samples, self.spec.distillation.seed)
+        if isinstance(qspec, QatConfig):  # the QAT-tuned float model is quantized statically, on the grid it trained on
+            qspec = qspec.static()
+        calib, ids = None, None
+        if isinstance(qspec, StaticInt8Config):
+            calib, ids = calibration_sample(train.inputs, qspec.calibration_samples, self.spec.distillation.seed)
         metric = primary_metric(task)
         name = "model_int4.onnx" if qspec.method == "int4" else "model_int8.onnx"
         result = quantize(
@@ -316,7 +320,8 @@ class _Run:
             evaluate=lambda p: evaluator.metrics(evaluator.outputs(p), teacher_out)[metric],
             higher_is_better=higher_is_better(metric), progress=self.progress, cancel=self.cancel,
         )
-        result.calibration["sample_ids"] = ids
+        if ids is not None:
+            result.calibration["sample_ids"] = ids
         self._add(name, "onnx_int4" if qspec.method == "int4" else "onnx_int8", Path(result.path),
                   f"{result.method} ONNX for onnxruntime on CPU")
         if result.met is False:

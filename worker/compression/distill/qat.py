@@ -9,12 +9,12 @@ float student (no hooks, same state-dict keys) with weights fine-tuned so that t
 
 * its weight on the grid static quantization will store: symmetric int8, per output channel when
   ``spec.per_channel`` (per-channel rounding is unchanged when a following BatchNorm is folded
-  in, as that only rescales each channel), in [-64, 64] when ``quantize.CPU_CHOICES`` picks
+  in, as that only rescales each channel), in [-64, 64] when ``quantize.cpu_choices.CPU_CHOICES`` picks
   onnxruntime's ``reduce_range`` (7-bit weights), else [-127, 127];
 * its input per tensor, affine over 256 levels (uint8 [0, 255]; int8 with a zero point is the
   same grid), with the range min-max calibration would pick for the *current* weights: the min
   and max of the float model's activations over the calibration sample the engine will use
-  (``quantize.calibration_sample`` of the training inputs with the distillation seed),
+  (``quantize.calibration.calibration_sample`` of the training inputs with the distillation seed),
   recomputed ``RECALIBRATIONS`` times over the run. A moving average of batch min/max was tried
   first: it lagged the drifting weights and under-estimated the sample's extremes, and the
   toy test lost up to half of its recovery once the engine recalibrated the final model.
@@ -36,8 +36,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import DatasetError, SpecError
-from ..quantize.api import CPU_CHOICES, calibration_sample
-from ..spec import DistillSpec, QuantizationSpec
+from ..quantize.calibration import calibration_sample
+from ..quantize.cpu_choices import CPU_CHOICES
+from ..spec import DistillSpec, QatConfig
 from ..types import CancelFn, ProgressFn, Task, Teacher, TensorData, never_cancel, no_progress
 from .losses import embedding_loss, hard_ce, kd_kl, regression_loss
 from .trainer import resolve_device, steps_per_epoch
@@ -100,7 +101,7 @@ class _InputFakeQuant:
 
 def weight_qmax() -> int:
     """The symmetric int8 weight range of the engine's static quantization: [-64, 64] with
-    onnxruntime's ``reduce_range`` (7-bit weights, chosen in ``quantize.CPU_CHOICES``), else 127."""
+    onnxruntime's ``reduce_range`` (7-bit weights, chosen in ``quantize.cpu_choices``), else 127."""
     return 64 if CPU_CHOICES["static"]["reduce_range"] else 127
 
 
@@ -155,7 +156,7 @@ def qat_distill(
     student: nn.Module,
     teacher: Teacher,
     train: TensorData,
-    spec: QuantizationSpec,
+    spec: QatConfig,
     distill_spec: DistillSpec,
     *,
     progress: ProgressFn = no_progress,

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import SpecError
-from ..spec import StudentSpec
+from ..spec import DerivedStudent, StudentConfig, ZooStudent
 from ..students import zoo
 from ..students.factory import make_student
 from ..students.hf_ladder import hf_ladder
@@ -71,7 +71,7 @@ def embedding_parameters(module: nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Embedding))
 
 
-def build_ladder(teacher: Teacher, train: TensorData, student: StudentSpec) -> list[Candidate]:
+def build_ladder(teacher: Teacher, train: TensorData, student: StudentConfig) -> list[Candidate]:
     """Every candidate for ``teacher`` within the student spec's parameter cap, teacher first."""
     cap = _cap(teacher, student)
     if teacher.kind == "hf":
@@ -97,7 +97,7 @@ def build_ladder(teacher: Teacher, train: TensorData, student: StudentSpec) -> l
     return out + students
 
 
-def _cap(teacher: Teacher, spec: StudentSpec) -> int | None:
+def _cap(teacher: Teacher, spec: StudentConfig) -> int | None:
     if spec.max_params is not None:
         return spec.max_params
     if spec.max_params_ratio is not None:
@@ -168,7 +168,7 @@ def _zoo_ladder(teacher: Teacher) -> list[Candidate]:
             previous = name
             if d == depth and k == 0:
                 continue  # the teacher itself
-            spec = StudentSpec(kind="derived", layers=kept, width_ratio=ratio)
+            spec = DerivedStudent(layers=kept, width_ratio=ratio)
             out.append(Candidate(
                 name, f"derived: {describe_config(cfg)} (width ×{ratio:g}, {d} of {depth} layers), initialised from "
                       "the teacher", meta_count(cfg),
@@ -207,7 +207,7 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
             n = meta_count(cfg)
             if budget is not None and n > budget:
                 continue
-            spec = StudentSpec(kind="zoo", architecture=cfg)
+            spec = ZooStudent(architecture=cfg)
             out.append(Candidate(short_name(cfg),
                                  f"fresh zoo student for a black-box teacher: {describe_config(cfg)}", n,
                                  lambda spec=spec: make_student(teacher, spec), _meta_embedding(cfg)))

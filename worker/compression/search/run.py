@@ -54,8 +54,17 @@ from ..distill.trainer import resolve_device, steps_per_epoch
 from ..errors import Cancelled, SpecError
 from ..measure.export import export_onnx, onnx_size_bytes
 from ..measure.metrics import TASK_METRICS, evaluate_outputs
-from ..quantize.api import calibration_sample, quantize
-from ..spec import CompressSpec, QuantizationSpec
+from ..quantize.api import quantize
+from ..quantize.calibration import calibration_sample
+from ..spec import (
+    AutoQuantizationConfig,
+    CompressSpec,
+    DynamicInt8Config,
+    NoQuantizationConfig,
+    QatConfig,
+    QuantizationMethod,
+    StaticInt8Config,
+)
 from ..students.factory import Student
 from ..students.zoo import count_parameters
 from ..types import CancelFn, Progress, ProgressFn, Teacher, TensorData, never_cancel, no_progress, trim_padding
@@ -161,31 +170,43 @@ class SearchResult:
 PER_TENSOR = "_per_tensor"
 
 
-def recipes_for(spec: QuantizationSpec, input_kind: str) -> list[str]:
-    """The quantized recipes each finalist is measured in (besides fp32).
+def recipes_for(config: QuantizationMethod, input_kind: str) -> dict[str, QuantizationMethod]:
+    """The quantized recipes each finalist is measured in (besides fp32), by name.
 
     ``auto``: dynamic and static int8 for vectors, static for images and signals (onnxruntime's
-    dynamic path leaves Conv in float), dynamic for token models (static loses too much there).
+    dynamic path leaves Conv in float), dynamic for token models (static loses too much there);
+    ``qat``: static int8 (the quantization-aware twin comes on top, see `qat_config_for`).
     Static and dynamic int8 of non-token models also come per tensor (``..._per_tensor``) when the
-    spec asks for per-channel weights: per-tensor scales are smaller and, for small Gemms, faster
-    (``quantize.CPU_CHOICES``: the digits MLP ran 0.53× fp32 per tensor, 0.69× per channel);
+    config asks for per-channel weights: per-tensor scales are smaller and, for small Gemms, faster
+    (``quantize.cpu_choices``: the digits MLP ran 0.53× fp32 per tensor, 0.69× per channel);
     the search measures both and keeps whichever pays.
     """
-    method = spec.method
-    if method == "none":
-        return []
-    if method == "auto":
-        base = {"tokens": ["dynamic_int8"], "vector": ["dynamic_int8", "static_int8"]}.get(input_kind, ["static_int8"])
-    elif method == "qat":
-        base = ["static_int8"]
+    if isinstance(config, NoQuantizationConfig):
+        return {}
+    shared = config.model_dump(include={"max_metric_drop", "drop_mode"})
+    if isinstance(config, AutoQuantizationConfig):
+        dynamic, static = DynamicInt8Config(**shared), StaticInt8Config(**shared)
+        base = {"tokens": [dynamic], "vector": [dynamic, static]}.get(input_kind, [static])
+    elif isinstance(config, QatConfig):
+        base = [StaticInt8Config(calibration_samples=config.calibration_samples, per_channel=config.per_channel,
+                                 **shared)]
     else:
-        base = [method]
-    out: list[str] = []
-    for m in base:
-        out.append(m)
-        if spec.per_channel and input_kind != "tokens" and m in ("dynamic_int8", "static_int8"):
-            out.append(m + PER_TENSOR)
+        base = [config]
+    out: dict[str, QuantizationMethod] = {}
+    for c in base:
+        out[c.method] = c
+        if isinstance(c, (DynamicInt8Config, StaticInt8Config)) and c.per_channel and input_kind != "tokens":
+            out[c.method + PER_TENSOR] = c.model_copy(update={"per_channel": False})
     return out
+
+
+def qat_config_for(config: QuantizationMethod) -> QatConfig:
+    """The quantization-aware twin's config: ``config`` itself when it is ``qat``, else one with its
+    tolerance and static calibration settings."""
+    if isinstance(config, QatConfig):
+        return config
+    fields = config.model_dump(include={"max_metric_drop", "drop_mode", "calibration_samples", "per_channel"})
+    return QatConfig(**fields)
 
 
 @contextlib.contextmanager
@@ -225,7 +246,8 @@ class _Search:
         self.clock = _Clock(spec.targets.time_budget_s)
         self.meter = Meter(task, evald, spec, spec.targets.latency_batch_size, rounds=options.rounds,
                            min_timed_s=options.min_timed_s)
-        self.recipes = recipes_for(spec.quantization, train.input_kind)
+        self.recipe_configs = recipes_for(spec.quantization, train.input_kind)
+        self.recipes = list(self.recipe_configs)
         self.measured: list[Measured] = []
         self.notes: list[str] = []
         self.rungs: list[dict[str, Any]] = []
@@ -537,13 +559,9 @@ class _Search:
             self._qat(e, fp32_row, folder)
 
     def _quantize(self, fp32: Path, out: Path, recipe: str) -> Path:
-        method = recipe.removesuffix(PER_TENSOR)
-        update: dict[str, Any] = {"method": method}
-        if recipe.endswith(PER_TENSOR):
-            update["per_channel"] = False
-        qspec = self.spec.quantization.model_copy(update=update)
+        qspec = self.recipe_configs[recipe]
         calib = None
-        if method == "static_int8":
+        if isinstance(qspec, StaticInt8Config):
             calib, _ = calibration_sample(self.train.inputs, qspec.calibration_samples, self.spec.distillation.seed)
         evaluate: Callable[[Path], float] | None = None
         if qspec.max_metric_drop is not None:
@@ -586,7 +604,7 @@ class _Search:
 
     def _qat(self, e: _Entry, fp32_row: Measured, folder: Path) -> None:
         assert e.student is not None
-        qspec = self.spec.quantization.model_copy(update={"method": "qat"})
+        qspec = qat_config_for(self.spec.quantization)
 
         def inner(p: Progress) -> None:
             self._tick(0, 1, f"QAT of {e.cand.name}, step {p.step}/{p.total}", loss=p.loss)
@@ -598,7 +616,7 @@ class _Search:
         qat_s = time.monotonic() - t0
         sample = {k: v[:8] for k, v in self.evald.inputs.items()}
         float_path = export_onnx(tuned, sample, folder / "qat_float.onnx", task=self.task)
-        static = qspec.model_copy(update={"method": "static_int8", "calibration": "minmax"})
+        static = qspec.static()
         calib, _ = calibration_sample(self.train.inputs, static.calibration_samples, self.spec.distillation.seed)
         out = quantize(float_path, folder / "qat_int8.onnx", static, calibration_inputs=calib, cancel=self.cancel,
                        seed=self.spec.distillation.seed)

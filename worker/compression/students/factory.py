@@ -1,6 +1,6 @@
 """The student factory: a smaller model for a teacher, derived from it, named, or sized to a budget.
 
-``StudentSpec.kind`` picks the way:
+The student config's kind (``spec.student``) picks the way:
 
 * ``derived``: the teacher's own architecture with fewer layers (``layers`` = which teacher
   layers to keep, or ``num_layers`` picked evenly, first and last included) and/or narrower
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from ..errors import SpecError
 from ..io.hf_folder import save_hf_model
 from ..io.teachers import save_zoo_model
-from ..spec import StudentSpec
+from ..spec import AutoStudent, DerivedStudent, HFConfigStudent, StudentKind, ZooStudent
 from ..types import Teacher
 from . import zoo
 from .auto import auto_student
@@ -37,23 +38,16 @@ from .zoo_layers import describe_config, kept_layers
 # --- public API ---------------------------------------------------------------------------
 
 
-def make_student(teacher: Teacher, spec: StudentSpec, *, seed: int = 0) -> Student:
+def make_student(teacher: Teacher, spec: StudentKind, *, seed: int = 0) -> Student:
     """Build the student ``spec`` asks for; fresh weights are seeded by ``seed`` (global RNG untouched)."""
-    if spec.kind == "search":
-        raise SpecError("student kind 'search' is a search over many students: run it through compress() "
+    build = BUILDERS.get(type(spec))
+    if build is None:
+        raise SpecError(f"student kind {spec.kind!r} is a search over many students: run it through compress() "
                         "(worker.compression.search), not make_student")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec.kind == "auto":
-            student = auto_student(teacher, student_budget(teacher, spec.max_params, spec.max_params_ratio))
-        elif spec.kind == "derived":
-            student = _derived(teacher, spec)
-        elif spec.kind == "zoo":
-            assert spec.architecture is not None  # the spec validator guarantees it
-            student = _zoo_student(teacher, spec.architecture)
-        else:
-            student = _hf_config_student(teacher, spec)
-    if spec.kind != "auto" and (spec.max_params is not None or spec.max_params_ratio is not None):
+        student = build(teacher, spec)
+    if not isinstance(spec, AutoStudent) and (spec.max_params is not None or spec.max_params_ratio is not None):
         budget = student_budget(teacher, spec.max_params, spec.max_params_ratio)
         if student.num_parameters > budget:
             raise SpecError(f"the {spec.kind} student has {student.num_parameters:,} parameters, "
@@ -77,7 +71,11 @@ def save_student(student: Student, folder: Path, teacher: Teacher) -> Path:
 # --- the four ways ------------------------------------------------------------------------
 
 
-def _derived(teacher: Teacher, spec: StudentSpec) -> Student:
+def _auto(teacher: Teacher, spec: AutoStudent) -> Student:
+    return auto_student(teacher, student_budget(teacher, spec.max_params, spec.max_params_ratio))
+
+
+def _derived(teacher: Teacher, spec: DerivedStudent) -> Student:
     if teacher.kind == "hf":
         module, layer_map = derive_hf_student(
             teacher, layers=spec.layers, num_layers=spec.num_layers, width_ratio=spec.width_ratio)
@@ -91,20 +89,28 @@ def _derived(teacher: Teacher, spec: StudentSpec) -> Student:
     return derive_zoo_student(teacher, kept, spec.width_ratio or 1.0, "derived")
 
 
-def _zoo_student(teacher: Teacher, architecture: dict[str, Any]) -> Student:
-    cfg = fit_to_teacher(teacher, architecture)
+def _zoo_student(teacher: Teacher, spec: ZooStudent) -> Student:
+    cfg = fit_to_teacher(teacher, spec.architecture)
     module = zoo.build(cfg)
     return Student(module, "zoo", cfg, None, f"zoo {describe_config(cfg)}, fresh weights",
                    zoo.count_parameters(module), "zoo")
 
 
-def _hf_config_student(teacher: Teacher, spec: StudentSpec) -> Student:
+def _hf_config_student(teacher: Teacher, spec: HFConfigStudent) -> Student:
     if teacher.kind != "hf":
         raise SpecError(f"student.kind 'hf_config' needs a Hugging Face teacher, not a {teacher.kind} one; "
                         "use 'zoo', 'derived' or 'auto'")
-    assert spec.hf_config is not None  # the spec validator guarantees it
     module, layer_map = hf_student_from_config(teacher, spec.hf_config)
     return hf_student(module, layer_map, "hf_config", "from the given transformers config")
+
+
+BUILDERS: dict[type, Callable[[Teacher, Any], Student]] = {
+    AutoStudent: _auto,
+    DerivedStudent: _derived,
+    ZooStudent: _zoo_student,
+    HFConfigStudent: _hf_config_student,
+}
+"""Student kind config -> how to build it (``search`` is no single student: `search.run`)."""
 
 
 def check_outputs(teacher: Teacher, student: Student) -> None:
