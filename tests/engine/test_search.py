@@ -15,11 +15,12 @@ from pydantic import ValidationError
 from worker.compression.compress import compress
 from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.measure.export import export_onnx
+from worker.compression.measure.meter import merge_rounds
 from worker.compression.measure.pareto import dominates, nondominated_ranks, pareto_front
+from worker.compression.pipeline import CandidatePipeline
 from worker.compression.search.goal import Goal, choose, front
 from worker.compression.search.halving import extrapolate, hopeless, keep_order
 from worker.compression.search.ladder import TEACHER, Candidate, build_ladder
-from worker.compression.search.measure import merge_rounds
 from worker.compression.search.run import SearchOptions, search
 from worker.compression.spec import CompressSpec, DerivedStudent, SearchStudent, SearchTargets, ZooStudent
 from worker.compression.students import zoo
@@ -277,7 +278,12 @@ def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(prob
     assert any("NOT met" in line for line in result.to_dict()["chosen_checks"])
 
 
-def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path):
+def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path, monkeypatch):
+    calls = []  # every twin comes from the candidate pipeline's quantize stage, as in a single run
+    original = CandidatePipeline.quantize
+    monkeypatch.setattr(CandidatePipeline, "quantize", lambda self, fp32, out, config, **kw: calls.append(
+        (config.method, getattr(config, "per_channel", None), kw.get("module") is not None)) or original(
+        self, fp32, out, config, **kw))
     cand = _candidate(problem, "mlp-32-32", layers=[0, 1], width_ratio=0.25)
     spec = _spec(max_drop=0.5)
     spec = spec.model_copy(update={
@@ -289,6 +295,7 @@ def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path):
     qat = result.by_name("mlp-32-32-qat_int8")
     assert qat.twin == "mlp-32-32-fp32" and qat.value is not None and qat.latency_ms > 0
     assert any("quantization-aware" in n for n in qat.notes)
+    assert calls == [("static_int8", True, False), ("static_int8", False, False), ("qat", True, True)]
 
 
 # --- compress() --------------------------------------------------------------------------------
