@@ -63,7 +63,7 @@ def compress(
     sandbox: SandboxLimits | None = None,
 ) -> CompressResult:
     """``allow_code`` / ``sandbox``: TorchScript and ExportedProgram teachers (the operator's choice;
-    they run in a sandboxed child, see `sandbox`)."""
+    they run in a sandboxed child, see `io.sandbox`)."""
     run = _Run(spec, Path(output_dir), progress, cancel, checkpoint_dir)
     run.allow_code, run.sandbox = allow_code, sandbox
     try:

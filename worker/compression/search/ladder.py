@@ -1,6 +1,6 @@
 """The search's candidates: a ladder of student sizes from the teacher's down.
 
-* zoo teachers (mlp, cnn, cnn1d, resnet, transformer): derived students (``students.make_student``,
+* zoo teachers (mlp, cnn, cnn1d, resnet, transformer): derived students (``students.factory.make_student``,
   initialised from the teacher) at every depth from the teacher's down to 1 (resnet: one block per
   stage; beyond 4 layers: the teacher's, then halving), each at width ×1, ×1/2, ×1/4, ... until the
   widest layer would fall under ``MIN_LADDER_WIDTH`` units. The full-depth full-width one would be a
