@@ -88,7 +88,7 @@ def test_targets_make_auto_a_search_and_bad_search_specs_name_the_field():
         ({"targets": {}}, ("targets",), "metric target"),
         ({"student": None, "targets": {"min": 0.9}}, ("targets",), "student search"),
         ({"student": {"kind": "derived", "num_layers": 1}, "targets": {"min": 0.9}}, ("targets",), "fixed"),
-        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student", "search", "num_layers"),
+        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student", "num_layers"),
          "Extra inputs are not permitted"),
         ({"targets": {"metric": "mse", "min": 0.1}}, ("targets",), "give 'max'"),
         ({"targets": {"max_drop": 2.0, "drop_mode": "relative"}}, ("targets",), "fraction"),

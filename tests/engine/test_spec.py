@@ -75,16 +75,17 @@ def test_each_method_is_its_own_config(body, cls):
 
 
 @pytest.mark.parametrize(("quantization", "loc", "words"), [
-    ({"method": "dynamic_int8", "calibration": "minmax"}, ("quantization", "dynamic_int8", "calibration"),
+    ({"method": "dynamic_int8", "calibration": "minmax"}, ("quantization", "calibration"),
      "Extra inputs"),
-    ({"method": "auto", "calibration_samples": 64}, ("quantization", "auto", "calibration_samples"), "Extra inputs"),
-    ({"method": "int4", "per_channel": False}, ("quantization", "int4", "per_channel"), "Extra inputs"),
-    ({"method": "none", "max_metric_drop": 0.1}, ("quantization", "none", "max_metric_drop"), "Extra inputs"),
-    ({"method": "qat", "calibration": "percentile"}, ("quantization", "qat", "calibration"), "Extra inputs"),
-    ({"method": "static_int8", "backend": "torch"}, ("quantization", "static_int8", "backend"), "onnxruntime"),
+    ({"method": "auto", "calibration_samples": 64}, ("quantization", "calibration_samples"), "Extra inputs"),
+    ({"method": "int4", "per_channel": False}, ("quantization", "per_channel"), "Extra inputs"),
+    ({"method": "none", "max_metric_drop": 0.1}, ("quantization", "max_metric_drop"), "Extra inputs"),
+    ({"method": "qat", "calibration": "percentile"}, ("quantization", "calibration"), "Extra inputs"),
+    ({"method": "static_int8", "backend": "torch"}, ("quantization", "backend"), "onnxruntime"),
     ({"method": "int2"}, ("quantization",), "does not match any of the expected tags"),
 ])
 def test_a_method_refuses_fields_it_does_not_have(quantization, loc, words):
+    """Locations are paths in the body (the service's JSON pointers): the chosen tag is no segment."""
     got_loc, msg = _error({"quantization": quantization})
     assert got_loc == loc and words in msg
 
@@ -97,14 +98,14 @@ def test_qat_needs_a_student():
 
 
 @pytest.mark.parametrize(("student", "loc", "words"), [
-    ({"kind": "zoo"}, ("student", "zoo", "architecture"), "Field required"),
-    ({"kind": "zoo", "architecture": {}}, ("student", "zoo", "architecture"), "at least 1"),
-    ({"kind": "hf_config"}, ("student", "hf_config", "hf_config"), "Field required"),
-    ({"kind": "auto", "num_layers": 2}, ("student", "auto", "num_layers"), "Extra inputs"),
+    ({"kind": "zoo"}, ("student", "architecture"), "Field required"),
+    ({"kind": "zoo", "architecture": {}}, ("student", "architecture"), "at least 1"),
+    ({"kind": "hf_config"}, ("student", "hf_config"), "Field required"),
+    ({"kind": "auto", "num_layers": 2}, ("student", "num_layers"), "Extra inputs"),
     ({"kind": "zoo", "architecture": {"architecture": "mlp"}, "width_ratio": 0.5},
-     ("student", "zoo", "width_ratio"), "Extra inputs"),
-    ({"kind": "derived", "layers": [0, 1], "num_layers": 3}, ("student", "derived"), "disagree"),
-    ({"kind": "derived", "max_params": 10, "max_params_ratio": 0.5}, ("student", "derived"), "not both"),
+     ("student", "width_ratio"), "Extra inputs"),
+    ({"kind": "derived", "layers": [0, 1], "num_layers": 3}, ("student",), "disagree"),
+    ({"kind": "derived", "max_params": 10, "max_params_ratio": 0.5}, ("student",), "not both"),
     ({"kind": "teacher"}, ("student",), "does not match any of the expected tags"),
 ])
 def test_a_student_kind_refuses_what_it_does_not_take(student, loc, words):

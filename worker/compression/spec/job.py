@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from .base import SpecModel
 from .data import DataSpec
@@ -44,6 +52,20 @@ def with_tag(data: Any, tag: str, default: str, flat_keys: frozenset[str], membe
     return data
 
 
+def validate_tagged(data: Any, handler: ValidatorFunctionWrapHandler, tag: str, default: str,
+                    flat_keys: frozenset[str], members: dict[str, type[SpecModel]]) -> Any:
+    """Validate one of the unions; an error's location names fields of the body, as a JSON pointer
+    must (pydantic puts the chosen tag in it: ``student.zoo.architecture`` is ``student.architecture``)."""
+    data = with_tag(data, tag, default, flat_keys, members)
+    try:
+        return handler(data)
+    except ValidationError as exc:
+        chosen = data.get(tag) if isinstance(data, dict) else None
+        errors = [InitErrorDetails(type=e["type"], loc=e["loc"][1:] if e["loc"][:1] == (chosen,) else e["loc"],
+                                   input=e["input"], ctx=e.get("ctx", {})) for e in exc.errors()]
+        raise ValidationError.from_exception_data(exc.title, errors) from None
+
+
 class CompressSpec(SpecModel):
     """One whole compression run. Each stage is optional: no ``student`` means no
     distillation (the teacher itself is quantized); ``quantization.method == "none"``
@@ -59,15 +81,15 @@ class CompressSpec(SpecModel):
     targets: SearchTargets | None = Field(default=None, validate_default=True)
     """What the result must meet; runs a search (student ``auto`` becomes ``search``)."""
 
-    @field_validator("student", mode="before")
+    @field_validator("student", mode="wrap")
     @classmethod
-    def _flat_student(cls, value: Any) -> Any:
-        return with_tag(value, "kind", "auto", FLAT_STUDENT_KEYS, _STUDENT_BY_KIND)
+    def _student(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return validate_tagged(value, handler, "kind", "auto", FLAT_STUDENT_KEYS, _STUDENT_BY_KIND)
 
-    @field_validator("quantization", mode="before")
+    @field_validator("quantization", mode="wrap")
     @classmethod
-    def _flat_quantization(cls, value: Any) -> Any:
-        return with_tag(value, "method", "auto", FLAT_QUANTIZATION_KEYS, _QUANTIZATION_BY_METHOD)
+    def _quantization(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        return validate_tagged(value, handler, "method", "auto", FLAT_QUANTIZATION_KEYS, _QUANTIZATION_BY_METHOD)
 
     @field_validator("quantization")
     @classmethod
