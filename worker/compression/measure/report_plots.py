@@ -77,7 +77,7 @@ def _smallest_batch_p50(row: Mapping[str, Any]) -> tuple[int, float] | None:
 
 def scatter_plot(models: Sequence[Mapping[str, Any]], metric: str) -> str | None:
     from matplotlib.figure import Figure  # heavy: only plots need it
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import LogFormatter  # heavy: only plots need it
 
     fig = Figure(figsize=(10, 3.6), dpi=100)
     ax_size, ax_lat = fig.subplots(1, 2)
@@ -124,7 +124,7 @@ def _front_2d(points: Sequence[tuple[float, float]], higher: bool) -> list[tuple
 
 def search_plot(search: Mapping[str, Any]) -> str | None:
     from matplotlib.figure import Figure  # heavy: only plots need it
-    from matplotlib.ticker import LogFormatter
+    from matplotlib.ticker import LogFormatter  # heavy: only plots need it
 
     goal = search.get("goal") or {}
     measured = [m for m in search.get("measured") or [] if isinstance(m.get("value"), (int, float))]

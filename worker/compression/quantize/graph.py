@@ -69,6 +69,7 @@ def prepare_graph(src: Path, dst: Path, *, gemm_to_matmul: bool) -> onnx.ModelPr
     Symbolic shape inference is skipped: it fails on transformers' BERT exports and then writes
     a temp file into the working directory; ONNX shape inference suffices for our exports.
     """
+    # onnxruntime.quantization is loaded only when a graph is quantized (as in ort_methods)
     from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

@@ -32,7 +32,7 @@ def matmul_nbits_quantizer() -> type:
     level=INFO)`` that its module runs on import (it would take over the process's root logger)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # resets the root logger
 
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -77,7 +77,7 @@ class DynamicMethod(OrtMethod):
         }
 
     def run(self, dst: Path, exclude: list[str], only: list[str] | None) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # only when quantizing (module doc)
 
         o = self.options
         quantize_dynamic(
@@ -94,7 +94,7 @@ class StaticMethod(OrtMethod):
 
     def __init__(self, *args: Any, feeds: dict[str, np.ndarray], cancel: CancelFn) -> None:
         super().__init__(*args)
-        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization import CalibrationMethod  # only when quantizing (module doc)
 
         choice = cpu_choices.CPU_CHOICES["static"]
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -119,7 +119,7 @@ class StaticMethod(OrtMethod):
         }
 
     def run(self, dst: Path, exclude: list[str], only: list[str] | None) -> None:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static  # only when quantizing
 
         o = self.options
         quantize_static(
@@ -170,7 +170,7 @@ class WeightOnlyMethod(OrtMethod):
         return True
 
     def run(self, dst: Path, exclude: list[str], only: list[str] | None) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic  # only when quantizing (module doc)
 
         o = self.options
         if only is not None:  # MatMulNBitsQuantizer's nodes_to_include adds to its op types; exclude instead
