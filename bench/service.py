@@ -400,8 +400,8 @@ def write_job_inputs(folder: Path) -> tuple[Path, Path]:
     import numpy as np
     import torch
 
-    from worker.compression import zoo
-    from worker.compression.teachers import save_zoo_model
+    from worker.compression.io.teachers import save_zoo_model
+    from worker.compression.students import zoo
 
     torch.manual_seed(0)
     src = save_zoo_model(zoo.build(TEACHER_CONFIG), TEACHER_CONFIG, folder / "teacher")

@@ -222,20 +222,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(), args)
 
 
-def hint_if_no_key(db: Any, data_dir: str | None) -> None:
-    from .core.auth import has_active_key
-
-    if has_active_key(db):
-        return
-    where = f" --data-dir {data_dir}" if data_dir else ""
-    print(
-        "kdq serve: no API key exists yet, so every /v1 request will be answered 401. Make one "
-        f"(it is printed once):\n    kdq keys create --team NAME{where}\n"
-        "and send it as 'Authorization: Bearer <key>'. For local use only: kdq serve --no-auth",
-        file=sys.stderr,
-    )
-
-
 ACCESS_LOG_HELP = (
     "log every request (off by default: a log line per status poll cost the API 7%% of its CPU under "
     "load; /metrics counts requests)"

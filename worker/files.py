@@ -39,7 +39,7 @@ SUFFIX = {
 def code_checkpoints(settings: Settings) -> dict[str, Any]:
     """The engine's options for TorchScript / ExportedProgram teachers: refused unless the operator
     set ``KDQ_ALLOW_CODE_CHECKPOINTS``, and then run only in a sandboxed child process."""
-    from worker.compression.sandbox import (
+    from worker.compression.io.sandbox import (
         SandboxLimits,  # (imports torch: only once a task runs)
     )
 

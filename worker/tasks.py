@@ -104,7 +104,7 @@ def validate_upload(kind: str, upload_id: str) -> None:
 
 def _inspect(rt: Runtime, kind: str, upload_id: str, row: Any) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(summary, None) for a good upload, (None, problem) for a bad one."""
-    from worker.compression.validate import validate_dataset, validate_model
+    from worker.compression.io.validate import validate_dataset, validate_model
 
     rt.settings.work_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     with tempfile.TemporaryDirectory(dir=rt.settings.work_dir, prefix="validate-") as tmp:

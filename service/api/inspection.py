@@ -30,21 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal, TypeVar
 
-from worker.compression.archives import (
-    ArchiveLimits,
-    Member,
-    Opener,
-    archive_kind,
-    walk_members,
-)
 from worker.compression.errors import (
     InputError,
     TruncatedFileError,
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from worker.compression.safetensors_header import parse_header, read_header
-from worker.compression.sniff import (
+from worker.compression.io.archives import (
+    ArchiveLimits,
+    Member,
+    Opener,
+    archive_kind,
+    walk_members,
+)
+from worker.compression.io.safetensors_header import parse_header, read_header
+from worker.compression.io.sniff import (
     CODE_KINDS,
     DESCRIPTIONS,
     PICKLE_KINDS,

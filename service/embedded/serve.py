@@ -14,7 +14,9 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
+from ..core.auth import has_active_key
 from ..core.settings import Settings
 from .layout import DataDirBusy
 from .stack import EmbeddedStack, child_env_defaults
@@ -54,8 +56,6 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
         db = Database(settings.database_url, pool_size=1)
         try:
             if settings.auth == "keys":
-                from ..cli import hint_if_no_key
-
                 hint_if_no_key(db, args.data_dir)
         finally:
             db.dispose()
@@ -92,3 +92,16 @@ def _announce(server: object, args: argparse.Namespace, started: float) -> None:
             return
         time.sleep(0.02)
     log.info("kdq serve ready in %.1f s: http://%s:%s", time.monotonic() - started, args.host, args.port)
+
+
+def hint_if_no_key(db: Any, data_dir: str | None) -> None:
+    """Say how to make a key when none exists (every /v1 request would be answered 401)."""
+    if has_active_key(db):
+        return
+    where = f" --data-dir {data_dir}" if data_dir else ""
+    print(
+        "kdq serve: no API key exists yet, so every /v1 request will be answered 401. Make one "
+        f"(it is printed once):\n    kdq keys create --team NAME{where}\n"
+        "and send it as 'Authorization: Bearer <key>'. For local use only: kdq serve --no-auth",
+        file=sys.stderr,
+    )

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from tests.malicious import corpus
-from worker.compression.archives import ArchiveLimits, list_members, safe_extract, safe_extract_zip
-from worker.compression.datasets import load_dataset
 from worker.compression.errors import UnsafeFileError, UnsupportedFormatError
+from worker.compression.io.archives import ArchiveLimits, list_members, safe_extract, safe_extract_zip
+from worker.compression.io.datasets import load_dataset
+from worker.compression.io.teachers import load_teacher
 from worker.compression.spec import DataSpec
-from worker.compression.teachers import load_teacher
 
 
 def _zip(path, members):

@@ -9,14 +9,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from pydantic import ValidationError
 
-from worker.compression import zoo
 from worker.compression.compress import compress
-from worker.compression.errors import Cancelled, SpecError
-from worker.compression.export import export_onnx
-from worker.compression.report import sha256_file
+from worker.compression.errors import Cancelled
+from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.measure.export import export_onnx
+from worker.compression.measure.report import sha256_file
+from worker.compression.pipeline import CandidatePipeline
 from worker.compression.spec import CompressSpec
-from worker.compression.teachers import load_teacher, save_zoo_model
+from worker.compression.students import zoo
 
 CFG = {"architecture": "mlp", "task": "classification", "input_dim": 16, "hidden": [128, 128], "output_dim": 4}
 
@@ -118,6 +120,29 @@ def test_cancel_between_stages_raises(problem, tmp_path):
 
 
 def test_qat_needs_a_student(problem, tmp_path):
-    with pytest.raises(SpecError, match="qat"):
-        compress(_spec(student=None, quantization={"method": "qat"}), teacher_path=problem / "teacher",
-                 dataset_path=problem / "data.npz", output_dir=tmp_path / "out")
+    with pytest.raises(ValidationError, match="qat"):  # the spec refuses it, before any work
+        _spec(student=None, quantization={"method": "qat"})
+
+
+def test_qat_is_a_quantization_method_of_the_pipeline(problem, tmp_path, monkeypatch):
+    """compress quantizes through the candidate pipeline once; qat fine-tunes the distilled student
+    there (its registered handler) and delivers static int8 beside the plain fp32 student."""
+    calls = []
+    original = CandidatePipeline.quantize
+
+    def counted(self, fp32, out, config, **kw):
+        calls.append((type(config).__name__, kw.get("module") is not None))
+        return original(self, fp32, out, config, **kw)
+
+    monkeypatch.setattr(CandidatePipeline, "quantize", counted)
+    res = compress(_spec(quantization={"method": "qat", "qat_epochs": 1, "calibration_samples": 64}),
+                   teacher_path=problem / "teacher", dataset_path=problem / "data.npz", output_dir=tmp_path / "out")
+    assert calls == [("QatConfig", True)]
+    kinds = {a.kind: a for a in res.artifacts}
+    assert {"student", "onnx_fp32", "onnx_int8"} <= set(kinds)
+    quant = res.metrics["quantization"]
+    assert quant["method"] == "qat" and quant["options"]["qat_epochs"] == 1
+    assert quant["calibration"]["method"] == "minmax" and len(quant["calibration"]["sample_ids"]) == 64
+    rows = {r["name"]: r for r in res.metrics["models"]}
+    assert set(rows) == {"teacher", "student", "int8"} and rows["int8"]["size_bytes"] < rows["student"]["size_bytes"]
+    assert rows["int8"]["metric"]["accuracy"] >= rows["student"]["metric"]["accuracy"] - 0.1

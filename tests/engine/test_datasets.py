@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from worker.compression.datasets import DataLimits, load_dataset, train_eval_split
 from worker.compression.errors import DatasetError, SpecError
+from worker.compression.io.datasets import DataLimits, load_dataset, train_eval_split
 from worker.compression.spec import DataSpec
 from worker.compression.types import TensorData
 

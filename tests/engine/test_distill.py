@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.compression import zoo
-from worker.compression.distill import distill, trim_padding
+from worker.compression.distill.distill import distill
+from worker.compression.distill.teacher_cache import TeacherCache
 from worker.compression.errors import Cancelled, DatasetError, SpecError
 from worker.compression.spec import DistillSpec, TargetSpec
-from worker.compression.teacher_cache import TeacherCache
-from worker.compression.types import Progress, Teacher, TensorData
+from worker.compression.students import zoo
+from worker.compression.types import Progress, Teacher, TensorData, trim_padding
 
 STUDENT = {"architecture": "mlp", "input_dim": 12, "hidden": [24], "output_dim": 4}
 

@@ -9,9 +9,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from worker.compression import zoo
 from worker.compression.errors import DatasetError, InputError, SpecError
-from worker.compression.evaluate import (
+from worker.compression.measure.evaluate import (
     ModelRow,
     _tile,
     compare_models,
@@ -21,7 +20,8 @@ from worker.compression.evaluate import (
     onnx_outputs,
     per_class_table,
 )
-from worker.compression.export import export_onnx
+from worker.compression.measure.export import export_onnx
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "task": "classification", "input_dim": 6, "hidden": [16], "output_dim": 3}
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from worker.compression import zoo
 from worker.compression.errors import CompressionError, InputError
-from worker.compression.export import check_onnx, export_onnx, onnx_size_bytes, run_onnx_model
+from worker.compression.measure.export import check_onnx, export_onnx, onnx_size_bytes, run_onnx_model
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "input_dim": 12, "hidden": [32, 32], "output_dim": 4}
 CNN = {"architecture": "cnn", "in_channels": 1, "input_size": [8, 8], "channels": [8, 16], "hidden": 16,

@@ -36,15 +36,9 @@ from worker.compression.errors import (
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from worker.compression.hf import (
-    HFEncoder,
-    derive_hf_student,
-    hf_layer_count,
-    hf_student_from_config,
-    load_hf_teacher,
-    save_hf_model,
-    tokenize,
-)
+from worker.compression.io.hf_folder import load_hf_teacher, save_hf_model, tokenize
+from worker.compression.students.hf_derive import derive_hf_student, hf_student_from_config
+from worker.compression.students.hf_model import HFEncoder, hf_layer_count
 
 WORDS = "the a cat dog sat on mat is good bad movie film great awful and not very".split()
 TEXTS = ["the cat sat on the mat", "a very good movie", "not a bad film and not awful", "dog"]

@@ -24,27 +24,21 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from worker.compression.distill import distill
+from worker.compression.distill.distill import distill
 from worker.compression.errors import MissingTensorError, ModelFileError, SpecError, UnexpectedTensorError
-from worker.compression.export import export_onnx, run_onnx_model
-from worker.compression.hf import (
-    EXTRA_FILE,
-    HFEncoder,
-    derive_hf_student,
-    load_hf_teacher,
-    save_hf_model,
-    tokenize,
-)
-from worker.compression.hf_shrink import (
+from worker.compression.io.hf_folder import EXTRA_FILE, load_hf_teacher, save_hf_model, tokenize
+from worker.compression.measure.export import export_onnx, run_onnx_model
+from worker.compression.spec import DistillSpec
+from worker.compression.students.hf_derive import derive_hf_student
+from worker.compression.students.hf_ladder import (
     calibration_inputs,
     count_student_parameters,
     default_hidden_sizes,
     hf_ladder,
-    trim_vocabulary,
-    used_token_ids,
 )
-from worker.compression.spec import DistillSpec
-from worker.compression.students import Student
+from worker.compression.students.hf_model import HFEncoder
+from worker.compression.students.hf_vocab import trim_vocabulary, used_token_ids
+from worker.compression.students.student import Student
 from worker.compression.types import Teacher, TensorData
 
 WORDS = "the a cat dog sat on mat is good bad movie film great awful and not very".split()

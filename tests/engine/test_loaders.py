@@ -7,8 +7,6 @@ import json
 import pickle
 import shutil
 import struct
-import sys
-import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -21,7 +19,6 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 from torch import nn
 
-from worker.compression import safetensors_io, zoo
 from worker.compression.errors import (
     MissingTensorError,
     ModelFileError,
@@ -33,8 +30,10 @@ from worker.compression.errors import (
     UnsupportedFormatError,
     UnsupportedOpError,
 )
-from worker.compression.onnx_teacher import load_onnx_teacher
-from worker.compression.teachers import load_teacher, save_zoo_model
+from worker.compression.io import safetensors_io, teachers
+from worker.compression.io.onnx_teacher import load_onnx_teacher
+from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "input_dim": 6, "hidden": [8], "output_dim": 3}
 CNN = {"architecture": "cnn", "in_channels": 2, "input_size": [8, 8], "channels": [4, 6], "hidden": 8,
@@ -317,9 +316,8 @@ def test_bare_safetensors_and_unknown_files(tmp_path: Path, zoo_folder: Path) ->
 
 def test_hf_folders_are_delegated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    fake = types.ModuleType("worker.compression.hf")
-    fake.load_hf_teacher = lambda folder, task=None: calls.append((folder, task)) or "hf-teacher"
-    monkeypatch.setitem(sys.modules, "worker.compression.hf", fake)
+    monkeypatch.setattr(teachers, "load_hf_teacher",
+                        lambda folder, task=None: calls.append((folder, task)) or "hf-teacher")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"")  # sharded: no model.safetensors
     (tmp_path / "training_args.bin").write_bytes(b"ignored")

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-from worker.compression.errors import SpecError
-from worker.compression.losses import (
+from worker.compression.distill.losses import (
     FeatureProjector,
     attention_loss,
     default_layer_map,
@@ -18,7 +17,8 @@ from worker.compression.losses import (
     kd_kl_topk,
     regression_loss,
 )
-from worker.compression.metrics import accuracy, evaluate_outputs, macro_f1, mean_cosine, per_class
+from worker.compression.errors import SpecError
+from worker.compression.measure.metrics import accuracy, evaluate_outputs, macro_f1, mean_cosine, per_class
 
 S = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 T = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.5]]

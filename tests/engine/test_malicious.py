@@ -16,8 +16,8 @@ from worker.compression.errors import (
     TruncatedFileError,
     UnsafeFileError,
 )
+from worker.compression.io.validate import MODEL_FORMATS, validate_dataset, validate_model
 from worker.compression.spec import DataSpec
-from worker.compression.validate import MODEL_FORMATS, validate_dataset, validate_model
 
 
 @pytest.fixture

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from worker.compression import zoo
+from worker.compression.distill.qat import qat_distill
 from worker.compression.errors import Cancelled, SpecError
-from worker.compression.evaluate import onnx_outputs
-from worker.compression.export import export_onnx
-from worker.compression.qat import qat_distill
-from worker.compression.quantize import calibration_sample, quantize
-from worker.compression.spec import DistillSpec, QuantizationSpec
+from worker.compression.measure.evaluate import onnx_outputs
+from worker.compression.measure.export import export_onnx
+from worker.compression.quantize.api import quantize
+from worker.compression.quantize.calibration import calibration_sample
+from worker.compression.spec import DistillSpec, QatConfig, StaticInt8Config
+from worker.compression.students import zoo
 from worker.compression.types import Progress, Teacher, TensorData
 
 MLP = {"architecture": "mlp", "task": "classification", "input_dim": 8, "output_dim": 4}
@@ -67,7 +68,7 @@ def _int8_accuracy(
     """(fp32, int8) accuracy in onnxruntime through the engine's own path: ``export_onnx``, then
     ``quantize`` with static int8 (per-channel weights, min-max calibration), then run."""
     fp32 = export_onnx(model, {"x": x[:4]}, tmp / f"{name}.onnx")
-    spec = QuantizationSpec(method="static_int8", calibration="minmax")
+    spec = StaticInt8Config(calibration="minmax")
     int8 = quantize(fp32, tmp / f"{name}_int8.onnx", spec, calibration_inputs={"x": calib}).path
     acc = [float((onnx_outputs(p, {"x": x}).argmax(1) == y.numpy()).mean()) for p in (fp32, int8)]
     return acc[0], acc[1]
@@ -84,7 +85,7 @@ def test_qat_recovers_most_of_what_ptq_lost_in_onnxruntime_int8(tmp_path: Path) 
         student,
         teacher,
         train,
-        QuantizationSpec(method="qat", qat_epochs=20, calibration_samples=256),
+        QatConfig(qat_epochs=20, calibration_samples=256),
         DistillSpec(lr=0.03, batch_size=128, temperature=1.0, weight_decay=0.0, seed=0, device="cpu"),
     )
     _, qat = _int8_accuracy(tuned, calib, x_eval, y_eval, tmp_path, "qat")
@@ -105,7 +106,7 @@ def test_qat_returns_a_plain_float_copy_and_reports_progress() -> None:
         student,
         teacher,
         TensorData({"x": x[:256]}, y[:256]),
-        QuantizationSpec(method="qat", qat_epochs=2),
+        QatConfig(qat_epochs=2),
         DistillSpec(lr=0.01, batch_size=64, device="cpu"),
         progress=seen.append,
     )
@@ -126,7 +127,7 @@ def test_qat_cancel_stops_training() -> None:
             student,
             teacher,
             TensorData({"x": x[:64]}),
-            QuantizationSpec(method="qat"),
+            QatConfig(),
             DistillSpec(device="cpu"),
             cancel=lambda: True,
         )
@@ -147,6 +148,6 @@ def test_qat_needs_a_linear_or_conv_layer() -> None:
             Scale(),
             teacher,
             TensorData({"x": x[:8]}),
-            QuantizationSpec(method="qat"),
+            QatConfig(),
             DistillSpec(device="cpu"),
         )

@@ -15,12 +15,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pydantic import TypeAdapter, ValidationError
 
-from worker.compression import zoo
 from worker.compression.errors import Cancelled, InputError, ModelFileError, SpecError
-from worker.compression.export import export_onnx, run_onnx_model
-from worker.compression.quantize import calibration_sample, quantize
-from worker.compression.spec import QuantizationSpec
+from worker.compression.measure.export import export_onnx, run_onnx_model
+from worker.compression.quantize.api import quantize
+from worker.compression.quantize.calibration import calibration_sample
+from worker.compression.spec import (
+    AutoQuantizationConfig,
+    DynamicInt8Config,
+    Int4Config,
+    NoQuantizationConfig,
+    QatConfig,
+    QuantizationSpec,
+    StaticInt8Config,
+    WeightOnlyInt8Config,
+)
+from worker.compression.students import zoo
 
 MLP = {"architecture": "mlp", "input_dim": 64, "hidden": [256, 256], "output_dim": 10}
 TRANSFORMER = {"architecture": "transformer", "vocab_size": 300, "dim": 128, "num_layers": 2, "num_heads": 4,
@@ -51,7 +62,7 @@ def _agreement_and_error(fp32: Path, quant: Path, inputs: dict[str, np.ndarray])
 )
 def test_each_method_runs_is_smaller_and_close(tmp_path: Path, mlp: Path, data, method: str,
                                                min_agreement: float, max_error: float) -> None:
-    result = quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method=method), calibration_inputs=data)
+    result = quantize(mlp, tmp_path / "q.onnx", TypeAdapter(QuantizationSpec).validate_python({"method": method}), calibration_inputs=data)
     agreement, error = _agreement_and_error(mlp, result.path, data)
     assert agreement >= min_agreement
     assert error <= max_error
@@ -66,7 +77,7 @@ def test_each_method_runs_is_smaller_and_close(tmp_path: Path, mlp: Path, data, 
 
 @pytest.mark.parametrize("calibration", ["minmax", "percentile", "entropy"])
 def test_calibration_methods(tmp_path: Path, mlp: Path, data, calibration: str) -> None:
-    spec = QuantizationSpec(method="static_int8", calibration=calibration, calibration_samples=64)
+    spec = StaticInt8Config(calibration=calibration, calibration_samples=64)
     result = quantize(mlp, tmp_path / "q.onnx", spec, calibration_inputs=data, seed=3)
     agreement, error = _agreement_and_error(mlp, result.path, data)
     assert agreement >= 0.95 and error <= 0.05
@@ -97,8 +108,8 @@ def test_int4_transformer_is_smaller_than_int8(tmp_path: Path) -> None:
     fp32 = export_onnx(model, {k: v[:2] for k, v in inputs.items()}, tmp_path / "t.onnx")
     root = logging.getLogger()
     logging_before = (list(root.handlers), root.level)
-    int8 = quantize(fp32, tmp_path / "t8.onnx", QuantizationSpec(method="weight_only_int8"))
-    int4 = quantize(fp32, tmp_path / "t4.onnx", QuantizationSpec(method="int4", block_size=32))
+    int8 = quantize(fp32, tmp_path / "t8.onnx", WeightOnlyInt8Config())
+    int4 = quantize(fp32, tmp_path / "t4.onnx", Int4Config(block_size=32))
     assert (list(root.handlers), root.level) == logging_before  # onnxruntime's basicConfig undone
     assert int4.quant_size < 0.7 * int8.quant_size
     assert int8.size_ratio < 0.32
@@ -115,7 +126,7 @@ def test_static_cnn_is_int8_with_float_outputs(tmp_path: Path) -> None:
                        "hidden": 64, "output_dim": 5})
     fp32 = export_onnx(model, {"x": torch.randn(2, 3, 8, 8)}, tmp_path / "cnn.onnx")
     x = {"x": np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)}
-    result = quantize(fp32, tmp_path / "q.onnx", QuantizationSpec(method="static_int8"), calibration_inputs=x)
+    result = quantize(fp32, tmp_path / "q.onnx", StaticInt8Config(), calibration_inputs=x)
     graph = onnx.load(str(result.path)).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     assert producer["output"] == "Gemm"  # no QuantizeLinear/DequantizeLinear on the logits
@@ -141,7 +152,7 @@ class _Recurrent(torch.nn.Module):
 def test_dynamic_int8_quantizes_recurrent_layers(tmp_path: Path) -> None:
     torch.manual_seed(0)
     fp32 = export_onnx(_Recurrent(), {"x": torch.randn(2, 10, 16)}, tmp_path / "lstm.onnx")
-    result = quantize(fp32, tmp_path / "q.onnx", QuantizationSpec(method="dynamic_int8"))
+    result = quantize(fp32, tmp_path / "q.onnx", DynamicInt8Config())
     assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(result.path)).graph.node}
     assert result.size_ratio < 0.35
     x = {"x": np.random.default_rng(0).standard_normal((50, 10, 16)).astype(np.float32)}
@@ -149,7 +160,7 @@ def test_dynamic_int8_quantizes_recurrent_layers(tmp_path: Path) -> None:
 
 
 def test_none_copies(tmp_path: Path, mlp: Path) -> None:
-    result = quantize(mlp, tmp_path / "copy.onnx", QuantizationSpec(method="none"), evaluate=lambda p: 0.5)
+    result = quantize(mlp, tmp_path / "copy.onnx", NoQuantizationConfig(), evaluate=lambda p: 0.5)
     assert result.path.read_bytes() == mlp.read_bytes()
     assert result.size_ratio == 1.0 and result.drop == 0.0
 
@@ -176,7 +187,7 @@ def _agreement_metric(reference: Path, inputs: dict[str, np.ndarray]):
 
 def test_accuracy_aware_keeps_the_outlier_layer_in_float(tmp_path: Path, outlier_mlp: Path, data) -> None:
     evaluate = _agreement_metric(outlier_mlp, data)
-    spec = QuantizationSpec(method="static_int8", calibration="minmax", max_metric_drop=0.03)
+    spec = StaticInt8Config(calibration="minmax", max_metric_drop=0.03)
     stages = []
     result = quantize(outlier_mlp, tmp_path / "q.onnx", spec, calibration_inputs=data, evaluate=evaluate,
                       progress=lambda p: stages.append(p.stage))
@@ -192,7 +203,7 @@ def test_accuracy_aware_keeps_the_outlier_layer_in_float(tmp_path: Path, outlier
         assert {r["node"]: float(r["cost"]) for r in csv.DictReader(f)} == pytest.approx(costs)
     assert "sensitivity" in stages and "fallback" in stages
     fully = quantize(outlier_mlp, tmp_path / "full.onnx",
-                     QuantizationSpec(method="static_int8", calibration="minmax"), calibration_inputs=data)
+                     StaticInt8Config(calibration="minmax"), calibration_inputs=data)
     assert evaluate(fully.path) < 0.5  # the model really needed it
 
 
@@ -201,7 +212,7 @@ def test_impossible_tolerance_reports_every_node(tmp_path: Path, mlp: Path, data
     def evaluate(path: Path) -> float:
         return 1.0 if path == mlp else 0.0
 
-    spec = QuantizationSpec(method="dynamic_int8", max_metric_drop=0.0)
+    spec = DynamicInt8Config(max_metric_drop=0.0)
     result = quantize(mlp, tmp_path / "q.onnx", spec, evaluate=evaluate)
     assert result.met is False
     assert result.fp32_nodes == []
@@ -216,7 +227,7 @@ def test_impossible_tolerance_reports_every_node(tmp_path: Path, mlp: Path, data
 
 def test_relative_tolerance_and_lower_is_better(tmp_path: Path, mlp: Path, data) -> None:
     scores = iter([2.0, 2.1])  # fp32, then quantized: an error metric that got 5 % worse
-    spec = QuantizationSpec(method="dynamic_int8", max_metric_drop=0.1, drop_mode="relative")
+    spec = DynamicInt8Config(max_metric_drop=0.1, drop_mode="relative")
     result = quantize(mlp, tmp_path / "q.onnx", spec, evaluate=lambda p: next(scores), higher_is_better=False)
     assert result.tolerance == pytest.approx(0.2)
     assert result.drop == pytest.approx(0.1)
@@ -227,22 +238,22 @@ def test_relative_tolerance_and_lower_is_better(tmp_path: Path, mlp: Path, data)
 
 def test_rejections(tmp_path: Path, mlp: Path, data) -> None:
     with pytest.raises(SpecError, match="qat"):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="qat"))
-    with pytest.raises(SpecError, match="backend"):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="dynamic_int8", backend="torch"))
+        quantize(mlp, tmp_path / "q.onnx", QatConfig())
+    with pytest.raises(ValidationError, match="backend"):  # only onnxruntime exists: the spec says so
+        DynamicInt8Config(backend="torch")
     with pytest.raises(InputError, match="calibration data"):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="static_int8"))
+        quantize(mlp, tmp_path / "q.onnx", StaticInt8Config())
     with pytest.raises(SpecError, match="max_metric_drop"):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="dynamic_int8", max_metric_drop=0.1))
+        quantize(mlp, tmp_path / "q.onnx", DynamicInt8Config(max_metric_drop=0.1))
     with pytest.raises(InputError, match="lacks model inputs"):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="static_int8"),
+        quantize(mlp, tmp_path / "q.onnx", StaticInt8Config(),
                  calibration_inputs={"y": data["x"]})
     with pytest.raises(ModelFileError, match="does not exist"):
-        quantize(tmp_path / "missing.onnx", tmp_path / "q.onnx", QuantizationSpec(method="dynamic_int8"))
+        quantize(tmp_path / "missing.onnx", tmp_path / "q.onnx", DynamicInt8Config())
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
     with pytest.raises(ModelFileError):
-        quantize(garbage, tmp_path / "q.onnx", QuantizationSpec(method="dynamic_int8"))
+        quantize(garbage, tmp_path / "q.onnx", DynamicInt8Config())
 
 
 def test_cancel_during_calibration(tmp_path: Path, mlp: Path, data) -> None:
@@ -253,7 +264,7 @@ def test_cancel_during_calibration(tmp_path: Path, mlp: Path, data) -> None:
         return len(calls) > 2  # let preparation pass, stop inside calibration
 
     with pytest.raises(Cancelled):
-        quantize(mlp, tmp_path / "q.onnx", QuantizationSpec(method="static_int8"), calibration_inputs=data,
+        quantize(mlp, tmp_path / "q.onnx", StaticInt8Config(), calibration_inputs=data,
                  cancel=cancel)
     assert not (tmp_path / "q.onnx").exists()
     assert list(tmp_path.iterdir()) == []  # the work folder is gone too
@@ -261,7 +272,7 @@ def test_cancel_during_calibration(tmp_path: Path, mlp: Path, data) -> None:
 
 
 def test_auto_method_is_dynamic_for_token_graphs_and_static_otherwise(tmp_path):
-    from worker.compression.quantize import resolve_method
+    from worker.compression.quantize.handlers import resolve_method
 
     mlp = zoo.build({"architecture": "mlp", "input_dim": 8, "hidden": [8], "output_dim": 2})
     vec = export_onnx(mlp, {"x": torch.randn(2, 8)}, tmp_path / "v.onnx")
@@ -270,6 +281,6 @@ def test_auto_method_is_dynamic_for_token_graphs_and_static_otherwise(tmp_path):
     tok = export_onnx(tr, {"input_ids": torch.randint(0, 20, (2, 5)), "attention_mask": torch.ones(2, 5,
                                                                                                   dtype=torch.long)},
                       tmp_path / "t.onnx")
-    assert resolve_method(QuantizationSpec(), vec).method == "static_int8"
-    assert resolve_method(QuantizationSpec(), tok).method == "dynamic_int8"
-    assert resolve_method(QuantizationSpec(method="int4"), tok).method == "int4"
+    assert resolve_method(AutoQuantizationConfig(), vec).method == "static_int8"
+    assert resolve_method(AutoQuantizationConfig(), tok).method == "dynamic_int8"
+    assert resolve_method(Int4Config(), tok).method == "int4"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from worker.compression.evaluate import ModelRow, compare_models
-from worker.compression.report import sha256_file, to_jsonable, write_manifest, write_report
+from worker.compression.measure.evaluate import ModelRow, compare_models
+from worker.compression.measure.report import sha256_file, to_jsonable, write_manifest, write_report
 from worker.compression.spec import CompressSpec
 
 

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from tests.malicious import corpus
-from worker.compression._sandbox_child import recv_frame
 from worker.compression.compress import compress
 from worker.compression.errors import ModelFileError, UnsafeFileError
-from worker.compression.sandbox import SandboxLimits, load_sandboxed_teacher
+from worker.compression.io.sandbox import SandboxLimits, load_sandboxed_teacher
+from worker.compression.io.sandbox_child import recv_frame
+from worker.compression.io.teachers import load_teacher
+from worker.compression.io.validate import validate_model
 from worker.compression.spec import CompressSpec
-from worker.compression.teachers import load_teacher
-from worker.compression.validate import validate_model
 
 META = {"kdq.json": json.dumps({"input_shape": [4], "task": "classification"})}
 

@@ -12,18 +12,19 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from worker.compression import zoo
 from worker.compression.compress import compress
-from worker.compression.export import export_onnx
-from worker.compression.pareto import dominates, nondominated_ranks, pareto_front
-from worker.compression.search import SearchOptions, search
-from worker.compression.search_goal import Goal, choose, front
-from worker.compression.search_halving import extrapolate, hopeless, keep_order
-from worker.compression.search_ladder import TEACHER, Candidate, build_ladder
-from worker.compression.search_measure import merge_rounds
-from worker.compression.spec import CompressSpec, SearchTargets, StudentSpec
-from worker.compression.students import make_student
-from worker.compression.teachers import load_teacher, save_zoo_model
+from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.measure.export import export_onnx
+from worker.compression.measure.meter import merge_rounds
+from worker.compression.measure.pareto import dominates, nondominated_ranks, pareto_front
+from worker.compression.pipeline import CandidatePipeline
+from worker.compression.search.goal import Goal, choose, front
+from worker.compression.search.halving import extrapolate, hopeless, keep_order
+from worker.compression.search.ladder import TEACHER, Candidate, build_ladder
+from worker.compression.search.run import SearchOptions, search
+from worker.compression.spec import CompressSpec, DerivedStudent, SearchStudent, SearchTargets, ZooStudent
+from worker.compression.students import zoo
+from worker.compression.students.factory import make_student
 from worker.compression.types import TensorData
 
 CFG = {"architecture": "mlp", "task": "classification", "input_dim": 16, "hidden": [128, 128], "output_dim": 4}
@@ -70,8 +71,8 @@ def _run(problem, tmp_path, spec, **kw):
 
 def _candidate(problem, name, architecture=None, **derived):
     teacher = problem["teacher"]
-    spec = (StudentSpec(kind="zoo", architecture=architecture) if architecture
-            else StudentSpec(kind="derived", **derived))
+    spec = (ZooStudent(architecture=architecture) if architecture
+            else DerivedStudent(**derived))
     n = make_student(teacher, spec).num_parameters
     return Candidate(name, name, n, lambda: make_student(teacher, spec))
 
@@ -87,7 +88,8 @@ def test_targets_make_auto_a_search_and_bad_search_specs_name_the_field():
         ({"targets": {}}, ("targets",), "metric target"),
         ({"student": None, "targets": {"min": 0.9}}, ("targets",), "student search"),
         ({"student": {"kind": "derived", "num_layers": 1}, "targets": {"min": 0.9}}, ("targets",), "fixed"),
-        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student",), "num_layers"),
+        ({"student": {"kind": "search", "num_layers": 1}, "targets": {"min": 0.9}}, ("student", "num_layers"),
+         "Extra inputs are not permitted"),
         ({"targets": {"metric": "mse", "min": 0.1}}, ("targets",), "give 'max'"),
         ({"targets": {"max_drop": 2.0, "drop_mode": "relative"}}, ("targets",), "fraction"),
     ]
@@ -196,12 +198,12 @@ def test_merge_rounds_takes_medians_per_batch():
 
 def test_ladder_goes_from_the_teacher_down_and_respects_the_parameter_cap(problem):
     teacher = problem["teacher"]
-    full = build_ladder(teacher, problem["train"], StudentSpec(kind="search"))
+    full = build_ladder(teacher, problem["train"], SearchStudent())
     assert full[0].name == TEACHER and full[0].num_parameters == teacher.num_parameters
     names = [c.name for c in full[1:]]
     assert len(set(names)) == len(names) and "mlp-128-128" not in names  # that one is the teacher
     assert {"mlp-64-64", "mlp-8-8", "mlp-128", "mlp-8"} <= set(names)  # width and depth, down to 8 units
-    capped = build_ladder(teacher, problem["train"], StudentSpec(kind="search", max_params=3000))
+    capped = build_ladder(teacher, problem["train"], SearchStudent(max_params=3000))
     assert capped and all(c.num_parameters <= 3000 for c in capped)
     assert TEACHER not in [c.name for c in capped]
     assert [c.num_parameters for c in capped] == sorted(c.num_parameters for c in capped)
@@ -276,7 +278,12 @@ def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(prob
     assert any("NOT met" in line for line in result.to_dict()["chosen_checks"])
 
 
-def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path):
+def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path, monkeypatch):
+    calls = []  # every twin comes from the candidate pipeline's quantize stage, as in a single run
+    original = CandidatePipeline.quantize
+    monkeypatch.setattr(CandidatePipeline, "quantize", lambda self, fp32, out, config, **kw: calls.append(
+        (config.method, getattr(config, "per_channel", None), kw.get("module") is not None)) or original(
+        self, fp32, out, config, **kw))
     cand = _candidate(problem, "mlp-32-32", layers=[0, 1], width_ratio=0.25)
     spec = _spec(max_drop=0.5)
     spec = spec.model_copy(update={
@@ -288,6 +295,7 @@ def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path):
     qat = result.by_name("mlp-32-32-qat_int8")
     assert qat.twin == "mlp-32-32-fp32" and qat.value is not None and qat.latency_ms > 0
     assert any("quantization-aware" in n for n in qat.notes)
+    assert calls == [("static_int8", True, False), ("static_int8", False, False), ("qat", True, True)]
 
 
 # --- compress() --------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from worker.compression import zoo
 from worker.compression.errors import SpecError
-from worker.compression.spec import StudentSpec
-from worker.compression.students import make_student, save_student
+from worker.compression.spec import AutoStudent, DerivedStudent, HFConfigStudent, StudentSpec, ZooStudent
+from worker.compression.students import zoo
+from worker.compression.students.factory import make_student, save_student
 from worker.compression.types import Teacher
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -110,7 +110,7 @@ def blackbox_teacher(input_kind: str, shape: tuple[int, ...], num_parameters: in
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_auto_zoo_student_is_within_the_default_budget_and_initialised_from_the_teacher(arch: str) -> None:
     teacher = zoo_teacher(CONFIGS[arch])
-    student = make_student(teacher, StudentSpec())
+    student = make_student(teacher, AutoStudent())
     assert student.how == "auto" and student.kind == "zoo"
     assert student.config["architecture"] == arch
     assert student.num_parameters == zoo.count_parameters(student.module)
@@ -125,7 +125,7 @@ def test_auto_zoo_student_is_within_the_default_budget_and_initialised_from_the_
 
 def test_auto_zoo_student_respects_max_params() -> None:
     teacher = zoo_teacher(CONFIGS["mlp"])
-    student = make_student(teacher, StudentSpec(max_params=900))
+    student = make_student(teacher, AutoStudent(max_params=900))
     assert 450 < student.num_parameters <= 900
 
 
@@ -142,7 +142,7 @@ def test_auto_student_for_a_black_box_teacher_fits_its_budget(
     input_kind: str, shape: tuple[int, ...], arch: str
 ) -> None:
     teacher = blackbox_teacher(input_kind, shape, 400_000, vocab_size=300)
-    student = make_student(teacher, StudentSpec(max_params_ratio=0.1))
+    student = make_student(teacher, AutoStudent(max_params_ratio=0.1))
     assert student.config["architecture"] == arch and student.how == "auto"
     assert 20_000 < student.num_parameters <= 40_000
     assert student.layer_map is None and student.init is None
@@ -160,12 +160,12 @@ def test_auto_tokens_student_takes_the_vocabulary_from_the_tokenizer() -> None:
 
     teacher = blackbox_teacher("tokens", (8,), 100_000)
     teacher.tokenizer = Tok()
-    assert make_student(teacher, StudentSpec()).config["vocab_size"] == 123
+    assert make_student(teacher, AutoStudent()).config["vocab_size"] == 123
 
 
 def test_auto_tokens_student_without_a_known_vocabulary_is_refused() -> None:
     with pytest.raises(SpecError, match="vocab_size"):
-        make_student(blackbox_teacher("tokens", (8,), 100_000), StudentSpec())
+        make_student(blackbox_teacher("tokens", (8,), 100_000), AutoStudent())
 
 
 @pytest.mark.parametrize(
@@ -173,12 +173,12 @@ def test_auto_tokens_student_without_a_known_vocabulary_is_refused() -> None:
 )
 def test_impossible_budget_is_a_spec_error_naming_the_smallest_size(teacher: Teacher) -> None:
     with pytest.raises(SpecError, match=r"smallest .*has \d+"):
-        make_student(teacher, StudentSpec(max_params=50))
+        make_student(teacher, AutoStudent(max_params=50))
 
 
 def test_ratio_budget_needs_a_known_teacher_size() -> None:
     with pytest.raises(SpecError, match="max_params"):
-        make_student(blackbox_teacher("vector", (30,), 0), StudentSpec())
+        make_student(blackbox_teacher("vector", (30,), 0), AutoStudent())
 
 
 # --- derived ---------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_ratio_budget_needs_a_known_teacher_size() -> None:
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_derived_student_at_full_width_and_depth_reproduces_the_teacher(arch: str) -> None:
     teacher = zoo_teacher(CONFIGS[arch])
-    student = make_student(teacher, StudentSpec(kind="derived", width_ratio=1.0))
+    student = make_student(teacher, DerivedStudent(width_ratio=1.0))
     assert student.init is not None and student.init.partial == 0 and student.init.none == 0
     inputs = sample_inputs(teacher)
     assert torch.equal(student_output(student.module, inputs), teacher.predict(inputs))
@@ -202,7 +202,7 @@ def test_derived_narrower_mlp_copies_the_most_important_units() -> None:
             layer.bias.mul_(0.01)
             layer.weight[important] = torch.randn(4, layer.weight.shape[1]) * scale
         t.head.weight.mul_(0.01)
-    student = make_student(teacher, StudentSpec(kind="derived", width_ratio=0.5))
+    student = make_student(teacher, DerivedStudent(width_ratio=0.5))
     s = student.module
     assert student.config["hidden"] == [4, 4]
     keep0, keep1 = torch.tensor([1, 3, 6, 7]), torch.tensor([0, 2, 4, 5])
@@ -222,7 +222,7 @@ def test_derived_narrower_cnn_slices_batchnorm_statistics_with_the_channels() ->
     t_conv, t_bn = teacher.module.blocks[0][0], teacher.module.blocks[0][1]
     with torch.no_grad():
         t_bn.weight[[2, 5]] = 50.0
-    student = make_student(teacher, StudentSpec(kind="derived", width_ratio=0.5))
+    student = make_student(teacher, DerivedStudent(width_ratio=0.5))
     s_conv, s_bn = student.module.blocks[0][0], student.module.blocks[0][1]
     kept = s_bn.running_mean[:, None] == t_bn.running_mean[None, :]
     idx = kept.nonzero()[:, 1]
@@ -233,7 +233,7 @@ def test_derived_narrower_cnn_slices_batchnorm_statistics_with_the_channels() ->
 
 def test_derived_shallower_mlp_keeps_the_chosen_layers() -> None:
     teacher = zoo_teacher({"architecture": "mlp", "input_dim": 5, "hidden": [8, 12, 16, 10], "output_dim": 2})
-    student = make_student(teacher, StudentSpec(kind="derived", layers=[0, 2]))
+    student = make_student(teacher, DerivedStudent(layers=[0, 2]))
     s, t = student.module, teacher.module
     assert student.config["hidden"] == [8, 16]
     assert student.layer_map == {0: 0, 1: 2}
@@ -249,20 +249,20 @@ def test_derived_shallower_mlp_keeps_the_chosen_layers() -> None:
 
 def test_derived_shallower_transformer_copies_chosen_layers_distilbert_style() -> None:
     teacher = zoo_teacher(CONFIGS["transformer"])
-    student = make_student(teacher, StudentSpec(kind="derived", layers=[1, 3]))
+    student = make_student(teacher, DerivedStudent(layers=[1, 3]))
     assert student.config["num_layers"] == 2 and student.layer_map == {0: 0, 1: 2, 2: 4}
     t_state, s_state = teacher.module.state_dict(), student.module.state_dict()
     for j, i in enumerate([1, 3]):
         for name in ("qkv.weight", "out.bias", "ff1.weight", "ln2.weight"):
             assert torch.equal(s_state[f"layers.{j}.{name}"], t_state[f"layers.{i}.{name}"])
     assert torch.equal(s_state["tok.weight"], t_state["tok.weight"])
-    evenly = make_student(teacher, StudentSpec(kind="derived", num_layers=2))
+    evenly = make_student(teacher, DerivedStudent(num_layers=2))
     assert evenly.layer_map == {0: 0, 1: 1, 2: 4}  # first and last layers
 
 
 def test_derived_narrower_transformer_keeps_heads_and_dim_divisible() -> None:
     teacher = zoo_teacher(CONFIGS["transformer"])
-    student = make_student(teacher, StudentSpec(kind="derived", width_ratio=0.5))
+    student = make_student(teacher, DerivedStudent(width_ratio=0.5))
     assert (student.config["dim"], student.config["num_heads"], student.config["ffn_dim"]) == (16, 4, 32)
     qkv_t, qkv_s = teacher.module.layers[0].qkv.weight, student.module.layers[0].qkv.weight
     # each head keeps 4 of its 8 dims, the same ones for q, k and v
@@ -286,23 +286,23 @@ def student_cols(teacher: Teacher, student: Any) -> torch.Tensor:
 
 def test_derived_resnet_layers_count_blocks_across_stages() -> None:
     teacher = zoo_teacher(CONFIGS["resnet"])
-    student = make_student(teacher, StudentSpec(kind="derived", layers=[1, 2]))
+    student = make_student(teacher, DerivedStudent(layers=[1, 2]))
     assert student.config["blocks_per_stage"] == [1, 1]
     assert torch.equal(student.module.stages[0][0].conv2.weight, teacher.module.stages[0][1].conv2.weight)
     assert torch.equal(
         student.module.stages[1][0].shortcut[0].weight, teacher.module.stages[1][0].shortcut[0].weight
     )
     with pytest.raises(SpecError, match="each resnet stage"):
-        make_student(teacher, StudentSpec(kind="derived", layers=[0, 1]))
+        make_student(teacher, DerivedStudent(layers=[0, 1]))
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (StudentSpec(kind="derived", layers=[0, 5]), "must pick among"),
-        (StudentSpec(kind="derived", layers=[2, 1]), "strictly increasing"),
-        (StudentSpec(kind="derived", num_layers=9), "between 1 and"),
-        (StudentSpec(kind="derived", max_params=100), "over the budget"),
+        (DerivedStudent(layers=[0, 5]), "must pick among"),
+        (DerivedStudent(layers=[2, 1]), "strictly increasing"),
+        (DerivedStudent(num_layers=9), "between 1 and"),
+        (DerivedStudent(max_params=100), "over the budget"),
     ],
 )
 def test_bad_derived_specs_are_spec_errors(spec: StudentSpec, message: str) -> None:
@@ -313,9 +313,9 @@ def test_bad_derived_specs_are_spec_errors(spec: StudentSpec, message: str) -> N
 def test_derived_and_hf_config_need_a_suitable_teacher() -> None:
     onnx = blackbox_teacher("vector", (30,), 10_000)
     with pytest.raises(SpecError, match="black box"):
-        make_student(onnx, StudentSpec(kind="derived"))
+        make_student(onnx, DerivedStudent())
     with pytest.raises(SpecError, match="Hugging Face teacher"):
-        make_student(onnx, StudentSpec(kind="hf_config", hf_config={"model_type": "bert"}))
+        make_student(onnx, HFConfigStudent(hf_config={"model_type": "bert"}))
 
 
 # --- zoo -------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_derived_and_hf_config_need_a_suitable_teacher() -> None:
 def test_zoo_student_is_filled_from_the_teacher() -> None:
     teacher = zoo_teacher(CONFIGS["cnn"])
     student = make_student(
-        teacher, StudentSpec(kind="zoo", architecture={"architecture": "resnet", "widths": [4]})
+        teacher, ZooStudent(architecture={"architecture": "resnet", "widths": [4]})
     )
     assert student.how == "zoo" and student.layer_map is None
     assert (student.config["in_channels"], student.config["input_size"], student.config["output_dim"]) == (
@@ -349,15 +349,15 @@ def test_zoo_student_incompatible_with_the_teacher_is_a_spec_error(
     architecture: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(SpecError, match=message):
-        make_student(zoo_teacher(CONFIGS["mlp"]), StudentSpec(kind="zoo", architecture=architecture))
+        make_student(zoo_teacher(CONFIGS["mlp"]), ZooStudent(architecture=architecture))
 
 
 def test_zoo_transformer_student_needs_room_for_the_teacher_vocabulary() -> None:
     teacher = zoo_teacher(CONFIGS["transformer"])
     arch = {"architecture": "transformer", "dim": 8, "num_layers": 1, "num_heads": 2}
-    assert make_student(teacher, StudentSpec(kind="zoo", architecture=arch)).config["vocab_size"] == 50
+    assert make_student(teacher, ZooStudent(architecture=arch)).config["vocab_size"] == 50
     with pytest.raises(SpecError, match="at least 50"):
-        make_student(teacher, StudentSpec(kind="zoo", architecture={**arch, "vocab_size": 20}))
+        make_student(teacher, ZooStudent(architecture={**arch, "vocab_size": 20}))
 
 
 # --- seeds and saving ------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def test_zoo_transformer_student_needs_room_for_the_teacher_vocabulary() -> None
 
 def test_students_are_repeatable_with_a_seed_and_leave_the_global_rng_alone() -> None:
     teacher = zoo_teacher(CONFIGS["cnn"])
-    spec = StudentSpec(kind="zoo", architecture={"architecture": "cnn", "channels": [4, 8]})
+    spec = ZooStudent(architecture={"architecture": "cnn", "channels": [4, 8]})
     state_before = torch.get_rng_state()
     a, b = make_student(teacher, spec, seed=3), make_student(teacher, spec, seed=3)
     c = make_student(teacher, spec, seed=4)
@@ -373,17 +373,17 @@ def test_students_are_repeatable_with_a_seed_and_leave_the_global_rng_alone() ->
     for name, value in a.module.state_dict().items():
         assert torch.equal(value, b.module.state_dict()[name])
     assert not torch.equal(a.module.blocks[0][0].weight, c.module.blocks[0][0].weight)
-    auto1, auto2 = make_student(teacher, StudentSpec(), seed=1), make_student(teacher, StudentSpec(), seed=1)
+    auto1, auto2 = make_student(teacher, AutoStudent(), seed=1), make_student(teacher, AutoStudent(), seed=1)
     assert auto1.config == auto2.config
     assert all(torch.equal(v, auto2.module.state_dict()[k]) for k, v in auto1.module.state_dict().items())
 
 
 @pytest.mark.parametrize("arch", ["cnn", "transformer"])
 def test_saved_student_loads_back_with_identical_outputs(arch: str, tmp_path: Any) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     teacher = zoo_teacher(CONFIGS[arch])
-    student = make_student(teacher, StudentSpec())
+    student = make_student(teacher, AutoStudent())
     folder = save_student(student, tmp_path / "student", teacher)
     loaded = load_teacher(folder)
     assert loaded.kind == "zoo" and loaded.num_parameters == student.num_parameters
@@ -399,7 +399,7 @@ def test_saved_student_loads_back_with_identical_outputs(arch: str, tmp_path: An
 def hf_teacher(tmp_path_factory: pytest.TempPathFactory) -> Teacher:
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bert")
@@ -441,7 +441,7 @@ def hf_inputs() -> dict[str, torch.Tensor]:
 
 
 def test_auto_hf_student_halves_the_layers_then_narrows_within_budget(hf_teacher: Teacher) -> None:
-    student = make_student(hf_teacher, StudentSpec(max_params=18_000))  # 2 layers at full width: 21,315
+    student = make_student(hf_teacher, AutoStudent(max_params=18_000))  # 2 layers at full width: 21,315
     assert student.kind == "hf" and student.how == "auto"
     assert student.config["num_hidden_layers"] == 2 and student.config["intermediate_size"] < 64
     assert 15_000 < student.num_parameters <= 18_000
@@ -449,7 +449,7 @@ def test_auto_hf_student_halves_the_layers_then_narrows_within_budget(hf_teacher
 
 
 def test_auto_hf_student_over_any_budget_is_the_smallest_and_says_so(hf_teacher: Teacher) -> None:
-    student = make_student(hf_teacher, StudentSpec(max_params=1_000))
+    student = make_student(hf_teacher, AutoStudent(max_params=1_000))
     assert student.config["num_hidden_layers"] == 1 and student.config["intermediate_size"] == 4
     assert student.num_parameters > 1_000 and "over the budget" in student.description
 
@@ -457,9 +457,9 @@ def test_auto_hf_student_over_any_budget_is_the_smallest_and_says_so(hf_teacher:
 def test_derived_hf_student_saves_and_loads_back_with_identical_outputs(
     hf_teacher: Teacher, tmp_path: Any
 ) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
-    student = make_student(hf_teacher, StudentSpec(kind="derived", layers=[1, 3], width_ratio=0.5))
+    student = make_student(hf_teacher, DerivedStudent(layers=[1, 3], width_ratio=0.5))
     assert student.how == "derived" and student.layer_map == {0: 0, 1: 2, 2: 4}
     loaded = load_teacher(save_student(student, tmp_path / "student", hf_teacher))
     assert loaded.kind == "hf" and loaded.tokenizer is not None
@@ -468,7 +468,7 @@ def test_derived_hf_student_saves_and_loads_back_with_identical_outputs(
 
 
 def test_hf_config_student(hf_teacher: Teacher) -> None:
-    student = make_student(hf_teacher, StudentSpec(kind="hf_config", hf_config={"num_hidden_layers": 1}))
+    student = make_student(hf_teacher, HFConfigStudent(hf_config={"num_hidden_layers": 1}))
     assert student.how == "hf_config" and student.config["num_hidden_layers"] == 1
     assert student_output(student.module, hf_inputs()).shape == (3, 3)
 
@@ -476,10 +476,10 @@ def test_hf_config_student(hf_teacher: Teacher) -> None:
 def test_zoo_transformer_student_of_an_hf_teacher_is_saved_with_the_tokenizer(
     hf_teacher: Teacher, tmp_path: Any
 ) -> None:
-    from worker.compression.teachers import load_teacher
+    from worker.compression.io.teachers import load_teacher
 
     arch = {"architecture": "transformer", "dim": 8, "num_layers": 1, "num_heads": 2}
-    student = make_student(hf_teacher, StudentSpec(kind="zoo", architecture=arch))
+    student = make_student(hf_teacher, ZooStudent(architecture=arch))
     assert (student.config["vocab_size"], student.config["max_len"]) == (len(hf_teacher.tokenizer), 32)
     folder = save_student(student, tmp_path / "student", hf_teacher)
     assert (folder / "tokenizer_config.json").is_file()
@@ -500,7 +500,7 @@ def test_mlp_student_flattens_signal_and_image_teachers():
         teacher = Teacher(kind="zoo", task="classification", input_kind=zoo.input_kind(cfg),
                           input_shape=zoo.input_shape(cfg), output_dim=10, config=cfg, module=module,
                           num_parameters=zoo.count_parameters(module))
-        student = make_student(teacher, StudentSpec(kind="zoo", architecture={"architecture": "mlp",
+        student = make_student(teacher, ZooStudent(architecture={"architecture": "mlp",
                                                                                "hidden": [16]}))
         assert student.config["input_dim"] == math.prod(shape[1:])
         assert student.module(x=torch.randn(*shape)).shape == (3, 10)

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.compression import zoo
+from worker.compression.distill.trainer import _clip_grad_norm_, steps_per_epoch, train, warmup_cosine
 from worker.compression.errors import Cancelled, SpecError
 from worker.compression.spec import DistillSpec, TargetSpec
-from worker.compression.trainer import _clip_grad_norm_, steps_per_epoch, train, warmup_cosine
+from worker.compression.students import zoo
 from worker.compression.types import Progress, TensorData
 
 CFG = {"architecture": "mlp", "input_dim": 6, "hidden": [16], "dropout": 0.2, "output_dim": 3}

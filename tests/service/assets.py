@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.compression import zoo
-from worker.compression.teachers import save_zoo_model
+from worker.compression.students import zoo
+from worker.compression.io.teachers import save_zoo_model
 
 FEATURES, CLASSES, SAMPLES = 16, 3, 240
 TEACHER_CONFIG = {

@@ -114,7 +114,7 @@ def test_invalid_job_specs_are_422_with_pointers(
     )
     assert pointers(body) == {"#/distillation/epochs", "#/distillation/temperature", "#/colour"}
     body = assert_problem(submit(api, {**ids, "student": {"kind": "zoo"}}), 422)
-    assert pointers(body) == {"#/student"}
+    assert pointers(body) == {"#/student/architecture"}
     body = assert_problem(submit(api, {"dataset_id": ids["dataset_id"]}), 422)
     assert pointers(body) == {"#/teacher_model_id"}
     body = assert_problem(submit(api, {**ids, "teacher_model_id": "mdl_missing"}), 422)

@@ -1,4 +1,5 @@
-"""One whole compression run: load, distil, (QAT), export, quantize, evaluate, report.
+"""One whole compression run: load, then the candidate pipeline once (student → distil → export →
+quantize → measure, `pipeline.CandidatePipeline`) or the search over it, then the report.
 
 Each stage is optional: no ``spec.student`` quantizes the teacher itself; quantization
 method ``none`` stops at the fp32 ONNX. ``progress`` hears every stage; ``cancel`` is
@@ -11,23 +12,30 @@ from __future__ import annotations
 import shutil
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 
-from .datasets import load_dataset, train_eval_split
+from .distill.distill import DistillResult
 from .errors import Cancelled, SpecError
-from .evaluate import ModelRow, compare_models, disagreements, measure_onnx_latency, onnx_outputs, per_class_table
-from .export import check_onnx, export_onnx, onnx_size_bytes
-from .metrics import evaluate_outputs, higher_is_better, primary_metric
-from .quantize import calibration_sample, quantize, resolve_method
-from .report import write_manifest, write_report
-from .spec import CompressSpec
-from .students import Student, make_student, save_student
-from .sandbox import SandboxLimits, close_teacher
-from .teachers import load_teacher
+from .io.datasets import load_dataset, train_eval_split
+from .io.onnx_teacher import load_onnx_teacher
+from .io.sandbox import SandboxLimits, close_teacher
+from .io.teachers import load_teacher
+from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
+from .measure.export import check_onnx, export_onnx
+from .measure.meter import Meter
+from .measure.metrics import primary_metric
+from .measure.report import write_manifest, write_report
+from .pipeline import CandidatePipeline, Measurement
+from .quantize.registry import QuantizationResult
+from .search.run import search
+from .spec import CompressSpec, Int4Config, NoQuantizationConfig, SearchStudent
+from .students.factory import save_student
+from .students.student import Student
+from .students.zoo import count_parameters
 from .types import (
     Artifact,
     CancelFn,
@@ -39,9 +47,6 @@ from .types import (
     never_cancel,
     no_progress,
 )
-from .zoo import count_parameters
-
-SAMPLE_ROWS = 8
 
 
 def compress(
@@ -58,7 +63,7 @@ def compress(
     sandbox: SandboxLimits | None = None,
 ) -> CompressResult:
     """``allow_code`` / ``sandbox``: TorchScript and ExportedProgram teachers (the operator's choice;
-    they run in a sandboxed child, see `sandbox`)."""
+    they run in a sandboxed child, see `io.sandbox`)."""
     run = _Run(spec, Path(output_dir), progress, cancel, checkpoint_dir)
     run.allow_code, run.sandbox = allow_code, sandbox
     try:
@@ -101,7 +106,7 @@ class _Run:
     def _add(self, name: str, kind: Any, path: Path, description: str) -> None:
         self.artifacts.append(Artifact(name=name, kind=kind, path=path, description=description))
 
-    # --- the pipeline ----------------------------------------------------------------------
+    # --- the run ----------------------------------------------------------------------------
 
     def execute(self, teacher_path: Path, dataset_path: Path, eval_path: Path | None) -> CompressResult:
         spec = self.spec
@@ -112,69 +117,65 @@ class _Run:
         self._stage("load", 1, 2, "reading the data")
         train, evald = self._timed("load_data", lambda: self._load_data(teacher, task, dataset_path, eval_path))
         self._stage("load", 2, 2)
-        if spec.student is not None and spec.student.kind == "search":
-            return self._execute_search(teacher, teacher_path, dataset_path, eval_path, train, evald, task)
+        goal_batch = [] if spec.targets is None else [spec.targets.latency_batch_size]
+        pipe = CandidatePipeline(teacher, train, evald, spec, task=task,
+                                 meter=Meter(task, evald, spec.evaluation, extra_batches=goal_batch),
+                                 progress=self.progress, cancel=self.cancel)
+        if isinstance(spec.student, SearchStudent):
+            return self._execute_search(pipe, teacher_path, dataset_path, eval_path)
+        return self._execute_once(pipe, teacher_path, dataset_path, eval_path)
 
-        distilled = None
+    def _execute_once(self, pipe: CandidatePipeline, teacher_path: Path, dataset_path: Path,
+                      eval_path: Path | None) -> CompressResult:
+        """The candidate pipeline once: the spec's student, distilled, exported, quantized, measured."""
+        spec, teacher = self.spec, pipe.teacher
+        distilled: DistillResult | None = None
         deploy: torch.nn.Module | None = teacher.module
         student: Student | None = None
         if spec.student is not None:
-            student = make_student(teacher, spec.student, seed=spec.distillation.seed)
-            distilled = self._timed("distill", lambda: self._distill(teacher, student, train, evald, task))
+            student = pipe.make_student()
+            distilled = self._timed("distill", lambda: pipe.distil(
+                student.module, workdir=self.work / "distill", baseline=lambda: pipe.make_student().module))
             deploy = distilled.student
             self._save_student(student, deploy, teacher)
-        elif spec.quantization.method == "qat":
-            raise SpecError("quantization 'qat' trains a student: give a 'student' or another method")
 
-        if spec.quantization.method == "qat":
-            from .qat import qat_distill
-
-            assert deploy is not None
-            self._stage("qat", 0, 1)
-            deploy = self._timed("qat", lambda: qat_distill(
-                deploy, teacher, train, spec.quantization, spec.distillation,
-                progress=self.progress, cancel=self.cancel, task=task))
-
-        sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self._stage("export", 0, 2)
-        teacher_onnx = self._teacher_onnx(teacher, teacher_path, sample)
+        teacher_onnx = self._teacher_onnx(teacher, teacher_path, pipe.sample)
+        fp32 = self.out / "model_fp32.onnx"
         if deploy is None:  # an ONNX teacher quantized as it is
-            fp32 = self.out / "model_fp32.onnx"
             shutil.copyfile(teacher_onnx, fp32)
             export_check = None
         else:
-            fp32 = export_onnx(deploy, sample, self.out / "model_fp32.onnx", task=task)
-            export_check = check_onnx(fp32, deploy, sample)
+            pipe.export(deploy, fp32)
+            export_check = check_onnx(fp32, deploy, pipe.sample)
         self._add("model_fp32.onnx", "onnx_fp32", fp32,
                   "the " + ("student" if student else "teacher") + " as an fp32 ONNX graph")
         self._stage("export", 2, 2)
 
-        evaluator = _Evaluator(task, evald, spec.evaluation.threads)
-        teacher_out = evaluator.outputs(teacher_onnx)
+        teacher_out = pipe.meter.use_teacher(teacher_onnx)
         quant = None
-        if spec.quantization.method != "none":
-            quant = self._timed("quantize", lambda: self._quantize(fp32, train, evaluator, teacher_out, task))
+        if not isinstance(spec.quantization, NoQuantizationConfig):
+            quant = self._timed("quantize", lambda: self._quantize(pipe, fp32, deploy))
 
         report = self._timed("evaluate", lambda: self._evaluate(
-            teacher, student, distilled, teacher_onnx, fp32, quant, evaluator, teacher_out, task, train))
+            pipe, student, distilled, teacher_onnx, fp32, quant, teacher_out))
         report["export_check"] = export_check
         self._stage("report", 0, 1)
         self._write_report(report, teacher_path, dataset_path, eval_path, quant)
         self._stage("report", 1, 1)
         return CompressResult(artifacts=self.artifacts, metrics=report)
 
-    def _execute_search(self, teacher: Teacher, teacher_path: Path, dataset_path: Path, eval_path: Path | None,
-                        train: TensorData, evald: TensorData, task: str) -> CompressResult:
-        """A search job: the chosen model is the primary artifact, every Pareto-front model is downloadable."""
-        from .search import search
-
-        sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
+    def _execute_search(self, pipe: CandidatePipeline, teacher_path: Path, dataset_path: Path,
+                        eval_path: Path | None) -> CompressResult:
+        """A search job (the pipeline per candidate and recipe): the chosen model is the primary artifact,
+        every Pareto-front model is downloadable."""
+        teacher, train, evald, task = pipe.teacher, pipe.train, pipe.evald, pipe.task
         self._stage("export", 0, 1, "exporting the teacher")
-        teacher_onnx = self._teacher_onnx(teacher, teacher_path, sample)
+        teacher_onnx = self._teacher_onnx(teacher, teacher_path, pipe.sample)
         self._stage("export", 1, 1)
         result = self._timed("search", lambda: search(
             teacher, train, evald, self.spec, teacher_onnx=teacher_onnx, workdir=self.work / "search", task=task,
-            progress=self.progress, cancel=self.cancel))
+            progress=self.progress, cancel=self.cancel, pipeline=pipe))
         chosen, choice = result.chosen, result.choice
         suffix = {"onnx_fp32": "fp32", "onnx_int4": "int4"}.get(chosen.artifact_kind, "int8")
         primary = self.out / f"model_{suffix}.onnx"
@@ -200,8 +201,8 @@ class _Run:
                       f"{result.goal.latency_stat} {latency} at batch {result.goal.latency_batch}, {m.size_bytes:,} B")
 
         self._stage("evaluate", 0, 1, "comparing the chosen model with the teacher")
-        evaluator = _Evaluator(task, evald, self.spec.evaluation.threads)
-        teacher_out = evaluator.outputs(teacher_onnx)
+        teacher_out = pipe.meter.teacher_out
+        assert teacher_out is not None  # the search measured the teacher first
         rows = [ModelRow("teacher", result.teacher.metrics, result.teacher.size_bytes, result.teacher.parameters,
                          result.teacher.latency, None, "onnx fp32")]
         outputs = {"teacher": teacher_out}
@@ -210,7 +211,7 @@ class _Run:
             rows.append(ModelRow("student", twin.metrics, twin.size_bytes, twin.parameters, twin.latency, "teacher",
                                  twin.format))
         if chosen is not result.teacher:
-            outputs["chosen"] = evaluator.outputs(chosen.path)
+            outputs["chosen"] = pipe.meter.outputs(chosen.path)
             rows.append(ModelRow("chosen", chosen.metrics, chosen.size_bytes, chosen.parameters, chosen.latency,
                                  rows[-1].name, chosen.format))
         table = compare_models(rows)
@@ -264,17 +265,6 @@ class _Run:
         eval_data = load_dataset(eval_path, self.spec.data, **kw) if eval_path else None
         return train_eval_split(data, eval_data, self.spec.data)
 
-    def _distill(self, teacher: Teacher, student: Student, train: TensorData, evald: TensorData, task: str):
-        from .distill import distill
-
-        spec = self.spec
-        assert spec.student is not None
-        return distill(
-            teacher, student.module, train, evald, spec.distillation,
-            workdir=self.work / "distill", progress=self.progress, cancel=self.cancel, task=task,
-            make_baseline=lambda: make_student(teacher, spec.student, seed=spec.distillation.seed).module,
-        )
-
     def _save_student(self, student: Student, trained: torch.nn.Module, teacher: Teacher) -> None:
         student.module = trained
         folder = save_student(student, self.work / "student", teacher)
@@ -291,8 +281,6 @@ class _Run:
         if teacher.kind == "onnx":
             return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
         if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
-            from .onnx_teacher import load_onnx_teacher
-
             # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
             path = teacher.run_onnx.export_onnx(self.work / "teacher_onnx" / "teacher_fp32.onnx", sample)
             load_onnx_teacher(path, task=teacher.task)
@@ -300,52 +288,48 @@ class _Run:
         assert teacher.module is not None
         return export_onnx(teacher.module, sample, self.work / "teacher_fp32.onnx", task=teacher.task)
 
-    def _quantize(self, fp32: Path, train: TensorData, evaluator: "_Evaluator", teacher_out: torch.Tensor,
-                  task: str):
-        qspec = resolve_method(self.spec.quantization, fp32)
-        if qspec.method == "qat":  # the QAT-tuned float model is quantized statically, on the grid it trained on
-            qspec = qspec.model_copy(update={"method": "static_int8", "calibration": "minmax"})
-        calib, ids = calibration_sample(train.inputs, qspec.calibration_samples, self.spec.distillation.seed)
-        metric = primary_metric(task)
-        name = "model_int4.onnx" if qspec.method == "int4" else "model_int8.onnx"
-        result = quantize(
-            fp32, self.out / name, qspec, calibration_inputs=calib,
-            evaluate=lambda p: evaluator.metrics(evaluator.outputs(p), teacher_out)[metric],
-            higher_is_better=higher_is_better(metric), progress=self.progress, cancel=self.cancel,
-        )
-        result.calibration["sample_ids"] = ids
-        self._add(name, "onnx_int4" if qspec.method == "int4" else "onnx_int8", Path(result.path),
+    def _quantize(self, pipe: CandidatePipeline, fp32: Path, module: torch.nn.Module | None) -> QuantizationResult:
+        """The pipeline's quantize stage with the spec's method (``qat`` fine-tunes ``module``)."""
+        config = pipe.resolve(self.spec.quantization, fp32)
+        int4 = isinstance(config, Int4Config)
+        name = "model_int4.onnx" if int4 else "model_int8.onnx"
+        result = pipe.quantize(fp32, self.out / name, config, module=module, workdir=self.work / "qat")
+        self._add(name, "onnx_int4" if int4 else "onnx_int8", Path(result.path),
                   f"{result.method} ONNX for onnxruntime on CPU")
         if result.met is False:
             self.warnings.append(result.message)
         return result
 
-    def _evaluate(self, teacher, student, distilled, teacher_onnx, fp32, quant, evaluator, teacher_out, task,
-                  train) -> dict[str, Any]:
-        espec = self.spec.evaluation
-        sample = {k: v[: max(espec.latency_batch_sizes)] for k, v in evaluator.data.inputs.items()}
+    def _evaluate(self, pipe: CandidatePipeline, student: Student | None, distilled: DistillResult | None,
+                  teacher_onnx: Path, fp32: Path, quant: QuantizationResult | None,
+                  teacher_out: torch.Tensor) -> dict[str, Any]:
+        """The pipeline's measure stage for the teacher, the fp32 model and the quantized one, then the
+        report's comparison, per-class and disagreement tables."""
+        espec, task, teacher = self.spec.evaluation, pipe.task, pipe.teacher
         steps = 2 + (student is not None) + (quant is not None)
         done = 0
 
-        def latency(path: Path) -> dict[str, Any]:
+        def measured(path: Path, outputs: torch.Tensor | None = None) -> Measurement:
             nonlocal done
             self._stage("evaluate", done, steps, f"timing {path.name}")
             done += 1
-            return measure_onnx_latency(path, sample, batch_sizes=espec.latency_batch_sizes, threads=espec.threads,
-                                        warmup=espec.warmup, repeats=espec.repeats)
+            return pipe.measure([path], keep_outputs=True, outputs=None if outputs is None else [outputs])[0]
 
-        rows = [ModelRow("teacher", evaluator.metrics(teacher_out, teacher_out), onnx_size_bytes(teacher_onnx),
-                         teacher.num_parameters, latency(teacher_onnx), None, "onnx fp32")]
+        m = measured(teacher_onnx, teacher_out)
+        rows = [ModelRow("teacher", m.metrics, m.size_bytes, teacher.num_parameters, m.latency, None, "onnx fp32")]
         outputs = {"teacher": teacher_out}
         if student is not None:
-            outputs["student"] = evaluator.outputs(fp32)
-            rows.append(ModelRow("student", evaluator.metrics(outputs["student"], teacher_out), onnx_size_bytes(fp32),
-                                 count_parameters(distilled.student), latency(fp32), "teacher", "onnx fp32"))
+            assert distilled is not None
+            m = measured(fp32)
+            outputs["student"] = m.outputs
+            rows.append(ModelRow("student", m.metrics, m.size_bytes, count_parameters(distilled.student), m.latency,
+                                 "teacher", "onnx fp32"))
         if quant is not None:
             qname = "int4" if quant.method == "int4" else "int8"
-            outputs[qname] = evaluator.outputs(Path(quant.path))
-            rows.append(ModelRow(qname, evaluator.metrics(outputs[qname], teacher_out), onnx_size_bytes(quant.path),
-                                 rows[-1].parameters, latency(Path(quant.path)), rows[-1].name, f"onnx {qname}"))
+            m = measured(Path(quant.path))
+            outputs[qname] = m.outputs
+            rows.append(ModelRow(qname, m.metrics, m.size_bytes, rows[-1].parameters, m.latency, rows[-1].name,
+                                 f"onnx {qname}"))
         self._stage("evaluate", steps, steps)
         table = compare_models(rows)
         for row in table:
@@ -353,7 +337,7 @@ class _Run:
                 self.warnings.append(f"{row['name']}: {flag.get('message', flag)}")
 
         final_name, final_out = list(outputs.items())[-1]
-        data = evaluator.data
+        data = pipe.evald
         report: dict[str, Any] = {
             "title": f"Compression report: {task}",
             "task": task,
@@ -363,7 +347,7 @@ class _Run:
                 "description": student.description, "how": student.how, "kind": student.kind,
                 "num_parameters": count_parameters(distilled.student), "config": student.config},
             "spec": self.spec.model_dump(mode="json"),
-            "data": {"train": train.summary(), "eval": data.summary()},
+            "data": {"train": pipe.train.summary(), "eval": data.summary()},
             "models": table,
             "disagreements": disagreements(task, final_out, teacher_out, espec.disagreements, data.texts,
                                            y=data.y, classes=data.classes) if final_name != "teacher" else [],
@@ -403,22 +387,6 @@ class _Run:
             calibration_ids=None if quant is None else quant.calibration.get("sample_ids"),
         )
         self._add("manifest.json", "manifest", manifest, "sha256 of every input and output, seeds, versions, spec")
-
-
-class _Evaluator:
-    """Runs ONNX artifacts over the eval split and scores them against labels / the teacher."""
-
-    def __init__(self, task: str, data: TensorData, threads: int) -> None:
-        self.task, self.data, self.threads = task, data, threads
-        self._numpy = {k: v.numpy() for k, v in data.inputs.items()}
-
-    def outputs(self, path: Path) -> torch.Tensor:
-        out = onnx_outputs(path, self._numpy, threads=self.threads)
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
-
-    def metrics(self, outputs: torch.Tensor, teacher_out: torch.Tensor) -> dict[str, Any]:
-        y = self.data.y if self.task != "embedding" else None
-        return evaluate_outputs(self.task, outputs, y, teacher_out)
 
 
 def _summary(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""What every dataset reader shares: the caps against hostile uploads, the read context (what the
+teacher and spec say about the data), label parsing, and the shape and finiteness checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import DatasetError
+from ..spec import DataSpec
+from ..types import InputKind
+from .archives import ArchiveLimits
+
+RANK_KIND: dict[int, InputKind] = {2: "vector", 3: "signal", 4: "image"}
+
+RowOf = Callable[[int], int]
+"""Maps a 0-based sample index to the row number shown in errors."""
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Caps against hostile uploads (decompression bombs, absurd sizes)."""
+
+    max_image_pixels: int = 50_000_000
+    """Per image, checked from the header before decoding (Pillow's own bomb check also applies)."""
+    max_array_bytes: int = 8 << 30
+    """Largest decompressed ``.npz`` content and largest image tensor."""
+    max_classes: int = 100_000
+    archive: ArchiveLimits = field(default_factory=lambda: ArchiveLimits(max_entries=200_000))
+
+
+@dataclass(frozen=True)
+class ReadContext:
+    """What the teacher and spec say about the data being read."""
+
+    spec: DataSpec
+    tokenizer: Any
+    input_shape: tuple[int, ...] | None
+    input_kind: InputKind | None
+    task: str | None
+    structure_only: bool
+    limits: DataLimits
+
+
+def feature_array(x: torch.Tensor, ctx: ReadContext) -> torch.Tensor:
+    """Float samples reshaped for the teacher, of a rank that names an input kind."""
+    if x.ndim < 2:
+        raise DatasetError(f"x must be (samples, features...), got shape {tuple(x.shape)}; "
+                           "save a single feature as shape (N, 1)")
+    x = x.float()
+    check_finite(x, "x", lambda i: i)
+    x = x.reshape(len(x), *target_shape(tuple(x.shape[1:]), ctx.input_shape, reshape=True))
+    if x.ndim not in RANK_KIND:
+        raise DatasetError(f"x has samples of shape {tuple(x.shape[1:])}; expected vectors (F,), "
+                           "signals (C, L) or images (C, H, W)")
+    return x
+
+
+def check_finite(t: torch.Tensor, name: str, row_of: RowOf) -> None:
+    bad = ~torch.isfinite(t.reshape(len(t), -1)).all(1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise DatasetError(f"{name}[{i}] has a NaN or infinite value", row=row_of(i))
+
+
+def target_shape(got: tuple[int, ...], want: tuple[int, ...] | None, *, reshape: bool) -> tuple[int, ...]:
+    """The per-sample shape to use: ``got`` when it fits the teacher's ``want``, else ``want``
+    when ``reshape`` is allowed and the element counts agree (e.g. 64-vectors for an 8×8 CNN)."""
+    if want is None or (len(got) == len(want) and all(w <= 0 or g == w for g, w in zip(got, want))):
+        return got
+    if reshape and all(w > 0 for w in want) and math.prod(got) == math.prod(want):
+        return want
+    raise DatasetError(f"samples have shape {got} ({math.prod(got)} values) but the teacher expects "
+                       f"{want} ({math.prod(want) if all(w > 0 for w in want) else 'dynamic'} values)")
+
+
+# --- labels -------------------------------------------------------------------------------
+
+def parse_labels(values: np.ndarray, task: str | None, row_of: RowOf, what: str,
+            limits: DataLimits) -> tuple[torch.Tensor, list[str] | None]:
+    """Per-sample labels to class indices (integers, strings) or float regression targets."""
+    missing = pd.isna(values)
+    if values.dtype == object:
+        missing |= np.array([isinstance(v, str) and not v.strip() for v in values], dtype=bool)
+    if missing.any():
+        raise DatasetError(f"{what}: missing label", row=row_of(int(missing.argmax())))
+    if values.dtype.kind in "biuf":
+        numbers = values.astype(np.float64)
+    else:
+        for i, v in enumerate(values):
+            if not isinstance(v, (str, int, float)):
+                raise DatasetError(f"{what}: a label must be a number or a string, got {type(v).__name__}",
+                                   row=row_of(i))
+        numbers = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(np.float64)
+        non_numeric = np.isnan(numbers)
+        if non_numeric.any():
+            if task == "regression":
+                i = int(non_numeric.argmax())
+                raise DatasetError(f"{what}: label {values[i]!r} is not a number (regression needs numbers)",
+                                   row=row_of(i))
+            return string_classes([str(v) for v in values], limits)
+    if not np.isfinite(numbers).all():
+        i = int((~np.isfinite(numbers)).argmax())
+        raise DatasetError(f"{what}: label {numbers[i]} is not a finite number", row=row_of(i))
+    fractional = numbers != np.round(numbers)
+    if task == "regression" or (fractional.any() and task != "classification"):
+        return torch.from_numpy(numbers.astype(np.float32)), None
+    if fractional.any():
+        i = int(fractional.argmax())
+        raise DatasetError(f"{what}: label {numbers[i]} is not a class index", row=row_of(i))
+    ints = numbers.astype(np.int64)
+    if (ints < 0).any():
+        i = int((ints < 0).argmax())
+        raise DatasetError(f"{what}: class label {ints[i]} is negative", row=row_of(i))
+    if ints.max() >= limits.max_classes:
+        i = int(ints.argmax())
+        raise DatasetError(f"{what}: class label {ints[i]} is past the limit of {limits.max_classes} classes",
+                           row=row_of(i))
+    return torch.from_numpy(ints), [str(k) for k in range(int(ints.max()) + 1)]
+
+
+def string_classes(labels: list[str], limits: DataLimits) -> tuple[torch.Tensor, list[str]]:
+    classes = sorted(set(labels))
+    if len(classes) > limits.max_classes:
+        raise DatasetError(f"{len(classes)} distinct labels, over the limit of {limits.max_classes} classes")
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[s] for s in labels], dtype=torch.long), classes
+
+
+def label_column(columns: list[str], spec: DataSpec, defaults: tuple[str, ...], source: str) -> str | None:
+    if spec.label_column is not None:
+        if spec.label_column not in columns:
+            raise DatasetError(f"{source} has no label column {spec.label_column!r}; "
+                               f"columns: {', '.join(columns)}")
+        return spec.label_column
+    return next((c for c in defaults if c in columns), None)

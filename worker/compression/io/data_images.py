@@ -1,0 +1,125 @@
+"""Image datasets: a zip (or tar, tar.gz) of class folders of PNG / JPEG images, extracted with the
+`archives.safe_extract` rules, capped in pixels before decoding, resized and normalised."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import DatasetError, SpecError, UnsafeFileError, UnsupportedFormatError
+from ..spec import DataSpec
+from ..types import TensorData
+from .archives import safe_extract
+from .data_common import DataLimits, ReadContext, target_shape
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DEFAULT_IMAGE_MEAN = 0.5
+DEFAULT_IMAGE_STD = 0.5
+"""Without ``image_mean`` / ``image_std`` pixels in [0, 1] map to [-1, 1] on every channel."""
+
+
+# --- images (.zip of class folders) -------------------------------------------------------
+
+def load_images(path: Path, ctx: ReadContext) -> TensorData:
+    spec, limits = ctx.spec, ctx.limits
+    with tempfile.TemporaryDirectory(prefix="kdq-images-") as tmp:
+        try:
+            root = safe_extract(path, tmp, limits.archive)
+        except (UnsafeFileError, UnsupportedFormatError) as exc:
+            raise DatasetError(f"{path.name}: {exc}") from exc
+        samples, classes = _class_folders(root)
+        want = ctx.input_shape if ctx.input_shape is not None and len(ctx.input_shape) == 3 else None
+        gray = spec.grayscale if spec.grayscale is not None else (want is not None and want[0] == 1)
+        mode, channels = ("L", 1) if gray else ("RGB", 3)
+        if spec.image_size is not None:
+            size = tuple(spec.image_size)
+        elif want is not None and want[1] > 0 and want[2] > 0:
+            size = (want[1], want[2])
+        else:
+            size = _decode(samples[0][0], root, mode, None, limits).shape[:2]
+        target_shape((channels, *size), ctx.input_shape, reshape=False)
+        if len(samples) * channels * size[0] * size[1] * 4 > limits.max_array_bytes:
+            raise DatasetError(f"{len(samples)} images of {channels}x{size[0]}x{size[1]} exceed the limit of "
+                               f"{limits.max_array_bytes:,} bytes")
+        mean, std = _normaliser(spec, channels)
+        x = np.empty((len(samples), channels, *size), dtype=np.float32)
+        for i, (file, _) in enumerate(samples):
+            pixels = _decode(file, root, mode, size, limits)
+            x[i] = ((pixels[None] if gray else pixels.transpose(2, 0, 1)) - mean) / std
+    y = torch.tensor([label for _, label in samples], dtype=torch.long)
+    meta = {"image_size": list(size), "channels": channels, "image_mean": mean.ravel().tolist(),
+            "image_std": std.ravel().tolist()}
+    return TensorData({"x": torch.from_numpy(x)}, y, "image", classes, meta=meta)
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".") and p.name != "__MACOSX"
+
+
+def _class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Image files with their class index, and the class names (sorted folder names).
+    One wrapper folder around the class folders is allowed."""
+    top = root
+    entries = sorted(p for p in top.iterdir() if _visible(p))
+    wrapper = entries[0] if len(entries) == 1 and entries[0].is_dir() else None
+    if wrapper is not None and any(c.is_dir() and _visible(c) for c in wrapper.iterdir()):
+        top = wrapper
+        entries = sorted(p for p in top.iterdir() if _visible(p))
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise DatasetError(f"image {loose[0].relative_to(root).as_posix()} is not inside a class folder; "
+                           "expected class_name/image.png")
+    folders = [p for p in entries if p.is_dir()]
+    if not folders:
+        raise DatasetError("no class folders found; expected a zip of class_name/image.png (or .jpg)")
+    samples: list[tuple[Path, int]] = []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in folder.rglob("*")
+                       if f.is_file() and all(_visible(Path(part)) for part in f.relative_to(folder).parts))
+        for f in files:
+            if f.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DatasetError(f"{f.relative_to(root).as_posix()}: unsupported file type; "
+                                   f"accepted: {', '.join(IMAGE_SUFFIXES)}")
+        if not files:
+            raise DatasetError(f"class folder {folder.relative_to(root).as_posix()!r} has no images")
+        samples += [(f, label) for f in files]
+    return samples, [p.name for p in folders]
+
+
+def _decode(file: Path, root: Path, mode: str, size: tuple[int, ...] | None,
+            limits: DataLimits) -> np.ndarray:
+    """One image as float32 in [0, 1], (H, W) or (H, W, 3), resized to ``size`` (H, W) if given."""
+    name = file.relative_to(root).as_posix()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file, formats=("PNG", "JPEG")) as img:  # reads the header only
+                w, h = img.size
+                if w * h > limits.max_image_pixels:
+                    raise DatasetError(f"image {name} is {w}x{h} pixels, over the limit of "
+                                       f"{limits.max_image_pixels:,} (decompression bomb?)")
+                out = img.convert(mode)
+                if size is not None and out.size != (size[1], size[0]):
+                    out = out.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+                return np.asarray(out, dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DatasetError(f"image {name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"image {name} is corrupt or not a PNG/JPEG: {exc}") from exc
+
+
+def _normaliser(spec: DataSpec, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std shaped (C or 1, 1, 1) to broadcast over a (C, H, W) image."""
+    mean = np.asarray(spec.image_mean or [DEFAULT_IMAGE_MEAN], dtype=np.float32)
+    std = np.asarray(spec.image_std or [DEFAULT_IMAGE_STD], dtype=np.float32)
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        if len(values) not in (1, channels):
+            raise SpecError(f"data.{name} has {len(values)} values; give 1 or {channels} (one per channel)")
+    if (std <= 0).any():
+        raise SpecError("data.image_std values must be positive")
+    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)

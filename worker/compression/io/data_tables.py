@@ -1,0 +1,184 @@
+"""Tabular and text datasets: ``.csv`` / ``.parquet`` tables (numeric features and a label column),
+``.jsonl`` and text ``.csv`` (a text column, an optional pair column and label, tokenized with the
+teacher's tokenizer). Row numbers in errors are where a person finds the row (CSV / JSONL lines,
+1-based Parquet rows)."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import DatasetError
+from ..types import TensorData
+from .data_common import (
+    RANK_KIND,
+    ReadContext,
+    RowOf,
+    feature_array,
+    label_column,
+    parse_labels,
+)
+from .hf_folder import tokenize
+
+TABULAR_LABELS = ("label", "target", "y")
+TEXT_LABELS = ("label",)
+
+
+# --- tables (.csv, .parquet) ---------------------------------------------------------------
+
+def load_csv(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
+    text = _read_utf8(path)
+    header = next(csv.reader(io.StringIO(text)), [])
+    is_text = fmt == "text_csv" or (ctx.spec.format == "auto" and (
+        ctx.spec.text_column in header or ctx.input_kind == "tokens"))
+    try:
+        if is_text:  # every cell as the string written (empty stays "")
+            df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DatasetError(f"{path.name} is not a readable CSV file: {exc}") from exc
+
+    def row_of(i: int) -> int:
+        return _csv_line(text, i)
+
+    if is_text:
+        columns = [str(c) for c in df.columns]
+        data = _load_text({c: df[c].to_numpy(dtype=object) for c in columns}, columns, len(df), row_of, ctx,
+                          path.name)
+        data.meta["format"] = "text_csv"
+        return data
+    return _load_table(df, row_of, ctx, path.name)
+
+
+def load_parquet(path: Path, ctx: ReadContext) -> TensorData:
+    try:
+        df = pd.read_parquet(path)
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{path.name} is not a readable Parquet file: {exc}") from exc
+    return _load_table(df, lambda i: i + 1, ctx, path.name)
+
+
+def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) -> TensorData:
+    df.columns = [str(c) for c in df.columns]
+    columns = list(df.columns)
+    if len(df) == 0:
+        raise DatasetError(f"{source} holds no data rows")
+    label = label_column(columns, ctx.spec, TABULAR_LABELS, source)
+    features = df.drop(columns=[label]) if label else df
+    if features.shape[1] == 0:
+        raise DatasetError(f"{source} has no feature columns besides the label {label!r}")
+    try:
+        values = features.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise DatasetError(f"{source}: feature columns must hold plain numbers ({exc})") from exc
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, c = (int(v) for v in np.argwhere(bad)[0])  # the first bad row, then its leftmost bad column
+        raw = features.iat[r, c]
+        shown = repr(raw) if isinstance(raw, str) else str(raw)
+        reason = "missing value" if pd.isna(raw) else f"{shown} is not a finite number"
+        raise DatasetError(f"column {features.columns[c]!r}: {reason}", row=row_of(r))
+    x = feature_array(torch.from_numpy(values.astype(np.float32)), ctx)
+    y, classes = (None, None)
+    if label:
+        y, classes = parse_labels(df[label].to_numpy(), ctx.task, row_of, f"column {label!r}", ctx.limits)
+    meta = {"columns": list(features.columns), "label_column": label or ""}
+    return TensorData({"x": x}, y, RANK_KIND[x.ndim], classes, meta=meta)
+
+
+def _read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    body = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = exc.start + len(raw) - len(body)
+        line = raw.count(b"\n", 0, offset) + 1
+        raise DatasetError(f"{path.name} is not UTF-8 text: byte 0x{raw[offset]:02x} at offset {offset} "
+                           f"(line {line}); save the file as UTF-8") from exc
+
+
+def _csv_line(text: str, index: int) -> int:
+    """The line (header = line 1) where data row ``index`` (0-based, blank lines skipped as
+    pandas does) starts; exact even with quoted line breaks. Only called to report an error."""
+    reader = csv.reader(io.StringIO(text))
+    start, seen = 1, -1  # -1: the header row
+    for row in reader:
+        if row:
+            if seen == index:
+                return start
+            seen += 1
+        start = reader.line_num + 1
+    return start
+
+
+# --- text (.jsonl, text .csv) -------------------------------------------------------------
+
+def load_jsonl(path: Path, ctx: ReadContext) -> TensorData:
+    records, lines = [], []
+    for number, line in enumerate(_read_utf8(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"not valid JSON: {exc.msg} (column {exc.colno})", row=number) from exc
+        if not isinstance(record, dict):
+            raise DatasetError(f"expected one JSON object per line (JSON Lines), got {type(record).__name__}",
+                               row=number)
+        records.append(record)
+        lines.append(number)
+    names = list(dict.fromkeys(k for r in records for k in r))
+    columns = {k: pd.Series([r.get(k) for r in records], dtype=object).to_numpy() for k in names}
+    return _load_text(columns, names, len(records), lines.__getitem__, ctx, path.name)
+
+
+def _load_text(columns: dict[str, np.ndarray], names: list[str], n: int, row_of: RowOf, ctx: ReadContext,
+               source: str) -> TensorData:
+    spec = ctx.spec
+    if ctx.tokenizer is None and not ctx.structure_only:
+        raise DatasetError("text data needs a teacher with a tokenizer")
+    if n == 0:
+        raise DatasetError(f"{source} holds no rows")
+    if spec.text_column not in names:
+        raise DatasetError(f"{source} has no text column {spec.text_column!r}; columns: {', '.join(names)}")
+    texts = _texts(columns[spec.text_column], spec.text_column, row_of)
+    pairs = None
+    if spec.text_pair_column in names:
+        pairs = _texts(columns[spec.text_pair_column], spec.text_pair_column, row_of)
+    label = label_column(names, spec, TEXT_LABELS, source)
+    y, classes = (None, None)
+    if label:
+        y, classes = parse_labels(columns[label], ctx.task, row_of, f"column {label!r}", ctx.limits)
+    meta = {"label_column": label or "", "text_pairs": pairs is not None, "tokenized": not ctx.structure_only}
+    return TensorData(_tokenize(texts, pairs, ctx), y, "tokens", classes, texts=texts, meta=meta)
+
+
+def _texts(values: np.ndarray, column: str, row_of: RowOf) -> list[str]:
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            missing = v is None or (isinstance(v, float) and math.isnan(v))
+            problem = "missing text" if missing else f"text must be a string, got {type(v).__name__}"
+            raise DatasetError(f"column {column!r}: {problem}", row=row_of(i))
+        if not v.strip():
+            raise DatasetError(f"column {column!r}: empty text", row=row_of(i))
+    return list(values)
+
+
+def _tokenize(texts: list[str], pairs: list[str] | None, ctx: ReadContext) -> dict[str, torch.Tensor]:
+    if ctx.structure_only:
+        empty = torch.zeros((len(texts), 0), dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty.clone()}
+    max_length = ctx.spec.max_length
+    if ctx.input_shape and ctx.input_shape[0] > 0:
+        max_length = min(max_length, ctx.input_shape[0])
+    return tokenize(ctx.tokenizer, texts, pairs, max_length=max_length)

@@ -1,0 +1,166 @@
+"""Read an uploaded dataset file into a `TensorData`.
+
+Formats (``DataSpec.format``; ``auto`` picks by file extension):
+
+* ``npz`` / ``safetensors``: array ``x`` (required) and ``y`` (optional). Float ``x`` of rank
+  2 is vectors, 3 signals ``(N, C, L)``, 4 images ``(N, C, H, W)``. For a text teacher ``x``
+  (or ``input_ids``) holds integer token ids, with optional ``attention_mask`` / ``token_type_ids``.
+* ``csv`` / ``parquet`` (tabular): numeric feature columns and an optional label column.
+* ``jsonl`` / ``text_csv`` (text): a text column, an optional text-pair column and an optional
+  label, tokenized with the teacher's tokenizer. An auto-detected ``.csv`` is text when it has
+  ``DataSpec.text_column`` (or the teacher takes text), else tabular.
+* ``image_zip``: a zip (or tar, tar.gz) of class folders of PNG / JPEG images, resized and normalised.
+
+Labels are optional everywhere: unlabelled data still serves for pure distillation. Integer
+or string labels become class indices with ``classes`` names (integers ``k`` keep index ``k``;
+strings are numbered in sorted order); fractional numbers are regression targets.
+
+Row numbers in errors are where a person finds the row: the line number in CSV and JSONL
+files (a CSV header is line 1), the 1-based row in Parquet, and the 0-based index ``i`` of
+``x[i]`` in array files.
+
+Hostile uploads: arrays never unpickle, image archives are extracted with the
+`archives.safe_extract` rules, images are capped in pixels before decoding and only the
+PNG and JPEG decoders run, and decompressed ``.npz`` content and image tensors are capped in bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DatasetError
+from ..spec import DataSpec
+from ..types import InputKind, TensorData
+from .data_arrays import load_arrays
+from .data_common import DataLimits, ReadContext
+from .data_images import load_images
+from .data_tables import load_csv, load_jsonl, load_parquet
+
+FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip")
+_BY_SUFFIX = {".npz": "npz", ".safetensors": "safetensors", ".csv": "csv", ".parquet": "parquet",
+              ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".zip": "image_zip",
+              ".tar": "image_zip", ".tgz": "image_zip"}
+ACCEPTED = (".npz, .safetensors, .csv, .parquet/.pq, .jsonl/.ndjson/.json (JSON Lines), "
+            ".zip (image class folders)")
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    spec: DataSpec | None = None,
+    *,
+    tokenizer: Any = None,
+    input_shape: tuple[int, ...] | None = None,
+    input_kind: InputKind | None = None,
+    task: str | None = None,
+    structure_only: bool = False,
+    limits: DataLimits = DataLimits(),
+) -> TensorData:
+    """Read ``path`` into tensors shaped for the teacher.
+
+    ``input_shape`` (per sample; dims ≤ 0 are dynamic), ``input_kind``, ``task`` and
+    ``tokenizer`` come from the teacher when known: array and tabular samples are reshaped
+    to ``input_shape`` when the element counts agree, images are sized from it, text is
+    tokenized with ``tokenizer``. ``structure_only`` parses text rows and labels without
+    tokenizing (upload validation, before a teacher is chosen): token inputs are then empty
+    ``(N, 0)`` tensors and ``meta["tokenized"]`` is False. ``limits`` caps hostile uploads.
+    """
+    path = Path(path)
+    spec = spec or DataSpec()
+    if not path.is_file():
+        raise DatasetError(f"{path.name}: no such file")
+    fmt = spec.format if spec.format != "auto" else _BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        raise DatasetError(f"cannot tell the format of {path.name!r} from its extension; "
+                           f"accepted: {ACCEPTED}")
+    if input_shape is not None:
+        input_shape = tuple(int(d) for d in input_shape)
+    ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits)
+    if fmt in ("npz", "safetensors"):
+        data = load_arrays(path, fmt, ctx)
+    elif fmt in ("csv", "text_csv"):
+        data = load_csv(path, fmt, ctx)
+    elif fmt == "parquet":
+        data = load_parquet(path, ctx)
+    elif fmt == "jsonl":
+        data = load_jsonl(path, ctx)
+    else:
+        data = load_images(path, ctx)
+    if input_kind is not None and data.input_kind != input_kind:
+        raise DatasetError(f"the teacher takes {input_kind} inputs but {path.name} holds "
+                           f"{data.input_kind} data")
+    data.meta.setdefault("format", fmt)
+    data.meta["file"] = path.name
+    if data.classes is not None:
+        data.meta["num_classes"] = len(data.classes)
+    return data
+
+
+def train_eval_split(train: TensorData, eval_data: TensorData | None,
+                     spec: DataSpec) -> tuple[TensorData, TensorData]:
+    """The training and evaluation data: ``eval_data`` made compatible with ``train``, or a
+    seeded hold-out of ``spec.eval_fraction`` of ``train``.
+
+    Token data of different padded lengths is right-padded (id 0, mask 0) to the longer one.
+    Eval class labels are renumbered to the training ``classes`` when they are a subset.
+    """
+    if eval_data is None:
+        try:
+            return train.split(spec.eval_fraction, spec.split_seed)
+        except ValueError as exc:
+            raise DatasetError(f"cannot hold out {spec.eval_fraction:.0%} of {len(train)} samples "
+                               f"for evaluation ({exc}); upload a separate evaluation dataset") from exc
+    if eval_data.input_kind != train.input_kind:
+        raise DatasetError(f"the evaluation data holds {eval_data.input_kind} inputs but the training data "
+                           f"holds {train.input_kind} inputs")
+    if set(eval_data.inputs) != set(train.inputs):
+        raise DatasetError(f"the evaluation data has inputs {sorted(eval_data.inputs)} but the training data "
+                           f"has {sorted(train.inputs)}")
+    if train.input_kind == "tokens":
+        length = max(train.inputs["input_ids"].shape[1], eval_data.inputs["input_ids"].shape[1])
+        train, eval_data = _pad_tokens(train, length), _pad_tokens(eval_data, length)
+    for key, value in train.inputs.items():
+        got, want = tuple(eval_data.inputs[key].shape[1:]), tuple(value.shape[1:])
+        if got != want:
+            raise DatasetError(f"evaluation samples of {key!r} have shape {got} but training samples "
+                               f"have {want}")
+    return train, _align_labels(train, eval_data)
+
+
+def _is_index_classes(classes: list[str]) -> bool:
+    return classes == [str(i) for i in range(len(classes))]
+
+
+def _align_labels(train: TensorData, eval_data: TensorData) -> TensorData:
+    if train.y is None or eval_data.y is None:
+        return eval_data
+    if (train.classes is None) != (eval_data.classes is None):
+        kinds = ("class labels", "numeric targets")
+        raise DatasetError(f"the training data has {kinds[train.classes is None]} but the evaluation data has "
+                           f"{kinds[eval_data.classes is None]}")
+    if train.classes is None or eval_data.classes is None:
+        if train.y.shape[1:] != eval_data.y.shape[1:]:
+            raise DatasetError(f"evaluation targets have shape {tuple(eval_data.y.shape[1:])} but training "
+                               f"targets have {tuple(train.y.shape[1:])}")
+        return eval_data
+    if _is_index_classes(train.classes) and _is_index_classes(eval_data.classes):
+        return eval_data  # same numbering; either side may simply lack the highest classes
+    unknown = [c for c in eval_data.classes if c not in train.classes]
+    if unknown:
+        raise DatasetError("the evaluation data has classes the training data lacks: "
+                           + ", ".join(unknown[:10]))
+    index = {c: i for i, c in enumerate(train.classes)}
+    remap = torch.tensor([index[c] for c in eval_data.classes], dtype=torch.long)
+    return replace(eval_data, y=remap[eval_data.y], classes=train.classes)
+
+
+def _pad_tokens(data: TensorData, length: int) -> TensorData:
+    pad = length - data.inputs["input_ids"].shape[1]
+    if pad == 0:
+        return data
+    return replace(data, inputs={k: F.pad(v, (0, pad), value=0) for k, v in data.inputs.items()})

@@ -1,0 +1,121 @@
+"""Task metrics on whole eval sets (small torch implementations: no sklearn at runtime)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SpecError
+from ..types import Task
+
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1"),
+    "embedding": ("cosine", "mse"),
+    "regression": ("mse",),
+}
+
+
+def primary_metric(task: Task | str) -> str:
+    """The metric early stopping and reports lead with."""
+    return {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[task]
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric != "mse"
+
+
+def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of predicted class indices equal to ``y``."""
+    return (pred.long() == y.long()).double().mean().item()
+
+
+def _counts(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    pred, y = pred.long().cpu(), y.long().cpu()
+    tp = torch.bincount(y[pred == y], minlength=num_classes).double()
+    predicted = torch.bincount(pred, minlength=num_classes).double()
+    support = torch.bincount(y, minlength=num_classes).double()
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    recall = torch.where(support > 0, tp / support.clamp(min=1), 0.0)
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp(min=1e-300), 0.0)
+    return precision, recall, f1, support, predicted
+
+
+def macro_f1(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Unweighted mean F1 over the classes present in ``y`` or ``pred`` (as scikit-learn)."""
+    n = int(max(pred.max().item(), y.max().item())) + 1
+    _, _, f1, support, predicted = _counts(pred, y, n)
+    present = (support > 0) | (predicted > 0)
+    return f1[present].mean().item()
+
+
+def per_class(
+    pred: torch.Tensor, y: torch.Tensor, num_classes: int, classes: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support for every class index below ``num_classes``."""
+    precision, recall, f1, support, _ = _counts(pred, y, num_classes)
+    names = (
+        classes
+        if classes is not None and len(classes) == num_classes
+        else [str(i) for i in range(num_classes)]
+    )
+    return [
+        {
+            "class": names[i],
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "f1": f1[i].item(),
+            "support": int(support[i].item()),
+        }
+        for i in range(num_classes)
+    ]
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean per-sample cosine similarity."""
+    return F.cosine_similarity(a.double().flatten(1), b.double().flatten(1), dim=1).mean().item()
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean squared error; a ``(N,)`` target is matched against ``(N, 1)`` predictions."""
+    pred = pred.double()
+    return F.mse_loss(pred, target.double().reshape(pred.shape)).item()
+
+
+def evaluate_outputs(
+    task: Task | str, outputs: torch.Tensor, y: torch.Tensor | None, teacher_outputs: torch.Tensor | None
+) -> dict[str, Any]:
+    """Metrics of one model's eval-set outputs.
+
+    ``reference`` says what they were measured against: the labels when there are any,
+    else the teacher (argmax agreement reported as ``accuracy``, for unlabelled data).
+    Embeddings are always compared with the teacher's.
+    """
+    outputs = outputs.detach().float().cpu()
+    teacher = None if teacher_outputs is None else teacher_outputs.detach().float().cpu()
+    if task == "classification":
+        pred = outputs.argmax(-1)
+        t_pred = None if teacher is None else teacher.argmax(-1)
+        ref = y.cpu() if y is not None else t_pred
+        if ref is None:
+            raise SpecError("classification metrics need labels or teacher outputs")
+        out: dict[str, Any] = {
+            "reference": "labels" if y is not None else "teacher",
+            "accuracy": accuracy(pred, ref),
+            "macro_f1": macro_f1(pred, ref),
+        }
+        if y is not None and t_pred is not None:
+            out["teacher_agreement"] = accuracy(pred, t_pred)
+        return out
+    if task == "embedding":
+        if teacher is None:
+            raise SpecError("embedding metrics need the teacher's embeddings")
+        return {"reference": "teacher", "cosine": mean_cosine(outputs, teacher), "mse": mse(outputs, teacher)}
+    if task == "regression":
+        ref = y.cpu() if y is not None else teacher
+        if ref is None:
+            raise SpecError("regression metrics need labels or teacher outputs")
+        return {"reference": "labels" if y is not None else "teacher", "mse": mse(outputs, ref)}
+    raise SpecError(f"unknown task {task!r}")

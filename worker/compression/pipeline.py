@@ -1,0 +1,151 @@
+"""The candidate pipeline: student → distil → export fp32 ONNX → quantize → measure.
+
+One `CandidatePipeline` per teacher, data split and spec. The single run (`compress`) walks it once;
+the search (`search.run`) walks it for every candidate of its ladder (distilling in rungs) and every
+quantization recipe. Each stage is one method, so both measure, export and quantize the same way:
+
+1. `make_student`: the student a student config asks for (``students.factory``).
+2. `distil`: knowledge distillation from the teacher (``distill.distill``).
+3. `export`: the float model as an fp32 ONNX graph, traced on a few eval rows.
+4. `quantize`: the graph by a quantization method config, through its registered handler
+   (``quantize.registry``); calibration rows come from the training split, the evaluation (for the
+   accuracy-aware fallback and the reported drop) from the eval split, and ``qat`` gets the float
+   model, the teacher and the training data it fine-tunes with.
+5. `measure`: the task metric on the eval split (against the teacher's outputs), size on disk and
+   onnxruntime latency (`measure.meter.Meter`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distill.distill import DistillResult, distill
+from .distill.teacher_cache import TeacherCache
+from .measure.export import export_onnx, onnx_size_bytes
+from .measure.meter import Meter
+from .measure.metrics import higher_is_better, primary_metric
+from .quantize.api import quantize
+from .quantize.calibration import calibration_sample
+from .quantize.handlers import resolve_method
+from .quantize.registry import QuantizationResult, TrainingInputs
+from .spec import (
+    CompressSpec,
+    DistillSpec,
+    QatConfig,
+    QuantizationConfig,
+    QuantizationMethod,
+    StaticInt8Config,
+    StudentKind,
+)
+from .students.factory import make_student
+from .students.student import Student
+from .types import CancelFn, ProgressFn, Task, Teacher, TensorData
+
+SAMPLE_ROWS = 8
+"""Eval rows the fp32 graphs are traced on."""
+
+
+@dataclass
+class Measurement:
+    """One measured graph."""
+
+    path: Path
+    metrics: dict[str, Any]
+    size_bytes: int
+    latency: dict[str, Any]
+    outputs: torch.Tensor | None = None
+    """Its outputs on the eval split, when asked for."""
+
+
+class CandidatePipeline:
+    """student → distil → export → quantize → measure for one teacher, data split and spec (module doc)."""
+
+    def __init__(self, teacher: Teacher, train: TensorData, evald: TensorData, spec: CompressSpec, *, task: Task,
+                 meter: Meter, progress: ProgressFn, cancel: CancelFn) -> None:
+        self.teacher, self.train, self.evald, self.spec, self.task = teacher, train, evald, spec, task
+        self.meter, self.progress, self.cancel = meter, progress, cancel
+        self.sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
+        self.metric = primary_metric(task)
+        """The metric the quantizers' evaluation watches (the search sets its goal's)."""
+
+    # --- 1. student ------------------------------------------------------------------------
+
+    def make_student(self, student: StudentKind | None = None) -> Student:
+        """The student ``student`` (default: the spec's) asks for, seeded by the distillation seed."""
+        config = student if student is not None else self.spec.student
+        assert config is not None, "a spec without a student distils nothing"
+        return make_student(self.teacher, config, seed=self.spec.distillation.seed)
+
+    # --- 2. distil -------------------------------------------------------------------------
+
+    def distil(self, student: nn.Module, *, workdir: Path, spec: DistillSpec | None = None,
+               baseline: Callable[[], nn.Module] | None = None, teacher_cache: TeacherCache | None = None,
+               teacher_eval: torch.Tensor | None = None, checkpoints: bool = True,
+               progress: ProgressFn | None = None) -> DistillResult:
+        """Distil ``student`` (in place) with ``spec`` (default: the spec's distillation); ``baseline``
+        builds the labels-only baseline's student; a search shares the teacher's outputs."""
+        return distill(self.teacher, student, self.train, self.evald, spec or self.spec.distillation,
+                       workdir=workdir, progress=progress or self.progress, cancel=self.cancel,
+                       make_baseline=baseline, task=self.task, teacher_cache=teacher_cache,
+                       teacher_eval=teacher_eval, checkpoints=checkpoints)
+
+    # --- 3. export -------------------------------------------------------------------------
+
+    def export(self, module: nn.Module, path: Path) -> Path:
+        """``module`` as an fp32 ONNX graph at ``path``."""
+        return export_onnx(module, self.sample, path, task=self.task)
+
+    # --- 4. quantize -----------------------------------------------------------------------
+
+    def resolve(self, config: QuantizationMethod, fp32: Path) -> QuantizationMethod:
+        """``auto`` as the method it picks for this graph; any other config as it is."""
+        return resolve_method(config, fp32)
+
+    def quantize(self, fp32: Path, out: Path, config: QuantizationMethod, *, module: nn.Module | None = None,
+                 score: bool = True, workdir: Path | None = None, distillation: DistillSpec | None = None,
+                 progress: ProgressFn | None = None) -> QuantizationResult:
+        """Quantize the graph ``fp32`` (exported from ``module``) into ``out`` as ``config`` says.
+
+        ``score``: evaluate the fp32 and the quantized graph (the report's drop) even without a
+        tolerance; with ``max_metric_drop`` they are always evaluated. ``qat`` trains ``module``
+        with ``distillation`` (default: the spec's) and writes its float graph into ``workdir``.
+        """
+        config = self.resolve(config, fp32)
+        calibration, ids = None, None
+        if isinstance(config, (StaticInt8Config, QatConfig)):
+            calibration, ids = calibration_sample(self.train.inputs, config.calibration_samples,
+                                                  self.spec.distillation.seed)
+        evaluate = None
+        tolerance = isinstance(config, QuantizationConfig) and config.max_metric_drop is not None
+        if score or tolerance:
+            def evaluate(path: Path, metric: str = self.metric) -> float:
+                return float(self.meter.metrics(path)[metric])
+        training = None
+        if module is not None and isinstance(config, QatConfig):
+            training = TrainingInputs(module, self.teacher, self.train, distillation or self.spec.distillation,
+                                      self.task, self.sample, workdir or Path(out).parent)
+        result = quantize(fp32, out, config, calibration_inputs=calibration, evaluate=evaluate,
+                          higher_is_better=higher_is_better(self.metric), progress=progress or self.progress,
+                          cancel=self.cancel, seed=self.spec.distillation.seed, training=training)
+        if ids is not None:
+            result.calibration = {**(result.calibration or {}), "sample_ids": ids}  # rows of the training split
+        return result
+
+    # --- 5. measure ------------------------------------------------------------------------
+
+    def measure(self, paths: Sequence[Path], *, batches: Sequence[int] | None = None, rounds: int | None = None,
+                min_timed_s: float = 0.0, keep_outputs: bool = False,
+                outputs: Sequence[torch.Tensor] | None = None) -> list[Measurement]:
+        """Each graph's metrics on the eval split, size on disk and latency (one pass, or ``rounds``
+        interleaved rounds of at least ``min_timed_s`` per batch size); ``outputs`` are the graphs'
+        eval outputs when the caller has them already (the teacher's)."""
+        outputs = list(outputs) if outputs is not None else [self.meter.outputs(p) for p in paths]
+        latencies = self.meter.latencies(paths, batches, rounds=rounds, min_timed_s=min_timed_s)
+        return [Measurement(Path(p), self.meter.score(o), onnx_size_bytes(p), lat, o if keep_outputs else None)
+                for p, o, lat in zip(paths, outputs, latencies, strict=True)]

@@ -1,0 +1,116 @@
+"""The search's first two phases: the teacher, measured once (its metric resolves the goal, its
+outputs on the training split are cached for every candidate), and the ladder, each student built,
+exported untrained and timed, and pruned when even int8 could not bring it under a cap."""
+
+from __future__ import annotations
+
+import time
+
+from ..distill.teacher_cache import TeacherCache
+from ..distill.trainer import resolve_device
+from ..errors import SpecError
+from ..measure.export import onnx_size_bytes
+from ..measure.meter import latency_at
+from ..measure.metrics import TASK_METRICS
+from ..pipeline import Measurement
+from ..students.zoo import count_parameters
+from .goal import Goal
+from .ladder import TEACHER, Candidate, embedding_parameters
+from .rungs import measure_estimate
+from .state import Entry, SearchState
+
+INT8_SIZE_BOUND = 0.25
+"""int8 weights take a quarter of fp32's bytes: no int8 graph is smaller than this share of its fp32 twin."""
+INT8_SPEED_BOUND = 0.4
+"""The best int8 speed-up over fp32 seen on this CPU was 0.42× (bench/quantize.py); 0.4 is a safe floor."""
+EVAL_BATCH = 256
+
+
+def measure_teacher(s: SearchState) -> None:
+    """The teacher's graph over the eval split (the reference of every metric), the goal, the
+    teacher's row, and its outputs on the training split (the shared teacher cache)."""
+    s.tick(0, 1, "measuring the teacher")
+    t0 = time.monotonic()
+    out = s.pipe.meter.use_teacher(s.teacher_onnx)
+    metrics = s.pipe.meter.score(out)
+    targets = s.spec.targets
+    assert targets is not None
+    metric = targets.metric or {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[s.task]
+    if metric not in TASK_METRICS[s.task]:
+        raise SpecError(f"targets.metric {metric!r} is not measured for {s.task}; "
+                        f"use one of {', '.join(TASK_METRICS[s.task])}")
+    lower = metric == "mse"
+    if (lower and targets.min is not None) or (not lower and targets.max is not None):
+        raise SpecError(f"targets: {metric} is {'lower' if lower else 'higher'}-is-better; "
+                        f"give '{'max' if lower else 'min'}'")
+    s.goal = Goal.resolve(targets, s.task, metrics.get(metric), s.spec.evaluation.threads)
+    s.pipe.metric = s.goal.metric
+    latency = s.latency(s.teacher_onnx)
+    n = s.teacher.num_parameters or (count_parameters(s.teacher.module) if s.teacher.module else 0)
+    s.teacher_row = s.row(TEACHER, "fp32", Measurement(s.teacher_onnx, metrics, onnx_size_bytes(s.teacher_onnx),
+                                                       latency), n)
+    s.device = resolve_device(s.spec.distillation.device)
+    s.cache = TeacherCache.build(
+        s.teacher, s.train, batch_size=max(s.spec.distillation.batch_size, EVAL_BATCH),
+        top_k=s.spec.distillation.top_k, path=s.work / "teacher_cache.safetensors", device=s.device,
+        cancel=s.cancel)
+    s.teacher_eval = out
+    s.phase_s["teacher"] = time.monotonic() - t0
+
+
+def prepare(s: SearchState, candidates: list[Candidate]) -> list[Entry]:
+    """Build, export (untrained) and time every student, cheapest first; prune the hopeless ones."""
+    t0 = time.monotonic()
+    entries = [Entry(c) for c in candidates]
+    students = sorted((e for e in entries if not e.cand.is_teacher), key=lambda e: e.cand.num_parameters)
+    goal = s.goal
+    int8 = bool(s.recipes)
+    size_floor = INT8_SIZE_BOUND if int8 else 1.0
+    speed_floor = INT8_SPEED_BOUND if int8 else 1.0
+    for i, e in enumerate(students):
+        if s.out_of_time("preparing candidates") and any(x.student is not None for x in students):
+            e.status, e.reason = "not tried", "the time budget ran out before it was built"
+            continue
+        s.tick(i, len(students), f"preparing candidates: building and timing {e.cand.name}")
+        assert e.cand.build is not None
+        e.student = e.cand.build()
+        if e.cand.embedding_parameters is None:
+            e.cand.embedding_parameters = embedding_parameters(e.student.module) or None
+        t1 = time.monotonic()
+        path = s.pipe.export(e.student.module, s.work / "candidates" / e.cand.name / "untrained.onnx")
+        t2 = time.monotonic()
+        e.fp32_size = onnx_size_bytes(path)
+        e.cost_ms = latency_at(s.latency(path, [goal.latency_batch], rounds=1), goal.latency_batch,
+                               goal.latency_stat)
+        e.export_s, e.timing_s = t2 - t1, time.monotonic() - t2
+        if goal.max_size_bytes is not None and e.fp32_size * size_floor > goal.max_size_bytes:
+            e.status = "pruned"
+            e.reason = (f"fp32 {e.fp32_size:,} B: over the size cap of {goal.max_size_bytes:,} B"
+                        + (f" even at {INT8_SIZE_BOUND:g}× as int8" if int8 else ""))
+        elif (goal.max_latency_ms is not None and e.cost_ms is not None
+              and e.cost_ms * speed_floor > goal.max_latency_ms):
+            e.status = "pruned"
+            e.reason = (f"fp32 {goal.latency_stat} {e.cost_ms:.4g} ms at batch {goal.latency_batch}: over the "
+                        f"latency cap of {goal.max_latency_ms:g} ms"
+                        + (f" even at {INT8_SPEED_BOUND:g}× as int8" if int8 else ""))
+        else:
+            e.status = "active"
+        if e.status == "pruned":
+            e.student = None
+    teacher = next((e for e in entries if e.cand.is_teacher), None)
+    if teacher is not None:
+        row = s.teacher_row
+        teacher.fp32_size, teacher.cost_ms = row.size_bytes, row.latency_ms
+        teacher.metric = row.value
+        if goal.max_size_bytes is not None and row.size_bytes * size_floor > goal.max_size_bytes:
+            teacher.status, teacher.reason = "pruned", "the teacher is over the size cap even as int8"
+        elif goal.max_latency_ms is not None and (row.latency_ms or 0) * speed_floor > goal.max_latency_ms:
+            teacher.status, teacher.reason = "pruned", "the teacher is over the latency cap even as int8"
+        else:
+            teacher.status, teacher.reason = "finalist", "the teacher itself: no training"
+    s.teacher_estimate = 0.0
+    if teacher is not None and teacher.status == "finalist":  # only its int8 twins remain to measure
+        row = s.teacher_row
+        s.teacher_estimate = measure_estimate(s, row.size_bytes, row.latency_ms, 0.0, 0.0, fp32=False)
+    s.phase_s["prepare"] = time.monotonic() - t0
+    return entries

@@ -1,0 +1,14 @@
+"""What every spec model shares: unknown keys are refused (a misspelt option is an error, not a no-op)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Metric = Literal["accuracy", "macro_f1", "cosine", "mse"]
+LOWER_IS_BETTER = ("mse",)
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
