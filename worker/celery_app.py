@@ -22,7 +22,7 @@ from service.core.logs import configure
 from service.core.queues import celery_config
 from service.core.settings import Settings, get_settings
 
-from . import shutdown
+from . import engine_calls, shutdown
 
 warnings.filterwarnings("ignore", category=SecurityWarning)  # root: `kdq serve` says it once, in words
 
@@ -56,6 +56,12 @@ def _logging(loglevel: str | int | None = None, **_: object) -> None:
 def _ready(sender: object = None, **_: object) -> None:
     queues = ",".join(q.name for q in app.amqp.queues.consume_from.values()) if app.amqp.queues else ""
     logging.getLogger("kdq.worker").info("worker %s ready: queues %s", getattr(sender, "hostname", "?"), queues)
+
+
+@signals.worker_process_init.connect
+def _preload(**_: object) -> None:
+    """A pool process imports the engine once, so each task's confined child starts at once."""
+    engine_calls.preload()
 
 
 @signals.worker_init.connect

@@ -18,7 +18,7 @@ from ..core.db import Database
 from ..core.dberrors import database_unavailable
 from ..core.notices import JobNotices
 from ..core.queues import Queues
-from ..core.reaper import reap_stale_jobs
+from ..core.reaper import reap
 from ..core.relay import relay_queued_jobs
 from ..core.retention import retention_enabled, sweep
 from ..core.settings import Settings, get_settings
@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
         async with anyio.create_task_group() as tg:
             if settings.reaper_interval_s > 0:  # stale RUNNING jobs (service.core.reaper)
                 tg.start_soon(_every, settings.reaper_interval_s, "reaper",
-                              partial(reap_stale_jobs, ctx.db, settings, ctx.queues.send_job))
+                              partial(reap, ctx.db, settings, ctx.queues))
             if settings.relay_interval_s > 0:  # the job outbox (service.core.relay)
                 tg.start_soon(_every, settings.relay_interval_s, "relay",
                               partial(relay_queued_jobs, ctx.db, settings, ctx.queues))

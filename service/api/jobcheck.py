@@ -1,7 +1,9 @@
 """Checks a job spec against the validated uploads before anything is queued.
 
 Pure functions over the upload summaries (what the workers recorded at validation), so
-the API answers "this cannot work" with a 422 and a pointer instead of a failed job.
+the API answers "this cannot work" with a 422 and a pointer instead of a failed job. What the
+spec alone decides (fields, their ranges, how they combine) is the spec's own validation
+(`worker.compression.spec`), in one place; only what needs the uploads is checked here.
 """
 
 from __future__ import annotations
@@ -84,13 +86,6 @@ def check_job(
 
     errors += _search_errors(spec, task)
 
-    if student is None and spec.quantization.method == "none":
-        bad("#/quantization/method", "with no student and no quantization there is nothing to do")
-    if student is None and black_box and spec.quantization.method == "qat":
-        bad(
-            "#/quantization/method",
-            "quantization-aware training needs a torch model; an ONNX teacher has no weights to train",
-        )
     return errors
 
 

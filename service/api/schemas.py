@@ -66,18 +66,22 @@ class DatasetPage(Page):
     items: list[DatasetOut]
 
 
+UPLOAD_FIELDS = frozenset({"teacher_model_id", "dataset_id", "eval_dataset_id"})
+
+
 class JobCreate(CompressSpec):
-    """A compression job: the uploads to use and the engine spec."""
+    """A compression job: the uploads to use and the engine spec, in one flat object. A job's
+    document (`JobOut`) carries the same fields the same way, so a job read back can be sent
+    again as it is, or with changes."""
 
     teacher_model_id: str = Field(max_length=40)
     dataset_id: str = Field(max_length=40)
     eval_dataset_id: str | None = Field(default=None, max_length=40)
     """A separate evaluation set (default: a seeded hold-out of ``dataset_id``)."""
 
-    def spec(self) -> CompressSpec:
-        return CompressSpec.model_validate(
-            self.model_dump(exclude={"teacher_model_id", "dataset_id", "eval_dataset_id"})
-        )
+    def spec_json(self) -> dict[str, Any]:
+        """The engine's part (what the worker runs), as JSON."""
+        return self.model_dump(mode="json", exclude=set(UPLOAD_FIELDS))
 
 
 class ProgressOut(BaseModel):
@@ -88,49 +92,52 @@ class ProgressOut(BaseModel):
     eta_s: float | None
 
 
-class JobOut(BaseModel):
+class JobOut(JobCreate):
+    """A job: its request's fields (uploads and spec, as they run: the dataset's reading options
+    merged in, defaults filled) and its state."""
+
     id: str
     state: JobState
     stage: str | None
     progress: ProgressOut
     queue: str
-    teacher_model_id: str
-    dataset_id: str
-    eval_dataset_id: str | None
-    spec: CompressSpec
     attempts: int
     error: Problem | None
-    summary: dict[str, Any] | None = Field(description="headline metrics once the job succeeded")
+    summary: dict[str, Any] | None = Field(description="headline metrics and the verdict once the job finished")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
-    @classmethod
-    def of(cls, job: Job | Row[Any]) -> JobOut:
-        """From an ORM row or a Core row of the same columns."""
-        total = job.progress_total or 0
-        fraction = 0.0 if total <= 0 else min(1.0, job.progress_step / total)
-        return cls(
-            id=job.id,
-            state=JobState(job.state),
-            stage=job.stage,
-            progress=ProgressOut(
-                stage=job.stage, current=job.progress_step, total=total, fraction=fraction, eta_s=job.eta_s
-            ),
-            queue=job.queue,
-            teacher_model_id=job.teacher_model_id,
-            dataset_id=job.dataset_id,
-            eval_dataset_id=job.eval_dataset_id,
-            spec=CompressSpec.model_validate(job.spec),
-            attempts=job.attempts,
-            error=Problem.model_validate(job.error) if job.error else None,
-            summary=job.summary,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-        )
+
+def job_document(job: Job | Row[Any]) -> dict[str, Any]:
+    """A job as the API shows it (the `JobOut` schema), from an ORM row or a Core row of the same
+    columns. The stored spec was validated when the job was submitted: it is not validated again."""
+    total = job.progress_total or 0
+    fraction = 0.0 if total <= 0 else min(1.0, job.progress_step / total)
+    return {
+        "id": job.id,
+        "state": job.state,
+        "stage": job.stage,
+        "progress": {"stage": job.stage, "current": job.progress_step, "total": total, "fraction": fraction,
+                     "eta_s": job.eta_s},  # fmt: skip
+        "queue": job.queue,
+        "teacher_model_id": job.teacher_model_id,
+        "dataset_id": job.dataset_id,
+        "eval_dataset_id": job.eval_dataset_id,
+        **job.spec,
+        "attempts": job.attempts,
+        "error": job.error,
+        "summary": job.summary,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
 
 
 class JobPage(Page):

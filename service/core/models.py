@@ -68,6 +68,7 @@ class Team(Base):
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     max_stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     max_submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
+    job_time_budget_s: Mapped[float | None] = mapped_column(Float)
     """Quota overrides; None means the settings' default."""
 
 
@@ -103,6 +104,10 @@ class _Upload:
     summary: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     user_metadata: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Validations begun (`service.core.uploads`)."""
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set while a validation runs; a stale one is sent again by the reaper."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -154,6 +159,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     run_seconds: Mapped[float | None] = mapped_column(Float)
     """Wall time of the last attempt, from RUNNING to the terminal state."""
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    """Set when a finished job was deleted: its artifacts are gone, the row stays for the record."""
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When the broker last accepted this job's message (the outbox mark): a QUEUED row
     with none, or whose message the broker no longer holds, is sent again by the relay."""

@@ -20,13 +20,32 @@ def internal_problem(what: str) -> dict[str, Any]:
     }
 
 
-def input_problem(exc: Exception) -> dict[str, Any]:
+def input_problem(detail: str, code: str | None = None) -> dict[str, Any]:
+    """The upload or the spec is at fault (``code``: the engine's error code, e.g. ``invalid_dataset``)."""
     return {
         "type": "about:blank",
         "title": "Invalid input",
         "status": 422,
-        "code": getattr(exc, "code", "invalid_input"),
-        "detail": str(exc),
+        "code": code or "invalid_input",
+        "detail": detail,
+    }
+
+
+def resource_problem(which: str, allowed: str, what: str) -> dict[str, Any]:
+    """A task went past one of its limits (``which``: memory, cpu, wall, scratch)."""
+    hint = {
+        "memory": "a smaller model, smaller batches or a smaller dataset fits",
+        "cpu": "fewer epochs or a smaller model finishes sooner",
+        "wall": "fewer epochs, a time budget (distillation.time_budget_s) or a smaller model finishes sooner",
+        "scratch": "it wrote more files than its scratch space holds",
+    }[which]
+    return {
+        "type": "about:blank",
+        "title": "Resource limit",
+        "status": 422,
+        "code": "resource_limit",
+        "limit": which,
+        "detail": f"{what} went past its limit of {allowed} and was stopped; {hint}",
     }
 
 
@@ -60,8 +79,8 @@ def storage_full(exc: BaseException) -> OSError | None:
     return None
 
 
-def storage_problem(exc: OSError) -> dict[str, Any]:
-    where = f" ({exc.filename})" if exc.filename else ""
+def storage_problem(filename: str | None = None) -> dict[str, Any]:
+    where = f" ({filename})" if filename else ""
     return {
         "type": "about:blank",
         "title": "Insufficient Storage",

@@ -123,3 +123,10 @@ def check_submission(session: Session, settings: Settings, team_id: str) -> None
             f"team {team_id!r} stores {used} bytes, its whole quota of {limit} bytes, and a job adds "
             "artifacts. Delete models, datasets or jobs' artifacts you no longer need"
         )
+
+
+def time_budget_for(session: Session, settings: Settings, team_id: str) -> float:
+    """The most training time a job of this team gets (the team row's override, else the setting)."""
+    team = session.get(Team, team_id)
+    override = team.job_time_budget_s if team is not None else None
+    return settings.job_time_budget_s if override is None else override

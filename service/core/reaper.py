@@ -12,14 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select, update
 
 from .db import Database
 from .lifecycle import reap_verdict
 from .models import Job, utcnow
+from .records import UPLOAD_TABLES
 from .settings import Settings
-from .states import JobState, lock_job, transition
+from .states import JobState, UploadState, lock_job, transition
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +57,32 @@ def reap_stale_jobs(db: Database, settings: Settings, send_job: Callable[[str, s
                     .values(enqueued_at=utcnow())
                 )
     return done
+
+
+def reap_stale_validations(db: Database, settings: Settings,
+                           send_validation: Callable[[str, str], None]) -> list[str]:  # fmt: skip
+    """Send again every validation whose worker stopped heartbeating (it died, or its process was
+    killed); its next attempt is counted, and past ``max_validation_attempts`` the upload ends
+    ``invalid`` (`service.core.uploads.begin_validation`). Returns the upload ids sent."""
+    cutoff = utcnow() - timedelta(seconds=settings.stale_after_s)
+    sent: list[str] = []
+    for kind, table in UPLOAD_TABLES.items():
+        stale_now = (table.state == UploadState.VALIDATING.value, table.heartbeat_at < cutoff)
+        with db.write() as s:
+            ids = list(s.scalars(update(table).where(*stale_now).values(heartbeat_at=None, updated_at=utcnow())
+                                 .returning(table.id)))  # fmt: skip
+        for upload_id in ids:
+            log.warning("%s %s: its validation stopped heartbeating; sending it again", kind, upload_id)
+            try:
+                send_validation(kind, upload_id)
+            except Exception as exc:  # the relay sends it once the broker is back (no heartbeat now)
+                log.warning("%s %s: not sent (%s: %s)", kind, upload_id, type(exc).__name__, exc)
+                continue
+            sent.append(upload_id)
+    return sent
+
+
+def reap(db: Database, settings: Settings, queues: Any) -> None:
+    """One reaper pass: stale jobs, then stale validations."""
+    reap_stale_jobs(db, settings, queues.send_job)
+    reap_stale_validations(db, settings, queues.send_validation)

@@ -10,7 +10,8 @@ QUEUED job whose message is missing for longer than ``relay_grace_s``:
 * no longer held: the broker lost it (Redis restarted without persistence) or a worker died
   holding it unacknowledged (`service.core.queues.Queues.held_messages`).
 
-Uploads still ``validating`` whose validation message is missing are sent again the same way.
+Uploads still ``validating`` whose validation has not begun (no heartbeat) and whose message is
+missing are sent again the same way; one whose worker died mid-validation is the reaper's.
 
 Sending twice is harmless: a worker runs a job only if it moves the row from QUEUED to RUNNING
 under the row lock (`service.core.lifecycle.begin`); a second delivery finds it RUNNING (or finished)
@@ -82,7 +83,8 @@ def relay_queued_jobs(db: Database, settings: Settings, queues: Queues) -> list[
             for kind, table in (("model", ModelUpload), ("dataset", DatasetUpload))
             for ident in s.scalars(
                 select(table.id)
-                .where(table.state == UploadState.VALIDATING.value, table.updated_at < cutoff)
+                .where(table.state == UploadState.VALIDATING.value, table.heartbeat_at.is_(None),
+                       table.updated_at < cutoff)
                 .order_by(table.created_at)
                 .limit(BATCH)
             )
@@ -91,11 +93,10 @@ def relay_queued_jobs(db: Database, settings: Settings, queues: Queues) -> list[
     lost_jobs: set[str] = set()
     lost_uploads: list[tuple[str, str]] = []
     if marked or uploads:
-        # a job is QUEUED until a worker begins it, moments after delivery: a delivery older
-        # than the grace period went to a worker that died. A validation runs while its upload
-        # is "validating": its delivery counts for as long as the broker would keep it.
+        # a job is QUEUED until a worker begins it, and a validation has no heartbeat until then,
+        # moments after delivery: a delivery older than the grace period went to a worker that died
         within = {j: settings.relay_grace_s for j in marked}
-        within |= {f"validate-{i}": float(settings.broker_visibility_timeout_s) for _, i in uploads}
+        within |= {f"validate-{i}": settings.relay_grace_s for _, i in uploads}
         missing = _missing(queues, within)
         lost_jobs = {j for j in marked if j in missing}
         lost_uploads = [(kind, ident) for kind, ident in uploads if f"validate-{ident}" in missing]

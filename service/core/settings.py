@@ -63,6 +63,25 @@ class Settings(BaseSettings):
     sandbox_cpu_seconds: int = Field(default=3600, gt=0)
     """CPU-time limit (RLIMIT_CPU) of a sandboxed teacher process over its life."""
 
+    validate_memory_bytes: int = Field(default=3 * GiB, gt=0)
+    """Memory one validation may use (its own cgroup, else RLIMIT_AS): past it the upload ends
+    ``invalid`` with ``resource_limit``."""
+    validate_cpu_s: int = Field(default=900, gt=0)
+    validate_wall_s: float = Field(default=900.0, gt=0)
+    validate_scratch_bytes: int = Field(default=16 * GiB, gt=0)
+    """Scratch space of one validation (the upload unpacked, decoded)."""
+    max_validation_attempts: int = Field(default=3, ge=1)
+    """An upload whose validation's worker was lost this many times ends ``invalid``."""
+    job_memory_bytes: int = Field(default=8 * GiB, gt=0)
+    """Memory one job may use: past it the job ends ``FAILED`` with ``resource_limit``."""
+    job_wall_s: float = Field(default=6 * 3600.0, gt=0)
+    """Hard wall-time cap of one job (its CPU time is capped at this × the cores)."""
+    job_scratch_bytes: int = Field(default=64 * GiB, gt=0)
+    """Scratch space of one job (its inputs, checkpoints, caches and outputs)."""
+    job_time_budget_s: float = Field(default=4 * 3600.0, gt=0)
+    """The training time budget a job gets when its spec gives none or more (a team row may
+    override it): past it the engine stops training and delivers the best so far."""
+
     queue_validate: str = "validate"
     queue_cpu: str = "cpu"
     queue_gpu: str = "gpu"

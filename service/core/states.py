@@ -1,6 +1,6 @@
-"""The state machines of jobs and uploads. Every job state change goes through `transition`,
-every upload's through `finish_validation` (the rules for which target a caller picks are in
-`service.core.lifecycle`).
+"""The state machines of jobs and uploads. Every job state change goes through `transition`
+(the rules for which target a caller picks are in `service.core.lifecycle`), every upload's
+through `service.core.uploads`.
 
 Jobs:
 
@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import DatasetUpload, Job, JobEvent, ModelUpload, utcnow
+from .models import Job, JobEvent, utcnow
 
 
 class JobState(StrEnum):
@@ -100,31 +100,3 @@ class UploadState(StrEnum):
 UPLOAD_TRANSITIONS: dict[UploadState, frozenset[UploadState]] = {
     UploadState.VALIDATING: frozenset({UploadState.READY, UploadState.INVALID}),
 }
-
-
-def finish_validation(
-    session: Session,
-    table: type[ModelUpload | DatasetUpload],
-    upload_id: str,
-    *,
-    summary: dict[str, Any] | None = None,
-    error: dict[str, Any] | None = None,
-    detected_format: str | None = None,
-) -> UploadState | None:
-    """``validating → invalid`` (with ``error``) or ``ready`` (with ``summary``, and the detected
-    format of an ``auto`` model), under the row lock; None when the upload is gone or was already
-    validated (a duplicate delivery)."""
-    row = session.get(table, upload_id, with_for_update=True)
-    if row is None:
-        return None
-    target = UploadState.INVALID if error is not None else UploadState.READY
-    if target not in UPLOAD_TRANSITIONS.get(UploadState(row.state), frozenset()):
-        return None
-    row.state = target.value
-    if error is not None:
-        row.error = error
-    else:
-        row.summary = summary
-        if detected_format:
-            row.format = detected_format
-    return target

@@ -13,12 +13,12 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.compression.spec import CompressSpec, DataSpec
+from worker.compression.spec import DataSpec
 
 from ...core.auth import Principal
 from ...core.lifecycle import JobFinished, request_cancel
 from ...core.models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
-from ...core.quotas import check_submission, lock_team
+from ...core.quotas import check_submission, lock_team, time_budget_for
 from ...core.relay import enqueue
 from ...core.states import (
     TERMINAL,
@@ -39,7 +39,7 @@ from ..problems import (
     responses,
     unprocessable,
 )
-from ..schemas import JobCreate, JobOut, JobPage
+from ..schemas import JobCreate, JobOut, JobPage, job_document
 from ..sse import event_stream, has_more_events
 
 router = APIRouter(
@@ -84,11 +84,22 @@ def _ready_upload(
     return row
 
 
-def effective_spec(req: JobCreate, dataset: DatasetUpload) -> CompressSpec:
-    """The spec as it will run: the dataset's reading options, overridden by what the job sets."""
-    spec = req.spec()
+def effective_spec(req: JobCreate, dataset: DatasetUpload, budget_s: float) -> JobCreate:
+    """The request as it will run (validated once, by the route; only changed here): the dataset's
+    reading options, overridden by what the job sets, and the team's time budget where the spec
+    asks for more or gives none."""
     data = {**dataset.options, **req.data.model_dump(mode="json", exclude_unset=True)}
-    return spec.model_copy(update={"data": DataSpec.model_validate(data)})
+    distil = req.distillation
+    if distil.time_budget_s is None or distil.time_budget_s > budget_s:
+        distil = distil.model_copy(update={"time_budget_s": budget_s})
+    update: dict[str, Any] = {"data": DataSpec.model_validate(data), "distillation": distil}
+    if req.targets is not None and req.targets.time_budget_s > budget_s:
+        update["targets"] = req.targets.model_copy(update={"time_budget_s": budget_s})
+    return req.model_copy(update=update)
+
+
+def job_json(job: Job | Any) -> bytes:
+    return json.dumps(job_document(job), separators=(",", ":")).encode()
 
 
 def _request_sha256(req: JobCreate) -> str:
@@ -113,14 +124,14 @@ def _replay(s: Session, team: str, key: str, digest: str) -> Job | None:
     return s.get(Job, row.job_id)
 
 
-def _accepted(job: Job, response: Response) -> JobOut:
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.of(job)
+def _accepted(job: Job) -> Response:
+    return Response(job_json(job), status_code=202, media_type="application/json",
+                    headers={"Location": f"/v1/jobs/{job.id}"})  # fmt: skip
 
 
 def _checked(
     ctx: Context, req: JobCreate, team: str
-) -> tuple[CompressSpec, ModelUpload, DatasetUpload, DatasetUpload | None]:
+) -> tuple[JobCreate, ModelUpload, DatasetUpload, DatasetUpload | None]:
     """The spec as it will run and its uploads, or a 422 naming every field that does not fit."""
     with ctx.db.read() as s:
         teacher = _ready_upload(s, ModelUpload, req.teacher_model_id, team, "#/teacher_model_id")
@@ -130,9 +141,10 @@ def _checked(
             if req.eval_dataset_id
             else None
         )
+        budget_s = time_budget_for(s, ctx.settings, team)
     assert isinstance(teacher, ModelUpload) and isinstance(dataset, DatasetUpload)
     assert evalset is None or isinstance(evalset, DatasetUpload)
-    spec = effective_spec(req, dataset)
+    spec = effective_spec(req, dataset, budget_s)
     errors = check_job(
         spec, teacher.summary or {}, dataset.summary or {}, evalset.summary if evalset else None
     )
@@ -159,9 +171,7 @@ def _checked(
     operation_id="create_job",
 )
 @blocking
-def create_job(
-    req: JobCreate, response: Response, ctx: Ctx, who: Auth, idempotency_key: IdempotencyHeader = None
-) -> JobOut:
+def create_job(req: JobCreate, ctx: Ctx, who: Auth, idempotency_key: IdempotencyHeader = None) -> Response:
     """The job belongs to the key's team (an admin key's own team), and so must its uploads."""
     team = who.team_id
     reject_nul(req.model_dump(mode="json"))
@@ -169,7 +179,7 @@ def create_job(
     if idempotency_key is not None:
         with ctx.db.read() as s:
             if (earlier := _replay(s, team, idempotency_key, digest)) is not None:
-                return _accepted(earlier, response)
+                return _accepted(earlier)
 
     spec, teacher, dataset, evalset = _checked(ctx, req, team)
     queue = ctx.settings.queue_gpu if spec.distillation.device == "cuda" else ctx.settings.queue_cpu
@@ -178,7 +188,7 @@ def create_job(
         team_id=team,
         state=JobState.QUEUED.value,
         queue=queue,
-        spec=spec.model_dump(mode="json"),
+        spec=spec.spec_json(),
         teacher_model_id=teacher.id,
         dataset_id=dataset.id,
         eval_dataset_id=evalset.id if evalset else None,
@@ -194,7 +204,7 @@ def create_job(
     except IntegrityError:  # a concurrent request with the same key won
         with ctx.db.read() as s:
             if idempotency_key is not None and (earlier := _replay(s, team, idempotency_key, digest)):
-                return _accepted(earlier, response)
+                return _accepted(earlier)
         raise
     # The outbox (`service.core.relay`): the row is committed before the message is sent, so from here
     # on no crash and no broker outage loses the job. If the broker refuses the message, the job
@@ -202,7 +212,7 @@ def create_job(
     # answer is still 202, because the job exists and will run. A 503 here would tell the client
     # "not created" about a job that was, and its retry would submit a duplicate.
     enqueue(ctx.db, ctx.queues, job.id, queue)
-    return _accepted(job, response)
+    return _accepted(job)
 
 
 @router.get(
@@ -215,13 +225,14 @@ def list_jobs(
     state: Annotated[list[JobState] | None, Query()] = None,
     page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
     page_token: str | None = Query(None, max_length=512),
-) -> JobPage:
+) -> Response:
     stmt = select(Job) if who.is_admin else select(Job).where(Job.team_id == who.team_id)
     if state:
         stmt = stmt.where(Job.state.in_([s.value for s in state]))
     with ctx.db.read() as s:
         rows, token = paginate(s, stmt, Job, page_size, page_token)
-        return JobPage(items=[JobOut.of(j) for j in rows], next_page_token=token)
+        items = [job_document(j) for j in rows]
+    return _json(json.dumps({"items": items, "next_page_token": token}, separators=(",", ":")).encode())
 
 
 FINISHED_CACHE_SIZE = 4096
@@ -239,8 +250,8 @@ def _json(body: bytes) -> Response:
 async def get_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
     """The most polled endpoint: one Core select of the columns it shows (no ORM objects,
     not the report)."""
-    # A finished job is answered from memory: its row never changes again. The body is built as
-    # a `JobOut` and serialised once, so FastAPI's second validation of the return value is skipped.
+    # A finished job is answered from memory: its row never changes again. The body is built once
+    # from the row (`job_document`), not validated again: its spec was validated at submission.
     if (cached := ctx.finished_jobs.get(job_id)) is not None:
         owner, body = cached
         if not who.sees(owner):
@@ -250,7 +261,7 @@ async def get_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
     def read() -> tuple[Any, bytes] | None:
         with ctx.db.engine.connect() as conn:
             row = conn.execute(JOB_BY_ID, {"job_id": job_id}).one_or_none()
-        return None if row is None else (row, JobOut.of(row).model_dump_json().encode())
+        return None if row is None else (row, job_json(row))
 
     found = await anyio.to_thread.run_sync(read, limiter=db_threads())
     if found is None or not who.sees(found[0].team_id):
@@ -272,7 +283,7 @@ async def get_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
     operation_id="cancel_job",
 )
 @blocking
-def cancel_job(job_id: str, ctx: Ctx, who: Auth) -> JobOut:
+def cancel_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
     """A queued job is cancelled at once; a running one becomes CANCELLING until its worker stops."""
     with ctx.db.write() as s:
         try:
@@ -285,7 +296,7 @@ def cancel_job(job_id: str, ctx: Ctx, who: Auth) -> JobOut:
             job = request_cancel(s, job)
         except JobFinished as exc:
             raise ProblemError(409, str(exc), code="job_finished") from None
-        return JobOut.of(job)
+        return Response(job_json(job), status_code=202, media_type="application/json")
 
 
 MAX_EVENT_ID = (1 << 63) - 1

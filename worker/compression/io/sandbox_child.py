@@ -159,6 +159,9 @@ def _rlimits(limits: dict[str, int]) -> dict[str, int]:
                              ("memory_bytes", "RLIMIT_AS", limits["memory_bytes"])):
         res = getattr(resource, key)
         hard = value + 5 if key == "RLIMIT_CPU" else value  # SIGXCPU at the soft limit, SIGKILL 5 s later
+        inherited = resource.getrlimit(res)[1]  # the worker's own limits (worker.confine) stay the ceiling
+        if inherited != resource.RLIM_INFINITY:
+            value, hard = min(value, inherited), min(hard, inherited)
         resource.setrlimit(res, (value, hard))
         applied[name] = value
     return applied

@@ -20,6 +20,7 @@ from .data import DataSpec
 from .evaluation import EvaluationSpec, SearchTargets
 from .quantization import (
     AutoQuantizationConfig,
+    NoQuantizationConfig,
     QatConfig,
     QuantizationMethod,
     QuantizationSpec,
@@ -99,9 +100,13 @@ class CompressSpec(SpecModel):
     @field_validator("quantization")
     @classmethod
     def _qat_needs_a_student(cls, quantization: QuantizationMethod, info: ValidationInfo) -> QuantizationMethod:
-        if isinstance(quantization, QatConfig) and "student" in info.data and info.data["student"] is None:
+        no_student = "student" in info.data and info.data["student"] is None
+        if isinstance(quantization, QatConfig) and no_student:
             raise ValueError("quantization 'qat' trains the student under simulated int8: give a 'student' "
                              "or another method")
+        if isinstance(quantization, NoQuantizationConfig) and no_student:
+            raise ValueError("with no student and no quantization there is nothing to do: give a 'student' "
+                             "or a quantization method")
         return quantization
 
     @field_validator("targets")
