@@ -38,7 +38,8 @@ from service.core.queues import RUN_JOB, VALIDATE_UPLOAD
 from service.core.records import UPLOAD_TABLES, release_blob
 from service.core.settings import Settings, get_settings
 from service.core.states import TERMINAL, JobState, UploadState, finish_validation
-from service.core.store import BlobStore, make_store
+from service.core.store import BlobStore, StoreUnavailable
+from service.core.stores import store_for
 from worker.compression.errors import Cancelled, InputError
 from worker.compression.spec import CompressSpec, DataSpec
 
@@ -51,6 +52,7 @@ from .files import (
     local_name,
     take_over_work,
 )
+from .shared_store import NoCheckpoints, checkpoints_for, store_retry
 
 log = logging.getLogger(__name__)
 DB_RETRY: dict[str, Any] = {"autoretry_for": (OperationalError,), "retry_backoff": True, "max_retries": 8}
@@ -73,10 +75,7 @@ def runtime() -> Runtime:
     global _runtime
     if _runtime is None or _runtime.pid != os.getpid():
         settings = get_settings()
-        assert settings.storage_dir is not None
-        _runtime = Runtime(
-            settings, Database(settings.database_url), make_store(settings.storage_dir), os.getpid()
-        )
+        _runtime = Runtime(settings, Database(settings.database_url), store_for(settings), os.getpid())
     return _runtime
 
 
@@ -146,6 +145,7 @@ def _run(rt: Runtime, job: Job) -> None:
     heartbeat.start()
     outcome: JobState | None = None
     artifacts: list[Artifact] = []
+    checkpoints = NoCheckpoints()
 
     def end(target: JobState, **changes: Any) -> JobState | None:
         recorder.flush()
@@ -154,11 +154,13 @@ def _run(rt: Runtime, job: Job) -> None:
     try:
         recorder.log(f"attempt {job.attempts} started on {job.worker}")
         out, work, previous = take_over_work(folder, job.attempts)
+        checkpoints = checkpoints_for(rt.store, job_id, job.attempts, fence, work, s.checkpoint_sync_s)
+        previous = checkpoints.take_over(previous)  # with S3: from whichever host ran it last
         if previous is not None:
             recorder.log(f"continuing from the checkpoints of attempt {previous}")
         inputs = fetch_inputs(rt.db, rt.store, job, folder / "inputs")
-        started = time.perf_counter()
-        result = compress(CompressSpec.model_validate(job.spec), **inputs, output_dir=out, progress=recorder,
+        started, progress = time.perf_counter(), checkpoints.wrap(recorder)
+        result = compress(CompressSpec.model_validate(job.spec), **inputs, output_dir=out, progress=progress,
                           cancel=cancel, checkpoint_dir=work, **code_checkpoints(s))  # fmt: skip
         engine_s = time.perf_counter() - started
         metrics = jsonable(result.metrics)
@@ -166,13 +168,14 @@ def _run(rt: Runtime, job: Job) -> None:
             recorder.log(f"resumed from step {step}", resumed_from_step=step)
         recorder.log(f"the engine finished in {engine_s:.2f} s; storing the results", engine_s=round(engine_s, 3))
         if owns(rt.db, fence):
-            _store_artifacts(rt, job, result, artifacts)
+            _store_artifacts(rt, job, result, artifacts, fence, recorder.log)
             outcome = finish(rt.db, rt.store, fence, JobState.SUCCEEDED, metrics=metrics,
                              summary=metrics.get("summary"), stage="done", artifacts=artifacts,
                              files={a.name: Path(a.path) for a in result.artifacts},
                              events=recorder.take())  # every event before the final state's  # fmt: skip
     except Cancelled:
         if cancel.handing_back:  # the worker is stopping: the job goes back to the queue
+            checkpoints.final_sync()
             recorder.log("the worker is shutting down: the job is handed back and resumes from its "
                          "last checkpoint on the next worker")  # fmt: skip
             outcome = end(JobState.QUEUED)
@@ -187,6 +190,10 @@ def _run(rt: Runtime, job: Job) -> None:
         elif database_unavailable(exc):  # hand the job back; the relay sends it again
             log.warning("job %s: the database is unavailable (%s); handing the job back", job_id, exc)
             outcome = end(JobState.QUEUED)
+        elif isinstance(exc, StoreUnavailable):  # the same for the store (after store_retry_s)
+            log.warning("job %s: %s; handing the job back", job_id, exc)
+            recorder.log("the artifact store stayed unreachable; the job goes back to the queue")
+            outcome = end(JobState.QUEUED)
         else:
             log.exception("job %s failed", job_id)
             outcome = end(JobState.FAILED, error=internal_problem("the job"))
@@ -194,6 +201,7 @@ def _run(rt: Runtime, job: Job) -> None:
         recorder.close()
         heartbeat.done.set()
         heartbeat.join()
+        checkpoints.close(ended=outcome in TERMINAL)
         _clean_up(rt, job, fence, folder, outcome, artifacts)
     log.info("job %s attempt %s: %s", job_id, job.attempts, outcome.value if outcome else "superseded")
 
@@ -214,13 +222,17 @@ def _clean_up(rt: Runtime, job: Job, fence: Fence, folder: Path, outcome: JobSta
     # for the next attempt, which the relay or the reaper starts)
 
 
-def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact]) -> None:
+def _store_artifacts(rt: Runtime, job: Job, result: Any, stored: list[Artifact], fence: Fence,
+                     note: Any) -> None:  # fmt: skip
     """Put each artifact's file in the store; ``stored`` collects the rows as they are made, so
     whatever was stored before a failure (a full disk) can be released. (One at a time: storing
     them in parallel measured no faster, 6.8 vs 6.5 ms for a job's six files; their fsyncs
-    serialise on the file system's journal.)"""
+    serialise on the file system's journal.) An unreachable store is retried for
+    ``store_retry_s`` (`worker.shared_store.store_retry`)."""
     for art in result.artifacts:
-        ref = rt.store.put_file(Path(art.path))
+        path = Path(art.path)
+        ref = store_retry(f"storing {art.name}", lambda path=path: rt.store.put_file(path),
+                          rt.settings.store_retry_s, fence, note)  # fmt: skip
         stored.append(
             Artifact(
                 job_id=job.id,

@@ -22,8 +22,8 @@ from ..core.reaper import reap_stale_jobs
 from ..core.relay import relay_queued_jobs
 from ..core.retention import retention_enabled, sweep
 from ..core.settings import Settings, get_settings
-from ..core.store import make_store
-from . import problems
+from ..core.stores import store_for
+from . import problems, store_problems
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
@@ -49,11 +49,10 @@ async def _every(interval_s: float, name: str, task: Callable[[], object]) -> No
 def build_context(settings: Settings, parts: Callable[[], dict[str, str]] | None = None) -> Context:
     db = Database(settings.database_url)
     queues = Queues(settings)
-    assert settings.storage_dir is not None
     return Context(
         settings=settings,
         db=db,
-        store=make_store(settings.storage_dir),
+        store=store_for(settings),
         queues=queues,
         metrics=Metrics(db, queues),
         notices=JobNotices(settings.database_url),
@@ -96,6 +95,7 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
         BodyLimit, max_bytes=JSON_BODY_LIMIT, streamed_paths=frozenset({"/v1/models", "/v1/datasets"})
     )
     problems.install(app)
+    store_problems.install(app)
     for router in (uploads.models_router, uploads.datasets_router, jobs.router, artifacts.router, ops.router):
         app.include_router(router)
     return app
