@@ -52,6 +52,7 @@ from .files import (
     local_name,
     take_over_work,
 )
+from .fleet_report import StageClock
 from .shared_store import NoCheckpoints, checkpoints_for, store_retry
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,7 @@ def _run(rt: Runtime, job: Job) -> None:
     outcome: JobState | None = None
     artifacts: list[Artifact] = []
     checkpoints = NoCheckpoints()
+    clock = StageClock()  # seconds per stage, for /metrics
 
     def end(target: JobState, **changes: Any) -> JobState | None:
         recorder.flush()
@@ -158,8 +160,9 @@ def _run(rt: Runtime, job: Job) -> None:
         previous = checkpoints.take_over(previous)  # with S3: from whichever host ran it last
         if previous is not None:
             recorder.log(f"continuing from the checkpoints of attempt {previous}")
-        inputs = fetch_inputs(rt.db, rt.store, job, folder / "inputs")
-        started, progress = time.perf_counter(), checkpoints.wrap(recorder)
+        with clock.timed("fetch_inputs"):
+            inputs = fetch_inputs(rt.db, rt.store, job, folder / "inputs")
+        started, progress = time.perf_counter(), checkpoints.wrap(clock.wrap(recorder))
         result = compress(CompressSpec.model_validate(job.spec), **inputs, output_dir=out, progress=progress,
                           cancel=cancel, checkpoint_dir=work, **code_checkpoints(s))  # fmt: skip
         engine_s = time.perf_counter() - started
@@ -168,7 +171,8 @@ def _run(rt: Runtime, job: Job) -> None:
             recorder.log(f"resumed from step {step}", resumed_from_step=step)
         recorder.log(f"the engine finished in {engine_s:.2f} s; storing the results", engine_s=round(engine_s, 3))
         if owns(rt.db, fence):
-            _store_artifacts(rt, job, result, artifacts, fence, recorder.log)
+            with clock.timed("store_results"):
+                _store_artifacts(rt, job, result, artifacts, fence, recorder.log)
             outcome = finish(rt.db, rt.store, fence, JobState.SUCCEEDED, metrics=metrics,
                              summary=metrics.get("summary"), stage="done", artifacts=artifacts,
                              files={a.name: Path(a.path) for a in result.artifacts},
@@ -202,6 +206,8 @@ def _run(rt: Runtime, job: Job) -> None:
         heartbeat.done.set()
         heartbeat.join()
         checkpoints.close(ended=outcome in TERMINAL)
+        if outcome is JobState.SUCCEEDED:
+            clock.report(s, job.enqueued_at or job.created_at, job.started_at)
         _clean_up(rt, job, fence, folder, outcome, artifacts)
     log.info("job %s attempt %s: %s", job_id, job.attempts, outcome.value if outcome else "superseded")
 
