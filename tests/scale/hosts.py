@@ -111,8 +111,11 @@ class Hosts:
         return self.spawn(host, "worker", kdq("worker", "--queues", queues, "--name", f"host{host.index}"), env)
 
     def wait_workers(self, timeout: float = 90) -> None:
+        self.wait_workers_of(self.hosts, timeout)
+
+    def wait_workers_of(self, hosts: list[Host], timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
-        for host in self.hosts:
+        for host in hosts:
             log = host.root / "worker.log"
             while " ready: queues " not in (log.read_text(errors="replace") if log.exists() else ""):
                 if time.monotonic() > deadline or any(p.poll() is not None for p in host.procs):
@@ -128,6 +131,23 @@ class Hosts:
     def log_tail(self, host: Host, lines: int = 30) -> str:
         log = host.root / "worker.log"
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:]) if log.exists() else ""
+
+    def stop_workers_of(self, hosts: list[Host], procs: list[subprocess.Popen[bytes]]) -> None:
+        """Stop these worker processes (a warm shutdown), and forget their logs."""
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(10)
+        for host in hosts:
+            host.procs = [p for p in host.procs if p not in procs]
+            (host.root / "worker.log").unlink(missing_ok=True)
 
     def stop_workers(self) -> None:
         for host in self.hosts:

@@ -232,3 +232,18 @@ def _until(predicate: Any, timeout: float = 30) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "condition not met"
         time.sleep(0.25)
+
+
+def test_metrics_show_queue_ages_worker_heartbeats_and_stage_durations(s3_stack: S3Stack) -> None:
+    run(s3_stack)
+    with s3_stack.client() as c:
+        text = c.get("/metrics").text
+    lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    for queue in ("validate", "cpu", "gpu"):
+        assert any(ln.startswith(f'kdq_queue_oldest_age_seconds{{queue="{queue}"}}') for ln in lines), queue
+    beats = [ln for ln in lines if ln.startswith("kdq_worker_heartbeat_age_seconds{")]
+    assert any('queues="cpu,gpu"' in ln for ln in beats) and any('queues="validate"' in ln for ln in beats), beats
+    assert 'kdq_workers{queue="cpu"} 1.0' in lines
+    for stage in ("queue_wait", "fetch_inputs", "distill", "store_results"):
+        count = [ln for ln in lines if ln.startswith(f'kdq_job_stage_seconds_count{{stage="{stage}"}}')]
+        assert count and float(count[0].split()[-1]) >= 1, (stage, count)
