@@ -208,6 +208,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     s = _settings()
     queues = args.queues.split(",") if args.queues else [s.queue_cpu]
+    if s.queue_gpu in queues:  # a GPU worker without CUDA is refused (worker.gpu)
+        from worker.gpu import refusal
+
+        why, warning = refusal(queues, s.queue_gpu, s.queue_cpu)
+        if why is not None:
+            print(why, file=sys.stderr)
+            return 3
+        if warning is not None:
+            log.warning("%s", warning)
     app.worker_main(["--quiet", *worker_argv(queues, args.concurrency, args.name or queues[0], args.loglevel)])
     return 0
 
@@ -270,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="a Celery worker")
-    worker.add_argument("--queues", help="comma-separated (default: the cpu queue); e.g. validate, cpu, gpu")
+    worker.add_argument("--queues", help="comma-separated (default: the cpu queue); e.g. validate, cpu, gpu "
+                        "(a gpu worker refuses to start without CUDA)")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--name", help="node name prefix (default: the first queue)")
     worker.set_defaults(func=cmd_worker)

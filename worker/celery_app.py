@@ -23,6 +23,7 @@ from service.core.queues import celery_config
 from service.core.settings import Settings, get_settings
 
 from . import engine_calls, shutdown
+from .fleet_report import Heartbeat
 
 warnings.filterwarnings("ignore", category=SecurityWarning)  # root: `kdq serve` says it once, in words
 
@@ -52,10 +53,16 @@ def _logging(loglevel: str | int | None = None, **_: object) -> None:
     configure(get_settings().log_format, loglevel or "INFO")
 
 
+_heartbeat: list[Heartbeat] = []
+
+
 @signals.worker_ready.connect
 def _ready(sender: object = None, **_: object) -> None:
     queues = ",".join(q.name for q in app.amqp.queues.consume_from.values()) if app.amqp.queues else ""
     logging.getLogger("kdq.worker").info("worker %s ready: queues %s", getattr(sender, "hostname", "?"), queues)
+    beat = Heartbeat(get_settings(), str(getattr(sender, "hostname", "?")), queues.split(","))
+    beat.start()  # this worker's heartbeat on /metrics (worker.fleet_report)
+    _heartbeat.append(beat)
 
 
 @signals.worker_process_init.connect
@@ -73,6 +80,8 @@ def _clear_stop_mark(**_: object) -> None:
 @signals.worker_shutting_down.connect
 def _shutting_down(**_: object) -> None:
     shutdown.request_stop()  # the running job hands itself back (worker.shutdown)
+    while _heartbeat:
+        _heartbeat.pop().stop()
 
 
 app = make_celery()

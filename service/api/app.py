@@ -22,8 +22,8 @@ from ..core.reaper import reap
 from ..core.relay import relay_queued_jobs
 from ..core.retention import retention_enabled, sweep
 from ..core.settings import Settings, get_settings
-from ..core.store import make_store
-from . import problems
+from ..core.stores import is_remote, store_for
+from . import problems, store_problems
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
@@ -32,6 +32,8 @@ from .routes import artifacts, jobs, ops, uploads
 log = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
 JSON_BODY_LIMIT = 1 << 20
+STAGING_MAX_AGE_S = 24 * 3600.0
+"""An upload's staged object or unfinished multipart upload older than this is a failed one's."""
 
 
 async def _every(interval_s: float, name: str, task: Callable[[], object]) -> None:
@@ -49,11 +51,10 @@ async def _every(interval_s: float, name: str, task: Callable[[], object]) -> No
 def build_context(settings: Settings, parts: Callable[[], dict[str, str]] | None = None) -> Context:
     db = Database(settings.database_url)
     queues = Queues(settings)
-    assert settings.storage_dir is not None
     return Context(
         settings=settings,
         db=db,
-        store=make_store(settings.storage_dir),
+        store=store_for(settings),
         queues=queues,
         metrics=Metrics(db, queues),
         notices=JobNotices(settings.database_url),
@@ -79,6 +80,9 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
             if retention_enabled(settings):  # expired uploads and artifacts (service.core.retention)
                 tg.start_soon(_every, settings.retention_interval_s, "retention",
                               partial(sweep, ctx.db, ctx.store, settings))
+            if is_remote(ctx.store) and settings.retention_interval_s > 0:  # failed uploads' leftovers in S3
+                tg.start_soon(_every, settings.retention_interval_s, "staging sweep",
+                              partial(ctx.store.sweep_staging, STAGING_MAX_AGE_S))  # type: ignore[attr-defined]
             yield
             tg.cancel_scope.cancel()
         ctx.notices.stop()
@@ -96,6 +100,7 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
         BodyLimit, max_bytes=JSON_BODY_LIMIT, streamed_paths=frozenset({"/v1/models", "/v1/datasets"})
     )
     problems.install(app)
+    store_problems.install(app)
     for router in (uploads.models_router, uploads.datasets_router, jobs.router, artifacts.router, ops.router):
         app.include_router(router)
     return app

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from ..core.models import Job
 from ..core.states import JobState
+from .fleet_metrics import FleetCollector
 
 if TYPE_CHECKING:
     from ..core.db import Database
@@ -72,6 +73,7 @@ class Metrics:
             "kdq_uploaded_bytes", "Bytes of accepted uploads", ["kind"], registry=self.registry
         )
         self.registry.register(_StateCollector(db, queues))
+        self.registry.register(FleetCollector(db, queues.settings))  # queue ages, heartbeats, stages
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

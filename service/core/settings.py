@@ -3,7 +3,8 @@
 The embedded default needs nothing set: `kdq serve` runs PostgreSQL and Redis on UNIX sockets
 inside ``data_dir`` (`service.embedded`), with the blob directory beside them, and every
 process finds them from ``data_dir`` alone. Scaled out, point ``KDQ_DATABASE_URL`` at
-PostgreSQL, ``KDQ_BROKER_URL`` at Redis and ``KDQ_STORAGE_DIR`` at a shared volume.
+PostgreSQL, ``KDQ_BROKER_URL`` at Redis and ``KDQ_STORAGE_URL`` at an S3 bucket (or
+``KDQ_STORAGE_DIR`` at a shared volume).
 """
 
 from __future__ import annotations
@@ -131,6 +132,32 @@ class Settings(BaseSettings):
     job_tmp_keep: bool = False
     """Keep a finished job's scratch folder (debugging)."""
 
+    storage_url: str = ""
+    """``s3://bucket/prefix``: keep blobs and resume checkpoints in S3 (or MinIO…) instead of
+    ``storage_dir``, so worker hosts share nothing but the services (`service.core.s3store`). The
+    endpoint, region and credentials come from the usual AWS variables (``AWS_ENDPOINT_URL_S3``,
+    ``AWS_REGION``, ``AWS_ACCESS_KEY_ID``…). Empty: the local store."""
+    s3_part_bytes: int = Field(default=8 * MiB, ge=5 * MiB)
+    """S3 multipart part size; an upload keeps at most a few parts in memory at once."""
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    """``path`` for MinIO and other servers without per-bucket host names."""
+    s3_timeout_s: float = Field(default=10.0, gt=0)
+    """Connect and read timeout of one S3 request (boto3 retries a few times on top)."""
+    s3_presign_min_bytes: int | None = Field(default=None, ge=0)
+    """Artifacts at least this large are answered with a redirect (307) to a presigned S3 URL
+    instead of passing through the API (None: always through the API)."""
+    s3_presign_ttl_s: int = Field(default=300, gt=0)
+    store_retry_s: float = Field(default=300.0, ge=0)
+    """How long a worker keeps trying to store a job's results while the store is unreachable
+    (then the job goes back to the queue, not FAILED)."""
+    checkpoint_sync_s: float = Field(default=1.0, gt=0)
+    """Remote store: how often a running job looks for new checkpoints to copy to the store."""
+    gpu_auto_min_work: float | None = Field(default=None, gt=0)
+    """A job with ``device: auto`` goes to the ``gpu`` queue when teacher parameters x training
+    samples x epochs reaches this (None: only ``device: cuda`` jobs do; set it once GPU workers run)."""
+    worker_beat_s: float = Field(default=10.0, gt=0)
+    """How often a worker process records that it is alive (``/metrics`` shows each one's age)."""
+
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or as one JSON object each (with the job id and team where there is one)."""
 
@@ -150,6 +177,8 @@ class Settings(BaseSettings):
             self.broker_url = layout.broker_url()
         elif not self.broker_url.startswith(("redis://", "rediss://", "redis+socket://")):
             raise ValueError("KDQ_BROKER_URL must be a Redis URL (redis://, rediss:// or redis+socket://)")
+        if self.storage_url and not self.storage_url.startswith("s3://"):
+            raise ValueError("KDQ_STORAGE_URL must be an s3://bucket/prefix URL (or empty: the local store)")
         if self.storage_dir is None:
             self.storage_dir = self.data_dir / "store"
         if self.work_dir is None:

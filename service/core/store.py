@@ -2,8 +2,9 @@
 
 `BlobStore` is the interface the API and the worker use; `LocalStore` keeps blobs in a
 local (or shared) directory, written atomically: a temp file in the store's own folder,
-fsync, rename. An S3 backend implements the same methods (a multipart upload behind
-`BlobWriter`, ranged GETs behind `open`, a download behind `fetch`).
+fsync, rename. `service.core.s3store.S3Store` implements the same methods on S3 (a streamed
+multipart upload behind `BlobWriter`, ranged GETs, a download behind `fetch`);
+`service.core.stores.store_for` picks one from the settings.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class BlobStore(Protocol):
         ...
 
     def delete(self, sha256: str) -> None: ...
+
+
+class StoreUnavailable(Exception):
+    """The blob store cannot be reached right now (network, timeouts, a 5xx answer): retryable.
+    The API answers 503 with Retry-After; a worker retries, then hands the job back."""
 
 
 def check_sha256(sha256: str) -> str:

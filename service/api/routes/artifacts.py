@@ -20,6 +20,7 @@ from ...core.auth import Principal
 from ...core.models import Artifact
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking
 from ..problems import AUTH_RESPONSES, ProblemError, not_found, responses
+from ..remote_files import remote_response
 from ..schemas import ArtifactList, ArtifactOut
 from .jobs import load_job
 
@@ -57,13 +58,18 @@ def _serve(
     if_none_match: str | None,
     range_: str | None,
     disposition: str = "attachment",
+    if_range: str | None = None,
 ) -> Response:
     etag = f'"{art.sha256}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=0, must-revalidate"}
     if if_none_match is not None and _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
     path = ctx.store.local_path(art.sha256)
-    if path is None or not path.is_file():
+    if path is None:  # a remote store (S3): ranged GETs passed through, or a presigned redirect
+        return remote_response(ctx.store, sha256=art.sha256, size=art.size_bytes,  # type: ignore[arg-type]
+                               filename=art.name, media_type=_media(art), disposition=disposition, headers=headers,
+                               range_=_checked_range(range_, art.size_bytes), if_range=if_range)  # fmt: skip
+    if not path.is_file():
         raise ProblemError(410, f"the file of artifact {art.name!r} is no longer stored", code="gone")
     if range_ is not None and not range_.strip().lower().startswith("bytes="):
         # RFC 9110 §14.2: a Range in a unit we do not know is ignored
@@ -74,22 +80,30 @@ def _serve(
             filename=art.name,
             content_disposition_type=disposition,
         )
-    if range_ is not None:
-        try:
-            FileResponse._parse_range_header(range_, art.size_bytes)
-        except MalformedRangeHeader as exc:
-            raise ProblemError(400, f"bad Range header: {exc.content}", code="bad_range") from None
-        except RangeNotSatisfiable:
-            raise ProblemError(
-                416,
-                f"the range is outside the file ({art.size_bytes} bytes)",
-                code="bad_range",
-                headers={"Content-Range": f"bytes */{art.size_bytes}"},
-            ) from None
+    _checked_range(range_, art.size_bytes)
     media = MEDIA_TYPES.get(art.kind) or mimetypes.guess_type(art.name)[0] or "application/octet-stream"
     return FileResponse(
         path, media_type=media, headers=headers, filename=art.name, content_disposition_type=disposition
     )
+
+
+def _checked_range(range_: str | None, size: int) -> str | None:
+    """The Range header when it is in bytes and fits the file; a problem when it does not;
+    None for a unit we do not know (RFC 9110 §14.2: ignored)."""
+    if range_ is None or not range_.strip().lower().startswith("bytes="):
+        return None
+    try:
+        FileResponse._parse_range_header(range_, size)
+    except MalformedRangeHeader as exc:
+        raise ProblemError(400, f"bad Range header: {exc.content}", code="bad_range") from None
+    except RangeNotSatisfiable:
+        raise ProblemError(
+            416,
+            f"the range is outside the file ({size} bytes)",
+            code="bad_range",
+            headers={"Content-Range": f"bytes */{size}"},
+        ) from None
+    return range_
 
 
 def _load_artifact(
@@ -106,6 +120,7 @@ def _load_artifact(
 
 
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
+IfRange = Annotated[str | None, Header(alias="If-Range")]
 RangeHeader = Annotated[str | None, Header(alias="Range")]
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 _FILE_CONTENT = {
@@ -117,6 +132,7 @@ _FILE_CONTENT = {
 """By the artifact's kind or name: ONNX models and other files are octet-stream."""
 FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the file", "content": _FILE_CONTENT},
+    307: {"description": "a redirect to the file in the object store (large artifacts, when configured)"},
     206: {"description": "the requested range", "content": {media: {} for media in _FILE_CONTENT}},
     304: {"description": "not modified (If-None-Match matched the ETag)"},
     **responses(400, 404, 410, 416),
@@ -184,5 +200,6 @@ def get_artifact(
     who: Auth,
     if_none_match: IfNoneMatch = None,
     range_: RangeHeader = None,
+    if_range: IfRange = None,
 ) -> Response:
-    return _serve(ctx, _load_artifact(ctx, job_id, who, name=name), if_none_match, range_)
+    return _serve(ctx, _load_artifact(ctx, job_id, who, name=name), if_none_match, range_, if_range=if_range)

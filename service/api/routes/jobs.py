@@ -20,6 +20,7 @@ from ...core.lifecycle import JobFinished, request_cancel
 from ...core.models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
 from ...core.quotas import check_submission, lock_team, time_budget_for
 from ...core.relay import enqueue
+from ...core.routing import job_queue
 from ...core.states import (
     TERMINAL,
     JobNotFound,
@@ -182,7 +183,7 @@ def create_job(req: JobCreate, ctx: Ctx, who: Auth, idempotency_key: Idempotency
                 return _accepted(earlier)
 
     spec, teacher, dataset, evalset = _checked(ctx, req, team)
-    queue = ctx.settings.queue_gpu if spec.distillation.device == "cuda" else ctx.settings.queue_cpu
+    queue = job_queue(ctx.settings, spec, teacher.summary, dataset.summary)  # cuda (or big auto) → gpu
     job = Job(
         id=new_id("job"),
         team_id=team,
