@@ -24,7 +24,7 @@ VALIDATE_UPLOAD = "kdq.validate_upload"
 
 UploadKind = Literal["model", "dataset"]
 REDIS_PRIORITY_SEP = "\x06\x16"
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+REDIS_PRIORITY_STEPS = tuple(range(10))
 """How kombu's Redis transport names a queue's lists: ``queue`` for priority 0, else
 ``queue + SEP + step`` (kombu.transport.redis ``Channel._q_for_pri``)."""
 
@@ -37,7 +37,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """What the senders and the workers agree on: late acknowledgement, one task per worker slot,
     explicit queues, JSON only, no result backend (the job row is the truth)."""
     redis_transport.register()
-    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout_s}
+    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout_s,
+                                            "priority_steps": list(REDIS_PRIORITY_STEPS),
+                                            "queue_order_strategy": "priority"}
     if settings.broker_key_prefix:
         transport_options["global_keyprefix"] = settings.broker_key_prefix
     queues = (settings.queue_validate, settings.queue_cpu, settings.queue_gpu)
@@ -55,6 +57,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_transport_options": transport_options,
+        "task_default_priority": 0,
         "broker_connection_retry_on_startup": True,
         "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         "worker_enable_remote_control": False,
@@ -75,9 +78,10 @@ class Queues:
         self.celery = celery or make_sender(settings)
         self._inspector: Any = None
 
-    def send_job(self, job_id: str, queue: str) -> None:
-        """Queue a job run; the task id is the job id."""
-        self._send(RUN_JOB, [job_id], task_id=job_id, queue=queue)
+    def send_job(self, job_id: str, queue: str, priority: int = 0) -> None:
+        """Queue a job run; the task id is the job id. ``priority`` 0 is taken first, then 3, 6, 9
+        (`service.core.fairness`)."""
+        self._send(RUN_JOB, [job_id], task_id=job_id, queue=queue, priority=priority)
 
     def send_validation(self, kind: UploadKind, upload_id: str) -> None:
         self._send(
@@ -87,9 +91,9 @@ class Queues:
             queue=self.settings.queue_validate,
         )
 
-    def _send(self, name: str, args: list[str], *, task_id: str, queue: str) -> None:
+    def _send(self, name: str, args: list[str], *, task_id: str, queue: str, priority: int = 0) -> None:
         try:
-            self.celery.send_task(name, args=args, task_id=task_id, queue=queue)
+            self.celery.send_task(name, args=args, task_id=task_id, queue=queue, priority=priority)
         except Exception as exc:  # kombu raises transport-specific errors
             raise BrokerUnavailable(str(exc)) from exc
 

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from .db import Database
+from .fairness import priority_of
 from .lifecycle import reap_verdict
 from .models import Job, utcnow
 from .records import UPLOAD_TABLES
@@ -83,6 +84,11 @@ def reap_stale_validations(db: Database, settings: Settings,
 
 
 def reap(db: Database, settings: Settings, queues: Any) -> None:
-    """One reaper pass: stale jobs, then stale validations."""
-    reap_stale_jobs(db, settings, queues.send_job)
+    """One reaper pass: stale jobs (sent again at their fair priority), then stale validations."""
+    reap_stale_jobs(db, settings, lambda job_id, queue: queues.send_job(job_id, queue, _priority(db, job_id)))
     reap_stale_validations(db, settings, queues.send_validation)
+
+
+def _priority(db: Database, job_id: str) -> int:
+    with db.read() as s:
+        return priority_of(s, job_id)

@@ -28,6 +28,7 @@ from sqlalchemy import and_, or_, select, update
 
 from .db import Database
 from .dberrors import database_unavailable
+from .fairness import priority_of
 from .models import DatasetUpload, Job, JobEvent, ModelUpload, utcnow
 from .queues import BrokerUnavailable, Queues
 from .settings import Settings
@@ -39,11 +40,13 @@ BATCH = 500
 
 
 def enqueue(db: Database, queues: Queues, job_id: str, queue: str) -> bool:
-    """Send the job's message, then mark the row; False when the broker refused (the row stays
-    unmarked, and the relay sends it later). A failed mark is only logged: the relay then sends
-    the job once more, which is harmless."""
+    """Send the job's message, at its team's fair priority (`service.core.fairness`), then mark the
+    row; False when the broker refused (the row stays unmarked, and the relay sends it later). A
+    failed mark is only logged: the relay then sends the job once more, which is harmless."""
     try:
-        queues.send_job(job_id, queue)
+        with db.read() as s:
+            priority = priority_of(s, job_id)
+        queues.send_job(job_id, queue, priority)
     except BrokerUnavailable as exc:
         log.warning("job %s: the broker is unavailable (%s); the relay will send it later", job_id, exc)
         return False

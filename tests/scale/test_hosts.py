@@ -265,8 +265,5 @@ def assert_fair(starts: list[tuple[str, str]], team: str, hosts: int) -> None:
     assert sum(t == team for t, _ in window) >= len(window) // 3, window
 
 
-@pytest.mark.xfail(strict=True, reason="no per-team scheduler yet (issue 14, the lead's): jobs start in "
-                   "submission order, so team-a's 40-job burst runs before team-b's first job. Enable "
-                   "(remove this mark) once the scheduler lands.")  # fmt: skip
 def test_one_teams_burst_does_not_starve_the_other(run: Run) -> None:
     assert_fair(run.starts, "team-b", HOSTS)
