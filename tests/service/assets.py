@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.io.teachers import save_zoo_model
+from worker.compression.students import zoo
 
 FEATURES, CLASSES, SAMPLES = 16, 3, 240
 TEACHER_CONFIG = {
@@ -70,4 +70,6 @@ EXPECTED_ARTIFACTS = {  # what a FAST_SPEC job stores
     "report.json",
     "report.html",
     "manifest.json",
+    "model.onnx",
+    "bundle.zip",
 }

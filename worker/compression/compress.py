@@ -13,6 +13,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from .deliver import (
     deliver,
     measure_all,
     quantize_baseline,
+    search_verdict,
     summary_of,
     teacher_onnx,
 )
@@ -84,6 +86,11 @@ def compress(
             close_teacher(run.teacher)  # a sandboxed teacher's child ends with the run
         if checkpoint_dir is None:
             shutil.rmtree(run.work, ignore_errors=True)
+
+
+@dataclass
+class _Chosen:
+    path: Path
 
 
 class _Run:
@@ -291,11 +298,18 @@ class _Run:
                                  f"{', '.join(choice.unmet)} ({'; '.join(section['chosen_checks'])})")
         self.warnings.extend(result.notes)
         summary = summary_of(table, result.goal.metric)
+        summary.update(search_verdict(result, primary, self.teacher_check))
+        shutil.copyfile(primary, self.out / "model.onnx")
+        self._add("model.onnx", chosen.artifact_kind, self.out / "model.onnx",
+                  f"deploy this: the search's choice ({chosen.name}); verdict {summary['verdict']}")
         summary["search"] = {"chosen": chosen.name, "candidate": chosen.candidate, "recipe": chosen.recipe,
                              "met_all": choice.met_all, "met": choice.met, "unmet": choice.unmet,
                              "targets": result.goal.describe(), "front": result.front,
                              "stopped_by_budget": result.budget["stopped_by_budget"]}
         report["summary"] = summary
+        report["delivery"] = {**summary["delivery_section"], "why": choice.why}
+        del summary["delivery_section"]
+        self._bundle(pipe, _Chosen(self.out / "model.onnx"), report)
         self._stage("report", 0, 1)
         self._write_report(report, teacher_path, dataset_path, eval_path, None)
         self._stage("report", 1, 1)
@@ -414,6 +428,10 @@ class _Run:
                       eval_path: Path | None, quant: Any) -> None:
         report["warnings"] = self.warnings
         report["timings"] = self.timings
+        if self.teacher_check is not None:
+            report["teacher_check"] = self.teacher_check.to_dict()
+        if self.class_order is not None:
+            report["class_order"] = self.class_order
         json_path, html_path = write_report(self.out, report)
         self._add("report.json", "report_json", json_path, "every number of the run")
         self._add("report.html", "report_html", html_path, "the human-readable report with plots")

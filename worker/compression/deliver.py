@@ -191,3 +191,22 @@ def only_onnx(teacher: Teacher) -> Path:
     if len(found) != 1:
         raise SpecError("the ONNX teacher's folder must hold exactly one .onnx file")
     return found[0]
+
+
+def search_verdict(result: Any, primary: Path, check: Any) -> dict[str, Any]:
+    """The verdict on a search's chosen model against the teacher (the summary's keys, and the
+    report's delivery section under ``delivery_section``)."""
+    goal, chosen, teacher = result.goal, result.chosen, result.teacher
+    metric = goal.metric
+    batch = goal.latency_batch
+    tolerance = tolerance_for(metric)
+    as_candidate = [Candidate(name, role, m.format.split()[-1] if m.format else "fp32", m.path, m.metrics,
+                              m.size_bytes, m.latency, m.parameters)
+                    for name, role, m in (("teacher", "teacher", teacher), ("chosen", "student", chosen))]  # fmt: skip
+    t, c = as_candidate
+    judged = verdict(c, t, [c], metric=metric, tolerance=tolerance, batch=batch,
+                     chance=check.chance if check is not None else None, labelled=True,
+                     missed_targets=list(result.choice.unmet))  # fmt: skip
+    section = {"chosen": chosen.name, "file": MODEL, "batch": batch, "metric": metric, "tolerance": tolerance, **judged}
+    return {"verdict": judged["verdict"], "reasons": judged["reasons"], "headline": judged["headline"],
+            "delivered": {"name": chosen.name, "file": MODEL}, "delivery_section": section}

@@ -124,7 +124,9 @@ def _check_external_data(model: ModelProto, folder: Path) -> set[Path]:
             raise UnsafeFileError(
                 f"tensor {name!r}: external data {info.location!r} resolves outside the model folder")
         if not target.is_file():
-            raise ModelFileError(f"tensor {name!r}: external data file {info.location!r} is missing")
+            raise ModelFileError(
+                f"tensor {name!r}: external data file {info.location!r} is missing: upload a zip of the .onnx "
+                f"and {info.location} together (format onnx_zip; `kdq compress --teacher model.onnx` sends both)")
         offset = int(info.offset or 0)
         available = target.stat().st_size - offset
         length = available if info.length is None else int(info.length)
