@@ -34,6 +34,7 @@ SUFFIX = {
     "zoo_zip": ".zip",
     "hf_zip": ".zip",
     "onnx": ".onnx",
+    "onnx_zip": ".zip",
     "npz": ".npz",
     "safetensors": ".safetensors",
     "csv": ".csv",

@@ -101,7 +101,7 @@ def validate_upload(kind: str, upload_id: str) -> None:
         summary, error = _inspect(rt, kind, upload_id, row)
         detected = None
         if error is None and isinstance(row, ModelUpload) and row.format == "auto" and summary:
-            detected = MODEL_FORMAT_OF_KIND.get(summary.get("kind", ""))
+            detected = summary.get("format") or MODEL_FORMAT_OF_KIND.get(summary.get("kind", ""))
         with rt.db.write() as s:
             finish_validation(s, table, upload_id, summary=summary, error=error, detected_format=detected)
 

@@ -135,10 +135,12 @@ def _inspect_model(fmt: str, path: Path, sniffed: Sniffed, limits: InspectionLim
         if fmt not in ("auto", found):
             raise _not_format(fmt, f"it is a {DESCRIPTIONS[found]} archive; declare format {found!r} or 'auto'")
         return
-    if fmt in ("zoo_zip", "hf_zip") and not _archive_shaped(path, sniffed):
+    if fmt in ("zoo_zip", "hf_zip", "onnx_zip") and not _archive_shaped(path, sniffed):
         raise _not_format(fmt, "it is neither a zip nor a tar archive")
     if fmt == "onnx" and found in ("zip", "tar", "gzip", "safetensors", "npy"):
-        raise _not_format(fmt, f"it is a {found} file, not an ONNX graph")
+        hint = "; for a graph with external data, upload a zip of the .onnx and its data files as onnx_zip" \
+            if found in ("zip", "tar", "gzip") else ""
+        raise _not_format(fmt, f"it is a {found} file, not an ONNX graph{hint}")
     if found in ("zip", "tar"):
         _check_model_archive(path, limits)
     elif found == "safetensors":

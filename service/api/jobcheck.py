@@ -8,6 +8,7 @@ spec alone decides (fields, their ranges, how they combine) is the spec's own va
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from worker.compression.spec import LOWER_IS_BETTER, CompressSpec
@@ -38,8 +39,7 @@ def check_job(
 
     teacher_task = teacher.get("task")
     task = spec.task or teacher_task
-    if spec.task and teacher_task and spec.task != teacher_task:
-        bad("#/task", f"the teacher is a {teacher_task} model; it cannot teach {spec.task}")
+    errors += _task_errors(spec.task, teacher, dataset)
 
     teacher_input = teacher.get("input_kind")
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
@@ -47,17 +47,14 @@ def check_job(
         if kind and teacher_input and kind != teacher_input:
             bad(pointer, f"the dataset holds {kind} inputs but the teacher takes {teacher_input} inputs")
 
-    classes = dataset.get("classes")
-    if (
-        task == "classification"
-        and classes
-        and teacher.get("output_dim")
-        and len(classes) > teacher["output_dim"]
-    ):
-        bad(
-            "#/dataset_id",
-            f"the dataset has {len(classes)} classes but the teacher predicts {teacher['output_dim']}",
-        )
+    for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
+        if summary is not None:
+            errors += _shape_errors(pointer, teacher, summary)
+            if task == "classification":
+                errors += _class_errors(pointer, spec, teacher, summary)
+    if teacher_input == "tokens" and teacher.get("input_shape") and spec.data.max_length > teacher["input_shape"][0]:
+        bad("#/data/max_length", f"the teacher reads at most {teacher['input_shape'][0]} tokens; "
+                                 f"data.max_length is {spec.data.max_length}")
 
     black_box = teacher.get("kind") in BLACK_BOX_KINDS
     student = spec.student
@@ -114,4 +111,58 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     if not lower and targets.max is not None:
         return [FieldError(pointer="#/targets/max",
                            detail=f"the target metric {metric} is higher-is-better: give 'min' (a floor)")]
+    return []
+
+
+def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, Any]) -> list[FieldError]:
+    """The job's task against the teacher's (one it declares is binding; one guessed from its output is
+    not) and against the labels."""
+    errors: list[FieldError] = []
+    teacher_task, source, outputs = teacher.get("task"), teacher.get("task_source", "declared"), teacher.get("output_dim")
+    if asked and teacher_task and asked != teacher_task:
+        if source == "declared":
+            errors.append(FieldError(pointer="#/task", detail=f"the teacher is a {teacher_task} model; it cannot "
+                                                               f"teach {asked}"))  # fmt: skip
+        elif asked == "classification" and outputs == 1:
+            errors.append(FieldError(pointer="#/task", detail="the teacher has one output: it cannot classify"))
+    task = asked or teacher_task
+    labelled_numbers = dataset.get("labelled") and not dataset.get("classes")
+    if task == "classification" and labelled_numbers:
+        errors.append(FieldError(pointer="#/task", detail="the dataset's labels are numbers with fractions "
+                                                          "(regression targets), not classes"))  # fmt: skip
+    return errors
+
+
+def _shape_errors(pointer: str, teacher: dict[str, Any], summary: dict[str, Any]) -> list[FieldError]:
+    """Samples the teacher cannot take: another number of values (reshaping is allowed when the counts
+    agree); images decoded per teacher (image zips) are sized at job time."""
+    want = teacher.get("input_shape")
+    got = (summary.get("inputs") or {}).get("x")
+    kind = teacher.get("input_kind")
+    if not want or not got or kind == "tokens" or summary.get("format") == "image_zip":
+        return []
+    if math.prod(got) == math.prod(want):
+        return []
+    what = {"vector": "features", "signal": "values", "image": "pixel values"}.get(kind or "", "values")
+    return [FieldError(pointer=pointer, detail=f"the dataset has {math.prod(got)} {what} per sample (shape {got}) "
+                                               f"but the teacher takes {math.prod(want)} (shape {want})")]  # fmt: skip
+
+
+def _class_errors(pointer: str, spec: CompressSpec, teacher: dict[str, Any], summary: dict[str, Any]) -> list[FieldError]:
+    """Class labels the teacher cannot mean: more classes than outputs, names it does not have."""
+    classes, outputs = summary.get("classes"), teacher.get("output_dim")
+    if not classes:
+        return []
+    names = spec.data.classes or teacher.get("classes")
+    integers = classes == [str(i) for i in range(len(classes))]
+    if names and not integers:
+        unknown = [c for c in classes if c not in names]
+        if unknown:
+            source = "data.classes" if spec.data.classes else "the teacher's classes"
+            return [FieldError(pointer=pointer, detail=f"label(s) {', '.join(unknown[:5])} are not among {source} "
+                                                       f"({', '.join(names[:20])})")]  # fmt: skip
+        return []
+    if outputs and len(classes) > outputs:
+        return [FieldError(pointer=pointer, detail=f"the dataset has {len(classes)} classes but the teacher predicts "
+                                                   f"{outputs}")]  # fmt: skip
     return []

@@ -14,7 +14,9 @@ from ..core.models import Artifact, DatasetUpload, Job, ModelUpload
 from ..core.states import JobState, UploadState
 from .problems import Problem
 
-ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program"]
+ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx", "onnx_zip", "torchscript", "exported_program"]
+"""``onnx_zip``: a zip of one ``.onnx`` graph and its external data files (torch's default export writes
+``model.onnx`` + ``model.onnx.data``)."""
 
 
 class _Out(BaseModel):

@@ -80,13 +80,22 @@ def test_full_run_produces_checked_artifacts_and_an_honest_report(problem, tmp_p
     # report.json holds what it claims: measured metrics, sizes equal to the files, per-class rows
     report = json.loads(kinds["report_json"].path.read_text())
     rows = {r["name"]: r for r in report["models"]}
-    assert set(rows) == {"teacher", "student", "int8"}
+    assert set(rows) == {"teacher", "student", "int8", "baseline", "baseline int8"}
     assert rows["int8"]["size_bytes"] == int8.stat().st_size
     assert rows["student"]["size_bytes"] == fp32.stat().st_size
     assert 0.0 <= rows["int8"]["metric"]["accuracy"] <= 1.0
     assert report["distillation"]["metrics"]["baseline"] is not None
     assert len(report["per_class"]) == 4
-    assert report["summary"]["final"] == "int8"
+
+    # the delivered model is the best candidate measured, and the job says whether to ship it
+    summary, delivery = report["summary"], report["delivery"]
+    chosen = rows[summary["delivered"]["name"]]
+    assert chosen["name"] in {"student", "int8", "baseline", "baseline int8"} and summary["final"] == chosen["name"]
+    assert summary["verdict"] in ("ship", "ship_with_caution", "do_not_ship") and "reasons" in summary
+    best = max(r["metric"]["accuracy"] for name, r in rows.items() if name != "teacher")
+    assert chosen["metric"]["accuracy"] >= best - delivery["tolerance"]
+    model = res.artifacts[[a.name for a in res.artifacts].index("model.onnx")].path
+    assert model.stat().st_size == chosen["size_bytes"]
     html = kinds["report_html"].path.read_text()
     assert f"{rows['int8']['metric']['accuracy']:.4f}" in html and "data:image/png;base64" in html
 
@@ -125,8 +134,9 @@ def test_qat_needs_a_student(problem, tmp_path):
 
 
 def test_qat_is_a_quantization_method_of_the_pipeline(problem, tmp_path, monkeypatch):
-    """compress quantizes through the candidate pipeline once; qat fine-tunes the distilled student
-    there (its registered handler) and delivers static int8 beside the plain fp32 student."""
+    """compress quantizes through the candidate pipeline; qat fine-tunes the distilled student there
+    (its registered handler) and delivers static int8 beside the plain fp32 student; the labels-only
+    baseline, a candidate too, gets the static int8 that QAT's last step applies."""
     calls = []
     original = CandidatePipeline.quantize
 
@@ -137,12 +147,13 @@ def test_qat_is_a_quantization_method_of_the_pipeline(problem, tmp_path, monkeyp
     monkeypatch.setattr(CandidatePipeline, "quantize", counted)
     res = compress(_spec(quantization={"method": "qat", "qat_epochs": 1, "calibration_samples": 64}),
                    teacher_path=problem / "teacher", dataset_path=problem / "data.npz", output_dir=tmp_path / "out")
-    assert calls == [("QatConfig", True)]
+    assert calls == [("QatConfig", True), ("StaticInt8Config", False)]
     kinds = {a.kind: a for a in res.artifacts}
     assert {"student", "onnx_fp32", "onnx_int8"} <= set(kinds)
     quant = res.metrics["quantization"]
     assert quant["method"] == "qat" and quant["options"]["qat_epochs"] == 1
     assert quant["calibration"]["method"] == "minmax" and len(quant["calibration"]["sample_ids"]) == 64
     rows = {r["name"]: r for r in res.metrics["models"]}
-    assert set(rows) == {"teacher", "student", "int8"} and rows["int8"]["size_bytes"] < rows["student"]["size_bytes"]
+    assert set(rows) == {"teacher", "student", "int8", "baseline", "baseline int8"}
+    assert rows["int8"]["size_bytes"] < rows["student"]["size_bytes"]
     assert rows["int8"]["metric"]["accuracy"] >= rows["student"]["metric"]["accuracy"] - 0.1

@@ -291,8 +291,10 @@ def test_image_zip_png_and_jpeg_class_folders(tmp_path):
     data = load_dataset(path)
     assert data.input_kind == "image" and data.classes == ["cats", "dogs"] and data.y.tolist() == [0, 0, 1, 1]
     assert data.inputs["x"].shape == (4, 3, 4, 6)  # the first image's size, RGB
-    assert torch.allclose(data.inputs["x"][0], torch.ones(3, 4, 6))  # white → (1 - 0.5) / 0.5
-    assert torch.allclose(data.inputs["x"][2], -torch.ones(3, 4, 6))
+    assert torch.allclose(data.inputs["x"][0], torch.ones(3, 4, 6))  # white → 1 (auto decodes to [0, 1])
+    assert torch.allclose(data.inputs["x"][2], torch.zeros(3, 4, 6)) and data.meta["image_scale"] == "0-1"
+    signed = load_dataset(path, DataSpec(image_scale="-1-1"))  # (1 - 0.5) / 0.5 and (0 - 0.5) / 0.5
+    assert torch.allclose(signed.inputs["x"][2], -torch.ones(3, 4, 6)) and signed.inputs["x"][0].min() == 1
     assert torch.allclose(data.inputs["x"][1], torch.ones(3, 4, 6), atol=0.05)  # JPEG is lossy
     gray = load_dataset(path, input_shape=(1, 8, 8), input_kind="image")
     assert gray.inputs["x"].shape == (4, 1, 8, 8)

@@ -60,8 +60,9 @@ def test_latency_rejects_bad_arguments(mlp_onnx) -> None:
             measure_onnx_latency(
                 path, {"x": np.zeros((1, 6))}, batch_sizes=sizes, threads=1, warmup=0, repeats=1
             )
-    with pytest.raises(InputError, match="x"):
-        measure_onnx_latency(path, {"y": np.zeros((1, 6))}, batch_sizes=[1], threads=1, warmup=0, repeats=1)
+    with pytest.raises(InputError, match="x"):  # (one array of another name is the one input; two are not)
+        measure_onnx_latency(path, {"y": np.zeros((1, 6)), "z": np.zeros((1, 6))}, batch_sizes=[1], threads=1,
+                             warmup=0, repeats=1)  # fmt: skip
     with pytest.raises(SpecError, match="threads"):
         measure_torch_latency(
             model, {"x": torch.zeros(1, 6)}, batch_sizes=[1], threads=0, warmup=0, repeats=1

@@ -117,5 +117,6 @@ def test_run_onnx_model_batches_and_checks_inputs(tmp_path: Path) -> None:
     np.testing.assert_allclose(run_onnx_model(path, {"x": x}, batch_size=3), whole, rtol=1e-6)
     with torch.no_grad():
         np.testing.assert_allclose(whole, model(x=torch.from_numpy(x).float()).numpy(), atol=1e-5)
+    np.testing.assert_allclose(run_onnx_model(path, {"image": x}), whole, rtol=1e-6)  # one input: any name
     with pytest.raises(InputError, match="'x'"):
-        run_onnx_model(path, {"y": x})
+        run_onnx_model(path, {"y": x, "z": x})

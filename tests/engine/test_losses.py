@@ -207,4 +207,5 @@ def test_evaluate_outputs_references() -> None:
     assert emb["cosine"] == pytest.approx(0.0) and emb["mse"] == pytest.approx(5.0)
     assert mean_cosine(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 2.0]])) == pytest.approx(1.0)
     reg = evaluate_outputs("regression", torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 4.0]), None)
-    assert reg == {"reference": "labels", "mse": pytest.approx(2.0)}
+    assert reg == {"reference": "labels", "mse": pytest.approx(2.0), "mae": pytest.approx(1.0),
+                   "r2": pytest.approx(1 / 9)}

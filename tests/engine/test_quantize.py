@@ -247,7 +247,7 @@ def test_rejections(tmp_path: Path, mlp: Path, data) -> None:
         quantize(mlp, tmp_path / "q.onnx", DynamicInt8Config(max_metric_drop=0.1))
     with pytest.raises(InputError, match="lacks model inputs"):
         quantize(mlp, tmp_path / "q.onnx", StaticInt8Config(),
-                 calibration_inputs={"y": data["x"]})
+                 calibration_inputs={"y": data["x"], "z": data["x"]})
     with pytest.raises(ModelFileError, match="does not exist"):
         quantize(tmp_path / "missing.onnx", tmp_path / "q.onnx", DynamicInt8Config())
     garbage = tmp_path / "garbage.onnx"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.compression.students import zoo
 from worker.compression.io.teachers import save_zoo_model
+from worker.compression.students import zoo
 
 FEATURES, CLASSES, SAMPLES = 16, 3, 240
 TEACHER_CONFIG = {
@@ -30,8 +30,20 @@ FAST_SPEC = {
 
 
 def write_teacher_zip(folder: Path) -> Path:
+    """The tiny teacher, trained for a moment on the clusters `write_dataset` draws (a teacher that
+    agrees with the labels: a job checks that before it distils)."""
     torch.manual_seed(0)
     model = zoo.build(TEACHER_CONFIG)
+    rng = np.random.default_rng(123)
+    y = torch.from_numpy(rng.integers(0, CLASSES, 2000))
+    x = torch.from_numpy(rng.normal(size=(2000, FEATURES)).astype(np.float32)) + y[:, None].float()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.cross_entropy(model(x=x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
     src = save_zoo_model(model, TEACHER_CONFIG, folder / "teacher")
     archive = folder / "teacher.zip"
     with zipfile.ZipFile(archive, "w") as zf:
@@ -70,4 +82,6 @@ EXPECTED_ARTIFACTS = {  # what a FAST_SPEC job stores
     "report.json",
     "report.html",
     "manifest.json",
+    "model.onnx",
+    "bundle.zip",
 }

@@ -49,7 +49,11 @@ def check_finished(
     assert any(e["event"] == "log" for e in events)
 
     metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()
-    assert job["summary"] == metrics["summary"] and metrics["summary"]["final"] == "int8"
+    assert job["summary"] == metrics["summary"]
+    summary = metrics["summary"]  # the delivered model, and a verdict with its reasons
+    assert summary["final"] == summary["delivered"]["name"] in {"student", "int8"}
+    assert summary["verdict"] in ("ship", "ship_with_caution", "do_not_ship")
+    assert all({"code", "severity", "message"} <= set(r) for r in summary["reasons"])
     report = client.get(f"/v1/jobs/{job['id']}/report")
     assert report.status_code == 200 and report.headers["content-type"].startswith("text/html")
 

@@ -13,23 +13,36 @@ import shutil
 import time
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .deliver import (
+    Made,
+    artifact_kind,
+    comparisons,
+    deliver,
+    measure_all,
+    quantize_baseline,
+    search_verdict,
+    summary_of,
+    teacher_onnx,
+)
 from .distill.distill import DistillResult
-from .errors import Cancelled, SpecError
+from .errors import Cancelled
 from .io.datasets import load_dataset, train_eval_split
-from .io.onnx_teacher import load_onnx_teacher
 from .io.sandbox import SandboxLimits, close_teacher
 from .io.teachers import load_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
-from .measure.export import check_onnx, export_onnx
+from .measure.export import check_onnx
 from .measure.meter import Meter
 from .measure.metrics import primary_metric
-from .measure.report import write_manifest, write_report
-from .pipeline import CandidatePipeline, Measurement
+from .measure.report import sha256_file, write_manifest, write_report
+from .measure.teacher_check import TeacherCheck, check_teacher
+from .package.bundle import bundle_job
+from .pipeline import CandidatePipeline
 from .quantize.registry import QuantizationResult
 from .search.run import search
 from .spec import CompressSpec, Int4Config, NoQuantizationConfig, SearchStudent
@@ -75,10 +88,19 @@ def compress(
             shutil.rmtree(run.work, ignore_errors=True)
 
 
+@dataclass
+class _Chosen:
+    path: Path
+
+
 class _Run:
     allow_code: bool = False
     sandbox: SandboxLimits | None = None
     teacher: Teacher | None = None
+    teacher_check: TeacherCheck | None = None
+    class_order: dict[str, Any] | None = None
+    inputs_sha256: dict[str, str] = {}
+    """Where the class numbering came from: ``teacher`` (its names), ``given``, ``sorted`` or ``indices``."""
 
     def __init__(self, spec: CompressSpec, out: Path, progress: ProgressFn, cancel: CancelFn,
                  checkpoint_dir: Path | None) -> None:
@@ -110,13 +132,22 @@ class _Run:
 
     def execute(self, teacher_path: Path, dataset_path: Path, eval_path: Path | None) -> CompressResult:
         spec = self.spec
+        self.inputs_sha256 = {name: sha256_file(path) for name, path in
+                              (("teacher", teacher_path), ("dataset", dataset_path), ("eval dataset", eval_path))
+                              if path is not None and path.is_file()}  # fmt: skip
         self._stage("load", 0, 2, "loading the teacher")
         teacher = self.teacher = self._timed("load_teacher", lambda: load_teacher(
             teacher_path, task=spec.task, allow_code=self.allow_code, sandbox=self.sandbox))
         task = spec.task or teacher.task
         self._stage("load", 1, 2, "reading the data")
         train, evald = self._timed("load_data", lambda: self._load_data(teacher, task, dataset_path, eval_path))
-        self._stage("load", 2, 2)
+        self._stage("load", 2, 2, "checking the teacher against the labels")
+        check, train, evald = self._timed("teacher_check", lambda: check_teacher(
+            teacher, train, evald, task, spec.data.image_scale))
+        self.teacher_check = check
+        if check is not None:
+            self._stage("load", 2, 2, f"the teacher scores {check.metric} {check.value:.3f} on {check.samples} "
+                                      f"labelled rows (chance {check.chance:.3f})")
         goal_batch = [] if spec.targets is None else [spec.targets.latency_batch_size]
         pipe = CandidatePipeline(teacher, train, evald, spec, task=task,
                                  meter=Meter(task, evald, spec.evaluation, extra_batches=goal_batch),
@@ -127,7 +158,8 @@ class _Run:
 
     def _execute_once(self, pipe: CandidatePipeline, teacher_path: Path, dataset_path: Path,
                       eval_path: Path | None) -> CompressResult:
-        """The candidate pipeline once: the spec's student, distilled, exported, quantized, measured."""
+        """The candidate pipeline once: the spec's student (and its labels-only baseline) distilled,
+        exported, quantized; then every model measured and the best delivered (`deliver`)."""
         spec, teacher = self.spec, pipe.teacher
         distilled: DistillResult | None = None
         deploy: torch.nn.Module | None = teacher.module
@@ -141,29 +173,48 @@ class _Run:
 
         self._stage("export", 0, 2)
         teacher_onnx = self._teacher_onnx(teacher, teacher_path, pipe.sample)
+        made = Made(teacher_onnx)
         fp32 = self.out / "model_fp32.onnx"
+        role = "student" if student is not None else "teacher"
         if deploy is None:  # an ONNX teacher quantized as it is
             shutil.copyfile(teacher_onnx, fp32)
             export_check = None
         else:
             pipe.export(deploy, fp32)
             export_check = check_onnx(fp32, deploy, pipe.sample)
-        self._add("model_fp32.onnx", "onnx_fp32", fp32,
-                  "the " + ("student" if student else "teacher") + " as an fp32 ONNX graph")
+        if student is not None:
+            made.add("student", "fp32", fp32, count_parameters(deploy))
+        self._add("model_fp32.onnx", "onnx_fp32", fp32, f"the {role} as an fp32 ONNX graph")
         self._stage("export", 2, 2)
 
         teacher_out = pipe.meter.use_teacher(teacher_onnx)
         quant = None
         if not isinstance(spec.quantization, NoQuantizationConfig):
             quant = self._timed("quantize", lambda: self._quantize(pipe, fp32, deploy))
+            if student is not None:
+                made.add("student", "int4" if quant.method == "int4" else "int8", Path(quant.path),
+                         count_parameters(deploy))
+            else:  # the teacher quantized: its int8 graph is the one candidate besides the teacher
+                made.add("student", "int8", Path(quant.path), teacher.num_parameters)
+        if distilled is not None and distilled.baseline is not None:
+            self._timed("baseline", lambda: self._baseline(pipe, distilled.baseline, made, quant is not None))
 
-        report = self._timed("evaluate", lambda: self._evaluate(
-            pipe, student, distilled, teacher_onnx, fp32, quant, teacher_out))
+        report = self._timed("evaluate", lambda: self._evaluate(pipe, student, distilled, made, quant, teacher_out))
         report["export_check"] = export_check
         self._stage("report", 0, 1)
         self._write_report(report, teacher_path, dataset_path, eval_path, quant)
         self._stage("report", 1, 1)
         return CompressResult(artifacts=self.artifacts, metrics=report)
+
+    def _baseline(self, pipe: CandidatePipeline, module: torch.nn.Module, made: Made, quantize: bool) -> None:
+        """The labels-only baseline's graphs, candidates for delivery like the student's."""
+        self._stage("export", 0, 1, "exporting the labels-only baseline")
+        fp32 = pipe.export(module, self.work / "baseline_fp32.onnx")
+        made.add("baseline", "fp32", fp32, count_parameters(module))
+        if quantize:
+            result = quantize_baseline(pipe, self.spec, fp32, self.work / "baseline_int8.onnx")
+            made.add("baseline", "int4" if result.method == "int4" else "int8", Path(result.path),
+                     count_parameters(module))
 
     def _execute_search(self, pipe: CandidatePipeline, teacher_path: Path, dataset_path: Path,
                         eval_path: Path | None) -> CompressResult:
@@ -246,12 +297,19 @@ class _Run:
             self.warnings.append(f"no model met every target: the chosen {chosen.name} misses "
                                  f"{', '.join(choice.unmet)} ({'; '.join(section['chosen_checks'])})")
         self.warnings.extend(result.notes)
-        summary = _summary(table, result.goal.metric)
+        summary = summary_of(table, result.goal.metric)
+        summary.update(search_verdict(result, primary, self.teacher_check))
+        shutil.copyfile(primary, self.out / "model.onnx")
+        self._add("model.onnx", chosen.artifact_kind, self.out / "model.onnx",
+                  f"deploy this: the search's choice ({chosen.name}); verdict {summary['verdict']}")
         summary["search"] = {"chosen": chosen.name, "candidate": chosen.candidate, "recipe": chosen.recipe,
                              "met_all": choice.met_all, "met": choice.met, "unmet": choice.unmet,
                              "targets": result.goal.describe(), "front": result.front,
                              "stopped_by_budget": result.budget["stopped_by_budget"]}
         report["summary"] = summary
+        report["delivery"] = {**summary["delivery_section"], "why": choice.why}
+        del summary["delivery_section"]
+        self._bundle(pipe, _Chosen(self.out / "model.onnx"), report)
         self._stage("report", 0, 1)
         self._write_report(report, teacher_path, dataset_path, eval_path, None)
         self._stage("report", 1, 1)
@@ -259,11 +317,21 @@ class _Run:
 
     def _load_data(self, teacher: Teacher, task: str, path: Path, eval_path: Path | None
                    ) -> tuple[TensorData, TensorData]:
+        """The data read for this teacher, class labels numbered in the teacher's order (its own names,
+        else those given, else sorted: `class_order` says which)."""
+        data_spec = self.spec.data
+        source = "given" if data_spec.classes is not None else "sorted"
+        if data_spec.classes is None and teacher.classes and task == "classification":
+            data_spec, source = data_spec.model_copy(update={"classes": list(teacher.classes)}), "teacher"
         kw = dict(tokenizer=teacher.tokenizer, input_shape=teacher.input_shape, input_kind=teacher.input_kind,
                   task=task)
-        data = load_dataset(path, self.spec.data, **kw)
-        eval_data = load_dataset(eval_path, self.spec.data, **kw) if eval_path else None
-        return train_eval_split(data, eval_data, self.spec.data)
+        data = load_dataset(path, data_spec, **kw)
+        eval_data = load_dataset(eval_path, data_spec, **kw) if eval_path else None
+        train, evald = train_eval_split(data, eval_data, data_spec)
+        if train.classes is not None:
+            integers = train.classes == [str(i) for i in range(len(train.classes))] and source == "sorted"
+            self.class_order = {"source": "indices" if integers else source, "classes": list(train.classes)}
+        return train, evald
 
     def _save_student(self, student: Student, trained: torch.nn.Module, teacher: Teacher) -> None:
         student.module = trained
@@ -278,15 +346,7 @@ class _Run:
                   + (" + tokenizer" if teacher.tokenizer is not None else "") + "; loadable as a teacher")
 
     def _teacher_onnx(self, teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor]) -> Path:
-        if teacher.kind == "onnx":
-            return teacher_path if teacher_path.suffix == ".onnx" else _only_onnx(teacher)
-        if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
-            # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
-            path = teacher.run_onnx.export_onnx(self.work / "teacher_onnx" / "teacher_fp32.onnx", sample)
-            load_onnx_teacher(path, task=teacher.task)
-            return path
-        assert teacher.module is not None
-        return export_onnx(teacher.module, sample, self.work / "teacher_fp32.onnx", task=teacher.task)
+        return teacher_onnx(teacher, teacher_path, sample, self.work)
 
     def _quantize(self, pipe: CandidatePipeline, fp32: Path, module: torch.nn.Module | None) -> QuantizationResult:
         """The pipeline's quantize stage with the spec's method (``qat`` fine-tunes ``module``)."""
@@ -301,43 +361,23 @@ class _Run:
         return result
 
     def _evaluate(self, pipe: CandidatePipeline, student: Student | None, distilled: DistillResult | None,
-                  teacher_onnx: Path, fp32: Path, quant: QuantizationResult | None,
-                  teacher_out: torch.Tensor) -> dict[str, Any]:
-        """The pipeline's measure stage for the teacher, the fp32 model and the quantized one, then the
-        report's comparison, per-class and disagreement tables."""
-        espec, task, teacher = self.spec.evaluation, pipe.task, pipe.teacher
-        steps = 2 + (student is not None) + (quant is not None)
-        done = 0
+                  made: Made, quant: QuantizationResult | None, teacher_out: torch.Tensor) -> dict[str, Any]:
+        """Every model measured, the best delivered with the verdict, and the report's tables."""
+        task, teacher = pipe.task, pipe.teacher
 
-        def measured(path: Path, outputs: torch.Tensor | None = None) -> Measurement:
-            nonlocal done
-            self._stage("evaluate", done, steps, f"timing {path.name}")
-            done += 1
-            return pipe.measure([path], keep_outputs=True, outputs=None if outputs is None else [outputs])[0]
+        def stage(step: int, total: int, message: str) -> None:
+            self._stage("evaluate", step, total, message or None)
 
-        m = measured(teacher_onnx, teacher_out)
-        rows = [ModelRow("teacher", m.metrics, m.size_bytes, teacher.num_parameters, m.latency, None, "onnx fp32")]
-        outputs = {"teacher": teacher_out}
-        if student is not None:
-            assert distilled is not None
-            m = measured(fp32)
-            outputs["student"] = m.outputs
-            rows.append(ModelRow("student", m.metrics, m.size_bytes, count_parameters(distilled.student), m.latency,
-                                 "teacher", "onnx fp32"))
-        if quant is not None:
-            qname = "int4" if quant.method == "int4" else "int8"
-            m = measured(Path(quant.path))
-            outputs[qname] = m.outputs
-            rows.append(ModelRow(qname, m.metrics, m.size_bytes, rows[-1].parameters, m.latency, rows[-1].name,
-                                 f"onnx {qname}"))
-        self._stage("evaluate", steps, steps)
-        table = compare_models(rows)
+        teacher_m, measured = measure_all(pipe, made, teacher_out, stage)
+        chance = self.teacher_check.chance if self.teacher_check is not None else None
+        chosen, delivery, table, outputs = deliver(pipe, self.spec, made, teacher_m, measured, self.out,
+                                                   chance=chance, teacher_parameters=teacher.num_parameters)
+        self._add("model.onnx", artifact_kind(chosen.precision), self.out / "model.onnx",
+                  f"deploy this: {chosen.label}, chosen because {delivery['why']}; "
+                  f"verdict {delivery['verdict']}")
         for row in table:
             for flag in row.get("flags", []):
                 self.warnings.append(f"{row['name']}: {flag.get('message', flag)}")
-
-        final_name, final_out = list(outputs.items())[-1]
-        data = pipe.evald
         report: dict[str, Any] = {
             "title": f"Compression report: {task}",
             "task": task,
@@ -347,14 +387,11 @@ class _Run:
                 "description": student.description, "how": student.how, "kind": student.kind,
                 "num_parameters": count_parameters(distilled.student), "config": student.config},
             "spec": self.spec.model_dump(mode="json"),
-            "data": {"train": pipe.train.summary(), "eval": data.summary()},
+            "data": {"train": pipe.train.summary(), "eval": pipe.evald.summary()},
             "models": table,
-            "disagreements": disagreements(task, final_out, teacher_out, espec.disagreements, data.texts,
-                                           y=data.y, classes=data.classes) if final_name != "teacher" else [],
+            "delivery": delivery,
+            **comparisons(pipe, self.spec, chosen, outputs),
         }
-        if task == "classification" and data.y is not None and data.classes:
-            preds = {name: out.argmax(-1) for name, out in outputs.items()}
-            report["per_class"] = per_class_table(data.y, preds, data.classes)
         if distilled is not None:
             d = distilled.to_dict()
             report["distillation"] = d
@@ -365,13 +402,36 @@ class _Run:
             q = quant.to_dict()
             report["quantization"] = q
             report["sensitivity"] = q.get("sensitivity") or []
-        report["summary"] = _summary(table, primary_metric(task))
+        summary = summary_of(table, primary_metric(task))
+        summary.update({k: delivery[k] for k in ("verdict", "reasons", "headline")})
+        row = next((r for r in table if r["name"] == chosen.name), None)
+        if row is not None and row.get("vs_teacher"):
+            summary["final"], summary["vs_teacher"] = chosen.name, row["vs_teacher"]
+        summary["delivered"] = {"name": chosen.name, "file": "model.onnx"}
+        report["summary"] = summary
+        self._bundle(pipe, chosen, report)
         return report
+
+    def _bundle(self, pipe: CandidatePipeline, chosen: Any, report: dict[str, Any]) -> None:
+        import onnxruntime as ort  # (already loaded by the meter)
+
+        names = [i.name for i in ort.InferenceSession(str(chosen.path), providers=["CPUExecutionProvider"]).get_inputs()]
+        path, pre = bundle_job(self.out, self.out / "model.onnx", pipe.teacher, pipe.evald, pipe.task,
+                               self.spec.model_dump(mode="json"), input_names=names,
+                               student=pipe.preprocessing.get("student"), class_order=self.class_order,
+                               report=report, inputs_sha256=self.inputs_sha256)  # fmt: skip
+        report["preprocessing"] = pre
+        self._add("bundle.zip", "bundle", path, "what to deploy: model.onnx, preprocessing.json, predict.py (runs it "
+                                                "on raw inputs), MODEL_CARD.md" + (", the tokenizer" if pre.get("text") else ""))
 
     def _write_report(self, report: dict[str, Any], teacher_path: Path, dataset_path: Path,
                       eval_path: Path | None, quant: Any) -> None:
         report["warnings"] = self.warnings
         report["timings"] = self.timings
+        if self.teacher_check is not None:
+            report["teacher_check"] = self.teacher_check.to_dict()
+        if self.class_order is not None:
+            report["class_order"] = self.class_order
         json_path, html_path = write_report(self.out, report)
         self._add("report.json", "report_json", json_path, "every number of the run")
         self._add("report.html", "report_html", html_path, "the human-readable report with plots")
@@ -387,27 +447,3 @@ class _Run:
             calibration_ids=None if quant is None else quant.calibration.get("sample_ids"),
         )
         self._add("manifest.json", "manifest", manifest, "sha256 of every input and output, seeds, versions, spec")
-
-
-def _summary(table: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Headline numbers: each model's primary metric, size and batch-1 p50, and the final ratios."""
-    out: dict[str, Any] = {"metric": metric, "models": {}}
-    for row in table:
-        out["models"][row["name"]] = {
-            metric: row["metric"].get(metric),
-            "size_bytes": row.get("size_bytes"),
-            "parameters": row.get("parameters"),
-        }
-    final = table[-1]
-    if final.get("vs_teacher"):
-        out["final"] = final["name"]
-        out["vs_teacher"] = final["vs_teacher"]
-    return out
-
-
-def _only_onnx(teacher: Teacher) -> Path:
-    assert teacher.source_dir is not None
-    found = sorted(Path(teacher.source_dir).glob("*.onnx"))
-    if len(found) != 1:
-        raise SpecError("the ONNX teacher's folder must hold exactly one .onnx file")
-    return found[0]

@@ -4,8 +4,10 @@ One `CandidatePipeline` per teacher, data split and spec. The single run (`compr
 the search (`search.run`) walks it for every candidate of its ladder (distilling in rungs) and every
 quantization recipe. Each stage is one method, so both measure, export and quantize the same way:
 
-1. `make_student`: the student a student config asks for (``students.factory``).
-2. `distil`: knowledge distillation from the teacher (``distill.distill``).
+1. `make_student`: the student a student config asks for (``students.factory``); a fresh MLP on
+   vector inputs learns on standardised values (``students.standardize``).
+2. `distil`: knowledge distillation from the teacher (``distill.distill``); the standardisation is
+   then folded into the student's own first and last layers.
 3. `export`: the float model as an fp32 ONNX graph, traced on a few eval rows.
 4. `quantize`: the graph by a quantization method config, through its registered handler
    (``quantize.registry``); calibration rows come from the training split, the evaluation (for the
@@ -43,6 +45,7 @@ from .spec import (
     StaticInt8Config,
     StudentKind,
 )
+from .students import standardize
 from .students.factory import make_student
 from .students.student import Student
 from .types import CancelFn, ProgressFn, Task, Teacher, TensorData
@@ -73,6 +76,11 @@ class CandidatePipeline:
         self.sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self.metric = primary_metric(task)
         """The metric the quantizers' evaluation watches (the search sets its goal's)."""
+        names = teacher.input_names
+        self.input_names = {"x": names[0]} if teacher.input_kind != "tokens" and len(names) == 1 else {}
+        """What the student's graph inputs are called: as the teacher's (``x`` → ``image``)."""
+        self.preprocessing: dict[str, Any] = {}
+        """What was done to the data on its way to the student (`students.standardize`), for the record."""
 
     # --- 1. student ------------------------------------------------------------------------
 
@@ -80,7 +88,11 @@ class CandidatePipeline:
         """The student ``student`` (default: the spec's) asks for, seeded by the distillation seed."""
         config = student if student is not None else self.spec.student
         assert config is not None, "a spec without a student distils nothing"
-        return make_student(self.teacher, config, seed=self.spec.distillation.seed)
+        made = make_student(self.teacher, config, seed=self.spec.distillation.seed)
+        record = standardize.wrap(made, self.train, self.task)
+        if record:
+            self.preprocessing["student"] = record
+        return made
 
     # --- 2. distil -------------------------------------------------------------------------
 
@@ -90,16 +102,20 @@ class CandidatePipeline:
                progress: ProgressFn | None = None) -> DistillResult:
         """Distil ``student`` (in place) with ``spec`` (default: the spec's distillation); ``baseline``
         builds the labels-only baseline's student; a search shares the teacher's outputs."""
-        return distill(self.teacher, student, self.train, self.evald, spec or self.spec.distillation,
-                       workdir=workdir, progress=progress or self.progress, cancel=self.cancel,
-                       make_baseline=baseline, task=self.task, teacher_cache=teacher_cache,
-                       teacher_eval=teacher_eval, checkpoints=checkpoints)
+        result = distill(self.teacher, student, self.train, self.evald, spec or self.spec.distillation,
+                         workdir=workdir, progress=progress or self.progress, cancel=self.cancel,
+                         make_baseline=baseline, task=self.task, teacher_cache=teacher_cache,
+                         teacher_eval=teacher_eval, checkpoints=checkpoints)
+        result.student = standardize.fold(result.student)
+        if result.baseline is not None:
+            result.baseline = standardize.fold(result.baseline)
+        return result
 
     # --- 3. export -------------------------------------------------------------------------
 
     def export(self, module: nn.Module, path: Path) -> Path:
-        """``module`` as an fp32 ONNX graph at ``path``."""
-        return export_onnx(module, self.sample, path, task=self.task)
+        """``module`` as an fp32 ONNX graph at ``path``, its input named as the teacher's."""
+        return export_onnx(module, self.sample, path, task=self.task, rename=self.input_names)
 
     # --- 4. quantize -----------------------------------------------------------------------
 

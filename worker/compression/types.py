@@ -63,6 +63,13 @@ class Teacher:
     """Black-box teachers only: runs a batch through onnxruntime, or through the sandboxed child."""
     num_parameters: int = 0
     size_bytes: int = 0
+    classes: list[str] | None = None
+    """Its class names in output order, when its file names them (`io.teacher_meta`)."""
+    task_source: Literal["declared", "inferred"] = "declared"
+    """``inferred``: the file does not say the task; it was guessed from the output (a job may say
+    otherwise)."""
+    input_names: tuple[str, ...] = ("x",)
+    """What its input(s) are called (an ONNX graph's own names; the student takes the same)."""
 
     @torch.no_grad()
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -90,6 +97,9 @@ class Teacher:
             "output_dim": self.output_dim,
             "num_parameters": self.num_parameters,
             "size_bytes": self.size_bytes,
+            "task_source": self.task_source,
+            "input_names": list(self.input_names),
+            **({"classes": list(self.classes)} if self.classes else {}),
         }
 
 
@@ -207,6 +217,7 @@ ArtifactKind = Literal[
     "report_html",
     "manifest",
     "sensitivity",
+    "bundle",  # bundle.zip: the delivered model with preprocessing.json, predict.py and MODEL_CARD.md
     "other",
 ]
 

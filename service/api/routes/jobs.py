@@ -85,11 +85,19 @@ def _ready_upload(
     return row
 
 
-def effective_spec(req: JobCreate, dataset: DatasetUpload, budget_s: float) -> JobCreate:
+def effective_spec(req: JobCreate, dataset: DatasetUpload, budget_s: float,
+                   teacher: dict[str, Any] | None = None) -> JobCreate:  # fmt: skip
     """The request as it will run (validated once, by the route; only changed here): the dataset's
-    reading options, overridden by what the job sets, and the team's time budget where the spec
-    asks for more or gives none."""
+    reading options, overridden by what the job sets; what the teacher decides when neither said
+    (grayscale or RGB images, the longest token sequence it reads); and the team's time budget
+    where the spec asks for more or gives none."""
     data = {**dataset.options, **req.data.model_dump(mode="json", exclude_unset=True)}
+    teacher = teacher or {}
+    shape = teacher.get("input_shape") or []
+    if teacher.get("input_kind") == "image" and len(shape) == 3 and data.get("grayscale") is None:
+        data["grayscale"] = shape[0] == 1
+    if teacher.get("input_kind") == "tokens" and shape and "max_length" not in data:
+        data["max_length"] = min(DataSpec.model_fields["max_length"].default, int(shape[0]))
     distil = req.distillation
     if distil.time_budget_s is None or distil.time_budget_s > budget_s:
         distil = distil.model_copy(update={"time_budget_s": budget_s})
@@ -145,7 +153,7 @@ def _checked(
         budget_s = time_budget_for(s, ctx.settings, team)
     assert isinstance(teacher, ModelUpload) and isinstance(dataset, DatasetUpload)
     assert evalset is None or isinstance(evalset, DatasetUpload)
-    spec = effective_spec(req, dataset, budget_s)
+    spec = effective_spec(req, dataset, budget_s, teacher.summary or {})
     errors = check_job(
         spec, teacher.summary or {}, dataset.summary or {}, evalset.summary if evalset else None
     )

@@ -107,7 +107,7 @@ def _token_arrays(arrays: dict[str, torch.Tensor], ids: torch.Tensor, ctx: ReadC
 
 def _array_targets(y: torch.Tensor, ctx: ReadContext) -> tuple[torch.Tensor, list[str] | None]:
     if y.ndim == 1:
-        return parse_labels(y.numpy(), ctx.task, lambda i: i, "y", ctx.limits)
+        return parse_labels(y.numpy(), ctx.task, lambda i: i, "y", ctx.limits, ctx.spec.classes)
     if y.ndim == 2 and ctx.task != "classification":
         y = y.float()
         check_finite(y, "y", lambda i: i)

@@ -83,8 +83,9 @@ def target_shape(got: tuple[int, ...], want: tuple[int, ...] | None, *, reshape:
 # --- labels -------------------------------------------------------------------------------
 
 def parse_labels(values: np.ndarray, task: str | None, row_of: RowOf, what: str,
-            limits: DataLimits) -> tuple[torch.Tensor, list[str] | None]:
-    """Per-sample labels to class indices (integers, strings) or float regression targets."""
+                 limits: DataLimits, order: list[str] | None = None) -> tuple[torch.Tensor, list[str] | None]:
+    """Per-sample labels to class indices (integers, strings) or float regression targets. String
+    labels are numbered in ``order`` (the teacher's class names) when given, else sorted."""
     missing = pd.isna(values)
     if values.dtype == object:
         missing |= np.array([isinstance(v, str) and not v.strip() for v in values], dtype=bool)
@@ -104,7 +105,7 @@ def parse_labels(values: np.ndarray, task: str | None, row_of: RowOf, what: str,
                 i = int(non_numeric.argmax())
                 raise DatasetError(f"{what}: label {values[i]!r} is not a number (regression needs numbers)",
                                    row=row_of(i))
-            return string_classes([str(v) for v in values], limits)
+            return string_classes([str(v) for v in values], limits, order, row_of, what)
     if not np.isfinite(numbers).all():
         i = int((~np.isfinite(numbers)).argmax())
         raise DatasetError(f"{what}: label {numbers[i]} is not a finite number", row=row_of(i))
@@ -122,10 +123,25 @@ def parse_labels(values: np.ndarray, task: str | None, row_of: RowOf, what: str,
         i = int(ints.argmax())
         raise DatasetError(f"{what}: class label {ints[i]} is past the limit of {limits.max_classes} classes",
                            row=row_of(i))
-    return torch.from_numpy(ints), [str(k) for k in range(int(ints.max()) + 1)]
+    names = [str(k) for k in range(int(ints.max()) + 1)]
+    if order is not None and len(order) >= len(names):
+        names = list(order)  # indices into the teacher's outputs, named as it names them
+    return torch.from_numpy(ints), names
 
 
-def string_classes(labels: list[str], limits: DataLimits) -> tuple[torch.Tensor, list[str]]:
+def string_classes(labels: list[str], limits: DataLimits, order: list[str] | None = None,
+                   row_of: RowOf = lambda i: i, what: str = "labels") -> tuple[torch.Tensor, list[str]]:
+    """Class indices of string labels: positions in ``order`` when given (every label must be in it),
+    else in the sorted set of labels."""
+    if order is not None:
+        index = {c: i for i, c in enumerate(order)}
+        unknown = [i for i, s in enumerate(labels) if s not in index]
+        if unknown:
+            seen = sorted({labels[i] for i in unknown})
+            raise DatasetError(f"{what}: label {labels[unknown[0]]!r} is not one of the classes "
+                               f"{', '.join(order[:20])}{' …' if len(order) > 20 else ''} "
+                               f"({len(seen)} unknown label(s): {', '.join(seen[:5])})", row=row_of(unknown[0]))
+        return torch.tensor([index[s] for s in labels], dtype=torch.long), list(order)
     classes = sorted(set(labels))
     if len(classes) > limits.max_classes:
         raise DatasetError(f"{len(classes)} distinct labels, over the limit of {limits.max_classes} classes")

@@ -18,9 +18,13 @@ from .archives import safe_extract
 from .data_common import DataLimits, ReadContext, target_shape
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DEFAULT_IMAGE_MEAN = 0.5
-DEFAULT_IMAGE_STD = 0.5
-"""Without ``image_mean`` / ``image_std`` pixels in [0, 1] map to [-1, 1] on every channel."""
+IMAGE_SCALES: dict[str, tuple[list[float], list[float]]] = {
+    "0-1": ([0.0], [1.0]),
+    "0-255": ([0.0], [1.0 / 255.0]),
+    "-1-1": ([0.5], [0.5]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+"""``DataSpec.image_scale`` as the (mean, std) applied to pixels in [0, 1]: ``(pixels - mean) / std``."""
 
 
 # --- images (.zip of class folders) -------------------------------------------------------
@@ -33,6 +37,8 @@ def load_images(path: Path, ctx: ReadContext) -> TensorData:
         except (UnsafeFileError, UnsupportedFormatError) as exc:
             raise DatasetError(f"{path.name}: {exc}") from exc
         samples, classes = _class_folders(root)
+        if spec.classes is not None:  # folders named as the teacher's classes, numbered in its order
+            samples, classes = _in_order(samples, classes, spec.classes)
         want = ctx.input_shape if ctx.input_shape is not None and len(ctx.input_shape) == 3 else None
         gray = spec.grayscale if spec.grayscale is not None else (want is not None and want[0] == 1)
         mode, channels = ("L", 1) if gray else ("RGB", 3)
@@ -46,14 +52,14 @@ def load_images(path: Path, ctx: ReadContext) -> TensorData:
         if len(samples) * channels * size[0] * size[1] * 4 > limits.max_array_bytes:
             raise DatasetError(f"{len(samples)} images of {channels}x{size[0]}x{size[1]} exceed the limit of "
                                f"{limits.max_array_bytes:,} bytes")
-        mean, std = _normaliser(spec, channels)
+        mean, std, scale = _normaliser(spec, channels)
         x = np.empty((len(samples), channels, *size), dtype=np.float32)
         for i, (file, _) in enumerate(samples):
             pixels = _decode(file, root, mode, size, limits)
             x[i] = ((pixels[None] if gray else pixels.transpose(2, 0, 1)) - mean) / std
     y = torch.tensor([label for _, label in samples], dtype=torch.long)
     meta = {"image_size": list(size), "channels": channels, "image_mean": mean.ravel().tolist(),
-            "image_std": std.ravel().tolist()}
+            "image_std": std.ravel().tolist(), "image_scale": scale}
     return TensorData({"x": torch.from_numpy(x)}, y, "image", classes, meta=meta)
 
 
@@ -113,13 +119,32 @@ def _decode(file: Path, root: Path, mode: str, size: tuple[int, ...] | None,
         raise DatasetError(f"image {name} is corrupt or not a PNG/JPEG: {exc}") from exc
 
 
-def _normaliser(spec: DataSpec, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std shaped (C or 1, 1, 1) to broadcast over a (C, H, W) image."""
-    mean = np.asarray(spec.image_mean or [DEFAULT_IMAGE_MEAN], dtype=np.float32)
-    std = np.asarray(spec.image_std or [DEFAULT_IMAGE_STD], dtype=np.float32)
+def _in_order(samples: list[tuple[Path, int]], folders: list[str],
+              order: list[str]) -> tuple[list[tuple[Path, int]], list[str]]:
+    index = {c: i for i, c in enumerate(order)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise DatasetError(f"class folder(s) {', '.join(unknown[:5])} are not among the classes "
+                           f"{', '.join(order[:20])}")
+    return [(f, index[folders[label]]) for f, label in samples], list(order)
+
+
+def _normaliser(spec: DataSpec, channels: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Mean and std shaped (C or 1, 1, 1) to broadcast over a (C, H, W) image, and the scale's name
+    (``auto`` decodes to [0, 1]: the job then picks the scale with the teacher, `measure.teacher_check`)."""
+    if spec.image_mean is not None or spec.image_std is not None:
+        scale = "custom"
+        mean = np.asarray(spec.image_mean or [0.0], dtype=np.float32)
+        std = np.asarray(spec.image_std or [1.0], dtype=np.float32)
+    else:
+        scale = "0-1" if spec.image_scale == "auto" else spec.image_scale
+        preset_mean, preset_std = IMAGE_SCALES[scale]
+        if channels != 3 and scale == "imagenet":
+            raise SpecError("data.image_scale 'imagenet' needs RGB images (3 channels)")
+        mean, std = np.asarray(preset_mean, dtype=np.float32), np.asarray(preset_std, dtype=np.float32)
     for name, values in (("image_mean", mean), ("image_std", std)):
         if len(values) not in (1, channels):
             raise SpecError(f"data.{name} has {len(values)} values; give 1 or {channels} (one per channel)")
     if (std <= 0).any():
         raise SpecError("data.image_std values must be positive")
-    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1)
+    return mean.reshape(-1, 1, 1), std.reshape(-1, 1, 1), scale

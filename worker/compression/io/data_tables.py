@@ -90,7 +90,8 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     x = feature_array(torch.from_numpy(values.astype(np.float32)), ctx)
     y, classes = (None, None)
     if label:
-        y, classes = parse_labels(df[label].to_numpy(), ctx.task, row_of, f"column {label!r}", ctx.limits)
+        y, classes = parse_labels(df[label].to_numpy(), ctx.task, row_of, f"column {label!r}", ctx.limits,
+                                    ctx.spec.classes)
     meta = {"columns": list(features.columns), "label_column": label or ""}
     return TensorData({"x": x}, y, RANK_KIND[x.ndim], classes, meta=meta)
 
@@ -158,7 +159,8 @@ def _load_text(columns: dict[str, np.ndarray], names: list[str], n: int, row_of:
     label = label_column(names, spec, TEXT_LABELS, source)
     y, classes = (None, None)
     if label:
-        y, classes = parse_labels(columns[label], ctx.task, row_of, f"column {label!r}", ctx.limits)
+        y, classes = parse_labels(columns[label], ctx.task, row_of, f"column {label!r}", ctx.limits,
+                                    ctx.spec.classes)
     meta = {"label_column": label or "", "text_pairs": pairs is not None, "tokenized": not ctx.structure_only}
     return TensorData(_tokenize(texts, pairs, ctx), y, "tokens", classes, texts=texts, meta=meta)
 

@@ -49,6 +49,7 @@ from ..students.hf_model import (
 )
 from ..types import TOKEN_KEYS, Task, Teacher
 from .archives import safe_extract_zip
+from .teacher_meta import class_names
 
 WEIGHTS_FILE = "model.safetensors"
 EXTRA_FILE = "kdq_extra.safetensors"
@@ -354,6 +355,8 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
         source_dir=folder,
         num_parameters=sum(p.numel() for p in module.parameters()),
         size_bytes=weights.stat().st_size + extra_bytes,
+        classes=class_names(getattr(config, "id2label", None), module.output_dim, "config.json id2label")
+        if task_ == "classification" else None,
     )
 
 

@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Task, Teacher
+from .teacher_meta import class_names
 
 DEFAULT_SEQ_LEN = 128
 ONNX_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview.training")
@@ -123,7 +124,9 @@ def _check_external_data(model: ModelProto, folder: Path) -> set[Path]:
             raise UnsafeFileError(
                 f"tensor {name!r}: external data {info.location!r} resolves outside the model folder")
         if not target.is_file():
-            raise ModelFileError(f"tensor {name!r}: external data file {info.location!r} is missing")
+            raise ModelFileError(
+                f"tensor {name!r}: external data file {info.location!r} is missing: upload a zip of the .onnx "
+                f"and {info.location} together (format onnx_zip; `kdq compress --teacher model.onnx` sends both)")
         offset = int(info.offset or 0)
         available = target.stat().st_size - offset
         length = available if info.length is None else int(info.length)
@@ -300,17 +303,21 @@ def _probe(runner: _Runner, kind: InputKind, shape: tuple[int, ...]) -> np.ndarr
         raise ModelFileError(f"the graph fails on a zero batch of its declared input shape: {exc}") from exc
 
 
-def _task(task: str | None, meta: dict[str, str], output_name: str, pooled: bool) -> Task:
+def _task(task: str | None, meta: dict[str, str], output_name: str, pooled: bool,
+          output_dim: int) -> tuple[Task, str]:
+    """The task and where it came from: the argument, metadata (``kdq_task`` or ``task``), or
+    inferred from the output (one value: regression; an embedding name or pooled tokens: embedding)."""
     if task is not None:
         chosen, source = task, "argument"
-    elif "kdq_task" in meta:
-        chosen, source = meta["kdq_task"], "metadata kdq_task"
+    elif "kdq_task" in meta or "task" in meta:
+        chosen, source = meta.get("kdq_task") or meta["task"], "metadata"
+    elif pooled or "embed" in output_name.lower():
+        chosen, source = "embedding", "inferred"
     else:
-        chosen = "embedding" if pooled or "embed" in output_name.lower() else "classification"
-        source = "inferred"
+        chosen, source = ("regression" if output_dim == 1 else "classification"), "inferred"
     if chosen not in TASKS:
         raise ModelFileError(f"unknown task {chosen!r} ({source}); known: {', '.join(TASKS)}")
-    return chosen  # type: ignore[return-value]
+    return chosen, source  # type: ignore[return-value]
 
 
 def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, threads: int = 1) -> Teacher:
@@ -357,9 +364,14 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
         "producer": producer,
         "metadata": meta,
     }
+    chosen, source = _task(task, meta, out_arg.name, runner.pooled, output_dim)
+    names = meta.get("classes") or meta.get("kdq_classes") or meta.get("id2label")
     return Teacher(
         kind="onnx",
-        task=_task(task, meta, out_arg.name, runner.pooled),
+        task=chosen,
+        task_source="inferred" if source == "inferred" else "declared",
+        classes=class_names(names, output_dim, "ONNX metadata classes") if chosen == "classification" else None,
+        input_names=tuple(a.name for a in args),
         input_kind=input_kind,
         input_shape=input_shape,
         output_dim=output_dim,

@@ -45,6 +45,7 @@ from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Teacher
 from .sandbox_child import recv_frame, send_frame
 from .sniff import DESCRIPTIONS
+from .teacher_meta import class_names
 
 log = logging.getLogger(__name__)
 CHILD = Path(__file__).with_name("sandbox_child.py")
@@ -373,7 +374,9 @@ def load_sandboxed_teacher(path: str | os.PathLike[str], kind: str, *, task: str
         if probe.ndim != 2 or probe.shape[0] != 2:
             raise ModelFileError(f"{path.name}: on a zero batch of 2 the model answered shape "
                                  f"{list(probe.shape)}; a teacher must output (N, D)")
-        chosen = task or meta.get("task") or "classification"
+        output_dim = int(probe.shape[1])
+        declared = task or meta.get("task")
+        chosen = declared or ("regression" if output_dim == 1 else "classification")
         if chosen not in TASKS:
             raise SpecError(f"unknown task {chosen!r}; known: {', '.join(TASKS)}")
     except BaseException:
@@ -390,6 +393,9 @@ def load_sandboxed_teacher(path: str | os.PathLike[str], kind: str, *, task: str
         run_onnx=runner,
         num_parameters=int(loaded.get("num_parameters", 0)),
         size_bytes=path.stat().st_size,
+        classes=class_names(meta.get("classes"), output_dim, f"{META_FILE} classes") if chosen == "classification"
+        else None,
+        task_source="declared" if declared else "inferred",
     )
     weakref.finalize(teacher, proc.close)
     return teacher

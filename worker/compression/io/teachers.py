@@ -31,6 +31,7 @@ from .hf_folder import load_hf_teacher
 from .onnx_teacher import load_onnx_teacher
 from .sandbox import SandboxLimits, load_sandboxed_teacher
 from .sniff import CODE_KINDS, PICKLE_KINDS, code_message, pickle_message, sniff
+from .teacher_meta import class_names
 
 ZOO_FORMAT = "kdq-zoo"
 WEIGHTS = "model.safetensors"
@@ -167,6 +168,7 @@ def _load_zoo(folder: Path, cfg: dict[str, Any], task: str | None) -> Teacher:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise ModelFileError(f"the zoo folder has config.json but no {WEIGHTS}")
+    declared = "task" in cfg
     try:
         cfg = zoo.validate_config({k: v for k, v in cfg.items() if k != "format"})
         if task is not None:
@@ -190,6 +192,8 @@ def _load_zoo(folder: Path, cfg: dict[str, Any], task: str | None) -> Teacher:
         source_dir=folder,
         num_parameters=zoo.count_parameters(module),
         size_bytes=weights.stat().st_size,
+        classes=class_names(cfg.get("classes"), int(cfg["output_dim"]), "config.json classes"),
+        task_source="declared" if declared or task is not None else "inferred",
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from .datasets import load_dataset
 from .sandbox import SandboxLimits, close_teacher
 from .teachers import load_teacher
 
-MODEL_FORMATS = ("auto", "zoo_zip", "hf_zip", "onnx", "torchscript", "exported_program")
-_KIND_OF_FORMAT = {"zoo_zip": "zoo", "hf_zip": "hf", "torchscript": "torchscript",
+MODEL_FORMATS = ("auto", "zoo_zip", "hf_zip", "onnx", "onnx_zip", "torchscript", "exported_program")
+_KIND_OF_FORMAT = {"zoo_zip": "zoo", "hf_zip": "hf", "onnx_zip": "onnx", "torchscript": "torchscript",
                    "exported_program": "exported_program"}
 
 
@@ -35,9 +36,18 @@ def validate_model(path: Path, format: str = "auto", *, allow_code: bool = False
         want = _KIND_OF_FORMAT.get(format)
         if want is not None and teacher.kind != want:
             raise UnsupportedFormatError(f"declared format {format} but the upload holds a {teacher.kind} model")
-        return teacher.summary()
+        summary = teacher.summary()
+        summary["format"] = _format_of(teacher.kind, path)
+        return summary
     finally:
         close_teacher(teacher)
+
+
+def _format_of(kind: str, path: Path) -> str:
+    """The upload's format as a job fetches it: an ONNX graph alone, or in a zip with its data files."""
+    if kind == "onnx":
+        return "onnx_zip" if zipfile.is_zipfile(path) else "onnx"
+    return {"zoo": "zoo_zip", "hf": "hf_zip"}.get(kind, kind)
 
 
 def validate_dataset(path: Path, spec: DataSpec | None = None) -> dict[str, Any]:

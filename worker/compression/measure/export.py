@@ -35,8 +35,10 @@ def export_onnx(
     dynamic_batch: bool = True,
     dynamic_seq: bool = True,
     task: str | None = None,
+    rename: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``module`` as an ONNX graph whose inputs are the keys of ``sample_inputs``.
+    """Write ``module`` as an ONNX graph whose inputs are the keys of ``sample_inputs`` (or what
+    ``rename`` calls them: a student takes the name its teacher's graph took, e.g. ``image``).
 
     Axis 0 of every input and of ``output`` is dynamic (``dynamic_batch``); axis 1 of token inputs
     is dynamic too (``dynamic_seq``). ``task`` (or ``module.task``) is stored as metadata ``kdq_task``.
@@ -45,13 +47,14 @@ def export_onnx(
         raise InputError("export_onnx needs at least one sample input")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(sample_inputs)
+    keys = list(sample_inputs)
+    names = [(rename or {}).get(k, k) for k in keys]
     axes: dict[str, dict[int, str]] = {}
-    for name in names:
+    for key, name in zip(keys, names):
         ax: dict[int, str] = {}
         if dynamic_batch:
             ax[0] = "batch"
-        if dynamic_seq and name in TOKEN_KEYS:
+        if dynamic_seq and key in TOKEN_KEYS:
             ax[1] = "sequence"
         if ax:
             axes[name] = ax
@@ -142,10 +145,14 @@ def run_onnx_model(
 
 
 def feed_arrays(sess, inputs: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
-    """The graph's inputs taken from ``inputs``, as numpy arrays of the dtype the graph declares."""
+    """The graph's inputs taken from ``inputs``, as numpy arrays of the dtype the graph declares. A
+    graph of one input takes the one array given whatever either is called (``x`` for ``image``)."""
     feeds: dict[str, np.ndarray] = {}
     missing = []
-    for spec in sess.get_inputs():
+    specs = sess.get_inputs()
+    if len(specs) == 1 and len(inputs) == 1 and specs[0].name not in inputs:
+        inputs = {specs[0].name: next(iter(inputs.values()))}
+    for spec in specs:
         if spec.name not in inputs:
             missing.append(spec.name)
             continue

@@ -13,7 +13,7 @@ from ..types import Task
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "macro_f1"),
     "embedding": ("cosine", "mse"),
-    "regression": ("mse",),
+    "regression": ("mse", "mae", "r2"),
 }
 
 
@@ -84,6 +84,20 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return F.mse_loss(pred, target.double().reshape(pred.shape)).item()
 
 
+def mae(pred: torch.Tensor, target: torch.Tensor) -> float:
+    pred = pred.double()
+    return F.l1_loss(pred, target.double().reshape(pred.shape)).item()
+
+
+def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """1 − residual / total sum of squares (over every output): 0 is what predicting the mean scores."""
+    pred = pred.double()
+    target = target.double().reshape(pred.shape)
+    total = ((target - target.mean(0)) ** 2).sum().item()
+    residual = ((target - pred) ** 2).sum().item()
+    return 1.0 - residual / total if total > 0 else (1.0 if residual == 0 else 0.0)
+
+
 def evaluate_outputs(
     task: Task | str, outputs: torch.Tensor, y: torch.Tensor | None, teacher_outputs: torch.Tensor | None
 ) -> dict[str, Any]:
@@ -117,5 +131,6 @@ def evaluate_outputs(
         ref = y.cpu() if y is not None else teacher
         if ref is None:
             raise SpecError("regression metrics need labels or teacher outputs")
-        return {"reference": "labels" if y is not None else "teacher", "mse": mse(outputs, ref)}
+        return {"reference": "labels" if y is not None else "teacher", "mse": mse(outputs, ref),
+                "mae": mae(outputs, ref), "r2": r2(outputs, ref)}
     raise SpecError(f"unknown task {task!r}")

@@ -170,7 +170,10 @@ def _search_html(search: Mapping[str, Any]) -> str:
 # --- HTML ------------------------------------------------------------------------------
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1240px}
+.verdict{border:2px solid #888;border-radius:8px;padding:.5em 1em;margin:1em 0}
+.verdict.ship{border-color:#2a7a2a;background:#f1faf1}.verdict.ship_with_caution{border-color:#b88a00;background:#fff9e6}
+.verdict.do_not_ship{border-color:#b22;background:#fdf0f0}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top}
 th{background:#f3f3f3}
@@ -254,6 +257,26 @@ def _models_table(models: Sequence[Mapping[str, Any]]) -> str:
     return f'<div class="scroll"><table>{"".join(out)}</table></div>'
 
 
+_VERDICT_WORDS = {"ship": "Ship it", "ship_with_caution": "Ship with caution", "do_not_ship": "Do not ship"}
+
+
+def _verdict_card(report: Mapping[str, Any]) -> str:
+    """What to deploy, how much smaller and faster, what it costs: the first thing on the page."""
+    summary = report.get("summary") or {}
+    verdict = summary.get("verdict")
+    if not verdict:
+        return ""
+    reasons = "".join(f"<li><code>{_e(r.get('code'))}</code> {_e(r.get('message'))}</li>"
+                      for r in summary.get("reasons") or [])  # fmt: skip
+    delivered = summary.get("delivered") or {}
+    why = (report.get("delivery") or {}).get("why")
+    return (f'<div class="verdict {_e(verdict)}"><h2>{_e(_VERDICT_WORDS.get(verdict, verdict))}</h2>'
+            f"<p>{_e(summary.get('headline', ''))}</p>"
+            + (f"<p>Deploy <code>{_e(delivered.get('file', 'model.onnx'))}</code> (in <code>bundle.zip</code> with "
+               f"<code>predict.py</code>), chosen because {_e(why)}.</p>" if why else "")
+            + (f"<ul>{reasons}</ul>" if reasons else "") + "</div>")  # fmt: skip
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The self-contained HTML page for a JSON-safe report dict (inline CSS, plots as data URIs)."""
     title = str(report.get("title") or "Compression report")
@@ -261,12 +284,10 @@ def render_html(report: Mapping[str, Any]) -> str:
         f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{_e(title)}</title>',
         f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>",
     ]
+    parts.append(_verdict_card(report))
     summary = {k: v for k, v in (("task", report.get("task")), ("method", _method(report))) if v}
     if summary:
         parts.append(_kv(summary))
-    for key in ("teacher", "student"):
-        if report.get(key):
-            parts.append(f"<h3>{key.capitalize()}</h3>{_kv(report[key])}")
 
     models = report.get("models") or []
     warnings = [str(w) for w in report.get("warnings") or []]
@@ -300,6 +321,17 @@ def render_html(report: Mapping[str, Any]) -> str:
     ):
         if report.get(key):
             parts.append(f"<h2>{heading}</h2>" + _table(report[key]))
+    if report.get("delivery", {}).get("candidates"):
+        parts.append("<h2>Every candidate (delivered: the best within tolerance, then the fastest)</h2>"
+                     + _table(report["delivery"]["candidates"]))
+    for key, heading in (("preprocessing", "Preprocessing (shipped as preprocessing.json)"),
+                         ("teacher_check", "The teacher against the labels"), ("class_order", "Class order")):
+        if report.get(key):
+            parts.append(f"<h2>{heading}</h2>" + _kv(report[key]))
+    for key in ("teacher", "student"):
+        if report.get(key):
+            parts.append(f"<h2>{key.capitalize()}</h2><details><summary>{_e(key)} details</summary>"
+                         f"{_kv(report[key])}</details>")
     distill = report.get("distillation") or {}
     cache = report.get("teacher_cache") or distill.get("teacher_cache")
     if cache:

@@ -52,9 +52,12 @@ def np_dtype(value_info: onnx.ValueInfoProto) -> np.dtype:
 
 
 def graph_feeds(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The graph's inputs from ``inputs`` in the graph's dtypes; extra keys are ignored."""
+    """The graph's inputs from ``inputs`` in the graph's dtypes; extra keys are ignored. A graph of one
+    input takes the one array given whatever either is called (``x`` for ``image``)."""
     initializers = {t.name for t in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(graph_inputs) == 1 and len(inputs) == 1 and graph_inputs[0].name not in inputs:
+        inputs = {graph_inputs[0].name: next(iter(inputs.values()))}
     missing = [i.name for i in graph_inputs if i.name not in inputs]
     if missing:
         raise InputError(f"calibration data lacks model inputs {missing}; it has {sorted(inputs)}")

@@ -1,0 +1,1 @@
+"""What a job ships: the delivered model with everything needed to run it on raw inputs."""

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Predict with the compressed model in this folder (a kdq bundle), from raw inputs.
+
+    pip install onnxruntime numpy        # and pillow for images, tokenizers for text
+    python predict.py digits/*.png       # image files
+    python predict.py rows.csv           # tabular rows: the feature columns, by name
+    python predict.py --text "a sentence" [--text "another"]
+    python predict.py texts.jsonl        # one {"text": ...} per line
+    python predict.py data.npz           # an array x, already preprocessed as the teacher took it
+
+One JSON line per input on stdout: the class (with its probability) for a classifier, the values for
+a regressor, the vector for an embedding model. As a library: ``Bundle(folder).predict_files(paths)``.
+Every preprocessing step is read from ``preprocessing.json`` beside this file; nothing else is assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+HERE = Path(__file__).resolve().parent
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class Bundle:
+    def __init__(self, folder: Path = HERE) -> None:
+        self.folder = Path(folder)
+        self.pre = json.loads((self.folder / "preprocessing.json").read_text())
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(self.folder / self.pre["model"]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    # --- raw inputs to the model's inputs -------------------------------------------------
+
+    def images(self, paths: list[Path]) -> dict[str, np.ndarray]:
+        from PIL import Image
+
+        spec = self.pre["image"]
+        channels, (height, width) = spec["channels"], spec["size"]
+        mean = np.asarray(spec["mean"], np.float32).reshape(-1, 1, 1)
+        std = np.asarray(spec["std"], np.float32).reshape(-1, 1, 1)
+        batch = np.empty((len(paths), channels, height, width), np.float32)
+        for i, path in enumerate(paths):
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.Resampling.BILINEAR)
+                pixels = np.asarray(img, np.float32) / 255.0
+            batch[i] = ((pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)) - mean) / std
+        return {self.inputs[0]: batch}
+
+    def table(self, path: Path) -> dict[str, np.ndarray]:
+        columns = self.pre["tabular"]["columns"]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        missing = [c for c in columns if rows and c not in rows[0]]
+        if missing:
+            raise SystemExit(f"{path}: missing feature column(s) {', '.join(missing)}")
+        x = np.asarray([[float(row[c]) for c in columns] for row in rows], np.float32)
+        return {self.inputs[0]: x.reshape(len(x), *self.pre["input"]["shape"])}
+
+    def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        from tokenizers import Tokenizer
+
+        spec = self.pre["text"]
+        tok = Tokenizer.from_file(str(self.folder / spec["tokenizer"]))
+        tok.enable_truncation(spec["max_length"])
+        tok.enable_padding(pad_id=spec.get("pad_id", 0), length=spec["max_length"])
+        encoded = tok.encode_batch(texts)
+        arrays = {"input_ids": np.asarray([e.ids for e in encoded], np.int64),
+                  "attention_mask": np.asarray([e.attention_mask for e in encoded], np.int64),
+                  "token_type_ids": np.asarray([e.type_ids for e in encoded], np.int64)}
+        return {name: arrays[name] for name in self.inputs}
+
+    def arrays(self, path: Path) -> dict[str, np.ndarray]:
+        with np.load(path, allow_pickle=False) as data:
+            return {self.inputs[0]: np.asarray(data["x"], np.float32)}
+
+    def inputs_of(self, paths: list[Path]) -> dict[str, np.ndarray]:
+        suffixes = {p.suffix.lower() for p in paths}
+        if suffixes <= set(IMAGE_SUFFIXES):
+            return self.images(paths)
+        if len(paths) != 1:
+            raise SystemExit("give image files, or one .csv, .jsonl or .npz file")
+        path = paths[0]
+        if path.suffix.lower() == ".csv":
+            return self.table(path)
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            column = self.pre.get("text", {}).get("column", "text")
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return self.texts([str(r[column]) for r in lines])
+        if path.suffix.lower() == ".npz":
+            return self.arrays(path)
+        raise SystemExit(f"{path}: expected image files, .csv, .jsonl or .npz")
+
+    # --- the model's outputs to answers ---------------------------------------------------
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        n = next(iter(feeds.values())).shape[0]
+        parts = [self.session.run(None, {k: v[i:i + 256] for k, v in feeds.items()})[0] for i in range(0, n, 256)]
+        return np.concatenate(parts)
+
+    def answers(self, outputs: np.ndarray) -> list[dict[str, Any]]:
+        task, classes = self.pre["task"], self.pre.get("classes")
+        if task == "classification":
+            z = outputs - outputs.max(-1, keepdims=True)
+            probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+            index = probs.argmax(-1)
+            return [{"class": classes[i] if classes else int(i), "index": int(i), "probability": float(p[i])}
+                    for i, p in zip(index, probs)]
+        key = "values" if task == "regression" else "embedding"
+        return [{key: [float(v) for v in np.ravel(row)]} for row in outputs]
+
+    def predict_files(self, paths: list[Path]) -> list[dict[str, Any]]:
+        return self.answers(self.run(self.inputs_of([Path(p) for p in paths])))
+
+    def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
+        return self.answers(self.run(self.texts(texts)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path)
+    parser.add_argument("--text", action="append", default=[], help="a text to classify or embed (repeatable)")
+    args = parser.parse_args(argv)
+    bundle = Bundle()
+    if args.text:
+        answers = bundle.predict_texts(args.text)
+    elif args.files:
+        answers = bundle.predict_files(args.files)
+    else:
+        parser.error("give input files or --text")
+    for answer in answers:
+        print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
