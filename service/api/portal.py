@@ -16,8 +16,8 @@ from fastapi.responses import FileResponse
 from .problems import not_found
 
 STATIC = Path(__file__).resolve().parent / "static"
-ASSETS = {"app.js": "text/javascript", "charts.js": "text/javascript", "forms.js": "text/javascript",
-          "style.css": "text/css"}  # fmt: skip
+ASSETS = {name: "text/javascript" for name in ("app.js", "charts.js", "forms.js", "lists.js", "job.js")}
+ASSETS["style.css"] = "text/css"
 HEADERS = {
     "Cache-Control": "no-cache",
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "

@@ -1,0 +1,138 @@
+"""The web portal in a real browser (Playwright driving headless chromium) against the Postgres +
+Redis stack: sign in, upload, submit from the form, watch the job finish, download an artifact and
+check its sha256, cancel a second job, another team's job as not found, a failed job's reason,
+compare, a narrow window. Screenshots of each page go to docs/screenshots/ (the README shows them)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .assets import FAST_SPEC
+from .conftest import Stack
+from .flows import submit, wait_job
+from .portal_helpers import CHROMIUM, browser_page, shot, sign_in, upload
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: .ci/run installs it")
+SLOW_SPEC = {**FAST_SPEC, "distillation": {**FAST_SPEC["distillation"], "epochs": 3000, "batch_size": 8}}
+
+
+def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: Path) -> None:
+    with browser_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(pg_stack.url + "/")
+        page.wait_for_selector("#key")
+        shot(page, "signin")
+        sign_in(page, pg_stack.url, pg_stack.key or "")
+        assert "team-a" in page.inner_text("#who")
+
+        # uploads, with their validation result
+        page.click("nav >> text=Uploads")
+        teacher = upload(page, "m", assets["teacher"], "zoo_zip", "portal-teacher")
+        dataset = upload(page, "d", assets["data"], "npz", "portal-data")
+        assert teacher.startswith("mdl_") and dataset.startswith("ds_")
+        assert page.is_visible("#m-status [data-state=ready]") and page.is_visible("#d-status [data-state=ready]")
+        shot(page, "uploads")
+
+        # the form from the published schema: every control labelled; basic fields, then as JSON
+        page.click("nav >> text=New job")
+        page.wait_for_selector("#f-distillation-epochs")
+        unlabelled = page.evaluate("""[...document.querySelectorAll('main input, main select, main textarea')]
+            .filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id || e.name)""")
+        assert unlabelled == []
+        page.select_option("#f-teacher", teacher)
+        page.select_option("#f-dataset", dataset)
+        page.fill("#job-name", "portal-run")
+        page.fill("#job-tags", "portal, e2e")
+        page.fill("#f-distillation-epochs", "2")
+        shot(page, "new-job")
+        page.click("text=Paste JSON")
+        body = json.loads(page.input_value("#job-json"))
+        assert body["distillation"]["epochs"] == 2 and body["teacher_model_id"] == teacher and body["tags"] == ["portal", "e2e"]
+        body.update({k: {**FAST_SPEC[k], **body.get(k, {})} for k in FAST_SPEC})
+        page.fill("#job-json", json.dumps(body))
+        page.click("#submit-job")
+
+        # the live job page until it finishes; the results; a download checked against its sha256
+        page.wait_for_url("**/#/jobs/job_*")
+        job_id = page.url.rsplit("/", 1)[-1]
+        page.wait_for_selector("#job-state .SUCCEEDED", timeout=180_000)
+        page.wait_for_selector("#artifacts tbody tr")
+        assert page.is_visible("#metrics") and page.inner_text("#job-log")
+        shot(page, "job-succeeded")
+        with pg_stack.client() as api:
+            listed = {a["name"]: a["sha256"] for a in api.get(f"/v1/jobs/{job_id}/artifacts").json()["items"]}
+            assert api.get(f"/v1/jobs/{job_id}").json()["tags"] == ["portal", "e2e"]
+        with page.expect_download() as info:
+            page.click("button[data-artifact='model_int8.onnx']")
+        saved = tmp_path / "model_int8.onnx"
+        info.value.save_as(saved)
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == listed["model_int8.onnx"]
+
+        # a second job, cancelled from its page
+        with pg_stack.client() as api:
+            slow = submit(api, {**SLOW_SPEC, "teacher_model_id": teacher, "dataset_id": dataset, "name": "portal-slow"})
+            assert slow.status_code == 202, slow.text
+            slow_id = slow.json()["id"]
+            wait_job(api, slow_id, {"RUNNING"}, timeout=60)
+        page.goto(f"{pg_stack.url}/#/jobs/{slow_id}")
+        page.wait_for_selector("#job-progress-text:not(:has-text('waiting'))", timeout=60_000)
+        page.click("#cancel")
+        page.wait_for_selector("#job-problem", timeout=60_000)
+        assert "Cancelled" in page.inner_text("#job-problem")
+
+        # a failed job says why, in words
+        with pg_stack.client() as api:
+            gpu = {**FAST_SPEC, "distillation": {**FAST_SPEC["distillation"], "device": "cuda"}}
+            failed = submit(api, {**gpu, "teacher_model_id": teacher, "dataset_id": dataset, "name": "portal-gpu"}).json()["id"]
+        page.goto(f"{pg_stack.url}/#/jobs/{failed}")
+        page.wait_for_selector("#job-problem", timeout=120_000)
+        assert "GPU" in page.inner_text("#job-problem")
+        shot(page, "job-failed")
+
+        # the list with filters, compare two jobs
+        page.goto(f"{pg_stack.url}/#/jobs")
+        page.fill("#flt-name", "portal-")
+        page.click("form[role=search] button[type=submit]")
+        page.wait_for_selector(f"#pick-{job_id}")
+        assert page.locator("main tbody tr").count() == 3
+        shot(page, "jobs")
+        page.check(f"#pick-{job_id}")
+        page.check(f"#pick-{slow_id}")
+        page.click("text=Compare selected")
+        page.wait_for_selector("#compare")
+        assert "portal-run" in page.inner_text("#compare")
+        shot(page, "compare")
+
+        # readable on a narrow window: nothing wider than the viewport
+        page.set_viewport_size({"width": 400, "height": 900})
+        page.goto(f"{pg_stack.url}/#/jobs/{job_id}")
+        page.wait_for_selector("#artifacts")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        shot(page, "job-narrow")
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+        # another team's job is not found
+        other = pg_stack.make_key("team-portal-b")
+        page.click("#who button")
+        sign_in(page, pg_stack.url, other)
+        page.goto(f"{pg_stack.url}/#/jobs/{job_id}")
+        page.wait_for_selector(".problem")
+        assert "does not exist" in page.inner_text(".problem")
+        assert errors == [], errors
+
+
+def test_portal_assets_ship_in_the_package_and_refuse_other_files(pg_stack: Stack) -> None:
+    import httpx
+
+    index = httpx.get(pg_stack.url + "/")
+    assert index.status_code == 200 and "script-src 'self'" in index.headers["content-security-policy"]
+    for src in ("/portal/app.js", "/portal/style.css"):
+        assert httpx.get(pg_stack.url + src).status_code == 200
+    missing: Any = httpx.get(pg_stack.url + "/portal/../../settings.py")
+    assert missing.status_code == 404
