@@ -93,6 +93,7 @@ class Upload(_Doc):
     metadata: dict[str, Any] = Field(default_factory=dict)
     options: dict[str, Any] | None = None
     created_at: datetime | None = None
+    updated_at: datetime | None = None
 
     @property
     def kind(self) -> str:
