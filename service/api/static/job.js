@@ -3,7 +3,7 @@
 (function () {
   const { h, api, badge, problemBox, teamLabel, fmtNum, fmtBytes, fmtTime, clock, headers } = App;
   const TERMINAL = ["SUCCEEDED", "FAILED", "CANCELLED"];
-  window.kdqLatencies = [];  // ms from an event's commit (its "at") to its display: bench/portal.py reads it
+  window.kdqEvents = [];  // {at, shown} of each event drawn (ms since the epoch): bench/portal.py reads them
 
   // Server-Sent Events over fetch (EventSource cannot send the Authorization header), resumed
   // with Last-Event-ID when the connection drops. onEvent(kind, data); resolves when the job ends.
@@ -133,7 +133,7 @@
       h("div", { class: "row" }, cancel, h("a", { class: "button secondary", href: "#/new?from=" + jobId }, "Re-run with changes")),
       h("div", { class: "bar" }, bar, text), h("div", { class: "charts" }, lossChart, metricChart), h("h2", {}, "Log"), log, resultBox);
     const onEvent = (kind, data) => {
-      if (data.at) window.kdqLatencies.push(Date.now() - Date.parse(data.at));
+      const at = data.at ? Date.parse(data.at) : null;
       if (kind === "progress") {
         reports++;
         if (typeof data.overall === "number") overall = Math.max(overall, data.overall);
@@ -146,8 +146,9 @@
       } else if (kind === "state") {
         state.replaceChildren(badge(data.state));
         if (data.state === "RUNNING" && data.at) t0 = Date.parse(data.at);
-        if (TERMINAL.includes(data.state)) return "end";
+        if (TERMINAL.includes(data.state)) { window.kdqEvents.push({ at, shown: Date.now() }); return "end"; }
       }
+      if (at) window.kdqEvents.push({ at, shown: Date.now() });  // (after the page has drawn it)
     };
     if (!TERMINAL.includes(job.state)) render(job.stage);
     await follow(jobId, onEvent, ctl.signal);
