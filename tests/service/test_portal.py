@@ -38,6 +38,11 @@ def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: P
         assert teacher.startswith("mdl_") and dataset.startswith("ds_")
         assert page.is_visible("#m-status [data-state=ready]") and page.is_visible("#d-status [data-state=ready]")
         shot(page, "uploads")
+        page.set_input_files("#m-file", str(assets["truncated"]))  # a broken teacher: the exact reason shows
+        page.select_option("#m-format", "zoo_zip")
+        page.click("form:has(#m-file) button[type=submit]")
+        page.wait_for_selector("#m-status [role=alert]", timeout=90_000)
+        assert "zip" in page.inner_text("#m-status").lower(), page.inner_text("#m-status")
 
         # the form from the published schema: every control labelled; basic fields, then as JSON
         page.click("nav >> text=New job")
@@ -124,6 +129,15 @@ def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: P
         page.goto(f"{pg_stack.url}/#/jobs/{job_id}")
         page.wait_for_selector(".problem")
         assert "does not exist" in page.inner_text(".problem")
+
+        # an admin key sees every team's jobs, each labelled with its team
+        admin = pg_stack.make_key("team-portal-ops", admin=True)
+        page.click("#who button")
+        sign_in(page, pg_stack.url, admin)
+        assert "admin" in page.inner_text("#who")
+        page.goto(f"{pg_stack.url}/#/jobs?name=portal-run")
+        page.wait_for_selector(f"#pick-{job_id}")
+        assert "team-a" in page.inner_text("main tbody .team")
         assert errors == [], errors
 
 
