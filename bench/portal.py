@@ -30,8 +30,8 @@ bench_service = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_service)  # (bench/service.py starts the stack as subprocesses)
 Service = bench_service.Service
 
-from tests.service.assets import write_assets  # noqa: E402
-from tests.service.portal_helpers import browser_page  # noqa: E402
+from tests.service.assets import write_assets
+from tests.service.portal_helpers import browser_page
 
 OUT = REPO / "bench" / "out"
 COUNT_CLICKS = "window.kdqClicks = 0; addEventListener('click', e => { if (e.isTrusted) window.kdqClicks++; }, true);"
@@ -39,7 +39,7 @@ COUNT_CLICKS = "window.kdqClicks = 0; addEventListener('click', e => { if (e.isT
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def run(stack: str, epochs: int) -> dict[str, object]:

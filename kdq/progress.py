@@ -8,6 +8,7 @@ the final state. ETA: from the overall fraction and the time elapsed since the j
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import Any, Literal, TextIO
@@ -17,7 +18,7 @@ LINE_EVERY_S = 5.0
 
 
 def _clock(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or math.isnan(seconds) or seconds < 0:
         return "--:--"
     seconds = int(seconds + 0.5)
     h, rest = divmod(seconds, 3600)

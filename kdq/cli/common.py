@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from ..client import Client
@@ -92,7 +93,7 @@ def spec_arg(value: str | None) -> dict[str, Any]:
     """``--spec``: a JSON object, or a file holding one."""
     if not value:
         return {}
-    text = value if value.lstrip().startswith("{") else open(value).read()
+    text = value if value.lstrip().startswith("{") else Path(value).read_text()
     try:
         spec = json.loads(text)
     except ValueError as exc:

@@ -15,8 +15,8 @@ import anyio
 from fastapi import FastAPI
 
 from ..core.db import Database
-from ..core.deliveries import deliver_due
 from ..core.dberrors import database_unavailable
+from ..core.deliveries import deliver_due
 from ..core.notices import JobNotices
 from ..core.queues import Queues
 from ..core.reaper import reap

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -34,7 +34,7 @@ class FlakyReceiver(BaseHTTPRequestHandler):
     """Answers 500 to the first ``fail`` POSTs, then 204; keeps every request."""
 
     fail = 2
-    seen: list[tuple[dict[str, str], bytes, int]] = []
+    seen: ClassVar[list[tuple[dict[str, str], bytes, int]]] = []
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
