@@ -59,12 +59,14 @@ def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: P
         page.click("text=Paste JSON")
         body = json.loads(page.input_value("#job-json"))
         assert body["distillation"]["epochs"] == 2 and body["teacher_model_id"] == teacher and body["tags"] == ["portal", "e2e"]
-        body.update({k: {**FAST_SPEC[k], **body.get(k, {})} for k in FAST_SPEC})
+        body.update({k: {**body.get(k, {}), **FAST_SPEC[k]} for k in FAST_SPEC})
+        assert "quantization" not in json.loads(page.input_value("#job-json"))  # untouched sections stay out
         page.fill("#job-json", json.dumps(body))
         page.click("#submit-job")
 
         # the live job page until it finishes; the results; a download checked against its sha256
-        page.wait_for_url("**/#/jobs/job_*")
+        page.wait_for_selector("#job-state, form .problem")
+        assert "/#/jobs/job_" in page.url, page.inner_text("form .problem") + json.dumps(body)
         job_id = page.url.rsplit("/", 1)[-1]
         page.wait_for_selector("#job-state .SUCCEEDED", timeout=180_000)
         page.wait_for_selector("#artifacts tbody tr")
@@ -99,6 +101,16 @@ def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: P
         page.wait_for_selector("#job-problem", timeout=120_000)
         assert "GPU" in page.inner_text("#job-problem")
         shot(page, "job-failed")
+
+        # targets mode: the search's fields instead of the student's; re-run prefills the form
+        page.goto(f"{pg_stack.url}/#/new?from={job_id}")
+        page.wait_for_selector("#f-distillation-epochs")
+        assert page.input_value("#f-distillation-epochs") == "2" and page.input_value("#f-teacher") == teacher
+        page.check("#mode-targets")
+        page.fill("#f-targets-max_drop", "0.05")
+        page.click("text=Paste JSON")
+        searched = json.loads(page.input_value("#job-json"))
+        assert searched["targets"]["max_drop"] == 0.05 and "student" not in searched, searched
 
         # the list with filters, compare two jobs
         page.goto(f"{pg_stack.url}/#/jobs")

@@ -182,7 +182,7 @@
       const chosen = (initial && initial[sh.tag]) || (sh.outer.default && sh.outer.default[sh.tag]);
       if (chosen) select.value = chosen;
       const body = document.createElement("div");
-      const entry = { path: [...path, sh.tag], kind: "tag", input: select, def: undefined, force: true, union: body };
+      const entry = { path: [...path, sh.tag], kind: "tag", input: select, def: select.value, force: initial !== undefined, union: body };
       const render = () => {
         this.inputs = this.inputs.filter((i) => !(i.path.length > path.length && i.path.slice(0, path.length).join(".") === path.join(".") && i !== entry));
         body.replaceChildren();
@@ -208,6 +208,7 @@
         let v;
         const raw = f.kind === "bool" ? f.input.checked : f.input.value.trim();
         if (raw === "") continue;
+        if (f.kind === "bool" && !raw && (f.def === null || f.def === undefined)) continue;  // (unset, not false)
         if (f.kind === "integer" || f.kind === "number") v = Number(raw);
         else if (f.kind === "bool") v = raw;
         else if (f.kind.startsWith("list:")) v = raw.split(",").map((x) => x.trim()).filter(Boolean).map((x) => (f.kind === "list:string" ? x : Number(x)));
@@ -220,7 +221,7 @@
       for (const f of this.inputs) {
         if (f.kind !== "tag" || !f.input.isConnected || skip(f.path)) continue;
         const parent = f.path.slice(0, -1).join(".");
-        if (touched.has(parent) || f.force) setAt(body, f.path, f.input.value);
+        if (touched.has(parent) || f.force || f.input.value !== f.def) setAt(body, f.path, f.input.value);
       }
       return body;
     }
