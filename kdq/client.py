@@ -306,7 +306,9 @@ class Client:
             partial = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
             digest = hashlib.sha256()
             try:
-                with self.http.stream("GET", f"/v1/jobs/{ident}/artifacts/{art.name}") as r:
+                # (a large artifact may answer with a redirect to the object store; httpx drops the
+                # Authorization header when it leaves the service's origin)
+                with self.http.stream("GET", f"/v1/jobs/{ident}/artifacts/{art.name}", follow_redirects=True) as r:
                     if r.status_code != 200:
                         r.read()
                         raise Refused.of(r)
