@@ -22,6 +22,8 @@ SLOW_SPEC = {**FAST_SPEC, "distillation": {**FAST_SPEC["distillation"], "epochs"
 
 
 def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
     with browser_page() as page:
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -114,10 +116,15 @@ def test_portal_end_to_end(pg_stack: Stack, assets: dict[str, Path], tmp_path: P
 
         # the list with filters, compare two jobs
         page.goto(f"{pg_stack.url}/#/jobs")
+        page.wait_for_selector("main tbody tr")
         page.fill("#flt-name", "portal-")
+        page.select_option("#flt-state", "SUCCEEDED")
         page.click("form[role=search] button[type=submit]")
-        page.wait_for_selector(f"#pick-{job_id}")
-        assert page.locator("main tbody tr").count() == 3
+        expect(page.locator("main tbody tr")).to_have_count(1)
+        assert page.is_visible(f"#pick-{job_id}")
+        page.select_option("#flt-state", "")
+        page.click("form[role=search] button[type=submit]")
+        expect(page.locator("main tbody tr")).to_have_count(3)
         shot(page, "jobs")
         page.check(f"#pick-{job_id}")
         page.check(f"#pick-{slow_id}")

@@ -27,7 +27,9 @@
     const picked = new Set();
     const compare = h("button", { type: "button", disabled: true, onclick: () => { location.hash = "#/compare?ids=" + [...picked].join(","); } }, "Compare selected");
     const syncCompare = () => { compare.disabled = picked.size < 2 || picked.size > 4; compare.textContent = `Compare selected (${picked.size})`; };
+    let seq = 0;
     async function load() {
+      const mine = ++seq;  // (an older answer arriving late must not replace a newer one)
       const q = new URLSearchParams({ page_size: "20" });
       if (f.state.value) q.append("state", f.state.value);
       if (f.name.value.trim()) q.set("name", f.name.value.trim());
@@ -37,7 +39,8 @@
       if (f.before.value) q.set("created_before", new Date(f.before.value).toISOString());
       if (tokens[page]) q.set("page_token", tokens[page]);
       let body;
-      try { body = await api("/v1/jobs?" + q); } catch (e) { table.replaceChildren(problemBox(e)); return; }
+      try { body = await api("/v1/jobs?" + q); } catch (e) { if (mine === seq) table.replaceChildren(problemBox(e)); return; }
+      if (mine !== seq) return;
       tokens[page + 1] = body.next_page_token;
       prev.disabled = page === 0;
       next.disabled = !body.next_page_token;
