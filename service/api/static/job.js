@@ -83,10 +83,11 @@
     box.append(verdictBox(job.summary) || "", h("h2", {}, "Metrics"), metricsTable(job.summary) || h("p", { class: "muted" }, "No summary."));
     const [report, arts] = await Promise.all([api(`/v1/jobs/${job.id}/metrics`).catch(() => null), api(`/v1/jobs/${job.id}/artifacts`)]);
     const reportHtml = arts.items.find((a) => a.kind === "report_html");
-    box.append(h("h2", {}, "Plots"), reportHtml ? h("p", {}, h("button", { type: "button", class: "secondary", id: "open-report", onclick: async () => {
-      const r = await fetch(reportHtml.url, { headers: headers() });
-      window.open(URL.createObjectURL(new Blob([await r.blob()], { type: "text/html" })), "_blank", "noopener");
-    } }, "Open the full report")) : null);
+    // (the report is a self-contained HTML file with inline styles and plots: a page opened from this one
+    // would inherit its strict Content-Security-Policy, so it is downloaded and opened from disk)
+    const reportButton = reportHtml ? h("button", { type: "button", class: "secondary", id: "report" }, "Download the full report (HTML)") : null;
+    if (reportButton) reportButton.addEventListener("click", () => download(job.id, reportHtml, reportButton));
+    box.append(h("h2", {}, "Plots"), reportButton ? h("p", {}, reportButton) : null);
     box.append(h("div", { class: "charts" },
       Charts.line(Charts.curves(report, lossy), { title: "Training loss", x: "step" }), Charts.line(Charts.curves(report, metric), { title: "Eval metric", x: "step" })));
     box.append(h("h2", {}, "Downloads"), h("div", { class: "scroll" }, h("table", { id: "artifacts" },
