@@ -28,6 +28,8 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+TagsType = ARRAY(String(64)).with_variant(JSON(), "sqlite")
+"""Tags: a PostgreSQL text array (filters use ``@>``); JSON in an old SQLite file being imported."""
 
 
 def utcnow() -> datetime:
@@ -113,7 +115,7 @@ class _Upload:
     """Validations begun (`service.core.uploads`)."""
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Set while a validation runs; a stale one is sent again by the reaper."""
-    tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
+    tags: Mapped[list[str]] = mapped_column(TagsType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
@@ -176,7 +178,7 @@ class Job(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Set when a finished job was deleted: its artifacts are gone, the row stays for the record."""
     name: Mapped[str | None] = mapped_column(String(255))
-    tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list)
+    tags: Mapped[list[str]] = mapped_column(TagsType, default=list)
     notify: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     """``{"url": …}``: where the job document is sent when the job ends (`WebhookDelivery`)."""
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
