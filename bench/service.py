@@ -54,7 +54,7 @@ from starlette.requests import Request
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "out"
 sys.path.insert(0, str(REPO))
-from service.client import Session as ClientSession  # noqa: E402  (after the path)
+from kdq.client import Client as KdqClient  # noqa: E402  (after the path)
 
 JOB_SPEC = {
     "student": {"kind": "auto", "max_params_ratio": 0.25},
@@ -425,7 +425,7 @@ def run_service_job(client: httpx.Client, ids: dict[str, str]) -> tuple[float, d
     r.raise_for_status()
     job_id = r.json()["id"]
     engine_s = None
-    for _, data in ClientSession(client, log=io.StringIO()).events(job_id):
+    for _, data in KdqClient(http=client, log=io.StringIO()).events(job_id):
         engine_s = data.get("engine_s", engine_s)
     wall = time.perf_counter() - t0
     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -451,10 +451,10 @@ def bench_job(svc: Service, repeats: int = 9) -> tuple[dict[str, Any], str]:
         return wall
 
     with httpx.Client(base_url=svc.url, timeout=60, headers=svc.headers) as client:
-        uploads = ClientSession(client, log=io.StringIO())
+        uploads = KdqClient(http=client, log=io.StringIO())
         ids = {
-            "teacher_model_id": uploads.upload("models", str(teacher), {}),
-            "dataset_id": uploads.upload("datasets", str(data), {}),
+            "teacher_model_id": uploads.upload(teacher, kind="model").id,
+            "dataset_id": uploads.upload(data, kind="dataset").id,
         }
         direct()  # warm: imports and first-call costs, as the worker is after its first job
         run_service_job(client, ids)

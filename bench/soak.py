@@ -38,7 +38,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.service import JOB_SPEC, OUT, Service, write_job_inputs  # noqa: E402
-from service.client import Session as ClientSession  # noqa: E402
+from kdq.client import Client as KdqClient  # noqa: E402
 
 WARM_JOBS = 5
 """RSS is first read after this many jobs (imports and caches warmed up)."""
@@ -165,7 +165,7 @@ class Soak:
                     time.sleep(0.2)
                     continue
                 try:
-                    for _ in ClientSession(c, log=io.StringIO()).events(self.job_ids[-1]):
+                    for _ in KdqClient(http=c, log=io.StringIO()).events(self.job_ids[-1]):
                         pass
                     self.streamed += 1
                 except Exception as exc:  # noqa: BLE001

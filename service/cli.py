@@ -9,6 +9,9 @@
   ``kdq migrate --from-sqlite`` copies the data of the SQLite-based kdq of before.
 * ``kdq keys create|revoke|list`` — teams' API keys.
 
+The ``kdq`` console script is `kdq.cli.main`, which hands these commands here; the client
+commands (``compress``, ``jobs``, ``uploads``, …) live in the ``kdq`` package (HTTP only).
+
 Without API keys (``--no-auth`` or ``KDQ_AUTH=none``) the API serves one default team to
 anyone who can reach it, so ``serve`` and ``api`` then refuse any host but a loopback address.
 """
@@ -315,9 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("--team", help="only this team's")
     list_.set_defaults(func=cmd_keys_list)
 
-    from .client import add_parser as add_compress
-
-    add_compress(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from ..core.db import Database
 from ..core.dberrors import database_unavailable
+from ..core.deliveries import deliver_due
 from ..core.notices import JobNotices
 from ..core.queues import Queues
 from ..core.reaper import reap
@@ -27,7 +28,9 @@ from . import problems, store_problems
 from .deps import Context
 from .limits import BodyLimit
 from .metrics import Metrics
-from .routes import artifacts, jobs, ops, uploads
+from .notify import webhook_body
+from .portal import router as portal_router
+from .routes import account, artifacts, jobs, ops, uploads
 
 log = logging.getLogger(__name__)
 API_VERSION = "1.0.0"
@@ -83,6 +86,9 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
             if is_remote(ctx.store) and settings.retention_interval_s > 0:  # failed uploads' leftovers in S3
                 tg.start_soon(_every, settings.retention_interval_s, "staging sweep",
                               partial(ctx.store.sweep_staging, STAGING_MAX_AGE_S))  # type: ignore[attr-defined]
+            if settings.webhook_interval_s > 0:  # jobs' webhooks (service.core.deliveries)
+                tg.start_soon(_every, settings.webhook_interval_s, "webhooks",
+                              partial(deliver_due, ctx.db, settings, partial(webhook_body, ctx)))
             yield
             tg.cancel_scope.cancel()
         ctx.notices.stop()
@@ -101,6 +107,7 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
     )
     problems.install(app)
     store_problems.install(app)
-    for router in (uploads.models_router, uploads.datasets_router, jobs.router, artifacts.router, ops.router):
+    for router in (uploads.models_router, uploads.datasets_router, jobs.router, artifacts.router, ops.router,
+                   account.router, portal_router):  # fmt: skip
         app.include_router(router)
     return app

@@ -11,7 +11,9 @@ from sqlalchemy import Row
 from worker.compression.spec import CompressSpec
 
 from ..core.models import Artifact, DatasetUpload, Job, ModelUpload
+from ..core.progress import overall, plan_of
 from ..core.states import JobState, UploadState
+from .labels import Name, Tags
 from .problems import Problem
 
 ModelFormat = Literal["auto", "zoo_zip", "hf_zip", "onnx", "onnx_zip", "torchscript", "exported_program"]
@@ -25,7 +27,10 @@ class _Out(BaseModel):
 
 class ModelOut(_Out):
     id: str
+    team_id: str
+    """The owning team (an admin key lists every team's)."""
     name: str
+    tags: list[str]
     format: str
     """As given at upload; once validated, the detected format when ``auto`` was given."""
     filename: str | None
@@ -71,6 +76,18 @@ class DatasetPage(Page):
 UPLOAD_FIELDS = frozenset({"teacher_model_id", "dataset_id", "eval_dataset_id"})
 
 
+class Notify(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    url: str = Field(min_length=1, max_length=2048)
+    """An http(s) URL that receives the job document when the job ends (POST, signed with the
+    team's webhook secret: ``POST /v1/webhooks/secret``)."""
+
+
+JOB_LABELS = {"name", "tags", "notify"}
+"""JobCreate's fields that are not the engine's spec (kept in their own columns)."""
+
+
 class JobCreate(CompressSpec):
     """A compression job: the uploads to use and the engine spec, in one flat object. A job's
     document (`JobOut`) carries the same fields the same way, so a job read back can be sent
@@ -80,10 +97,16 @@ class JobCreate(CompressSpec):
     dataset_id: str = Field(max_length=40)
     eval_dataset_id: str | None = Field(default=None, max_length=40)
     """A separate evaluation set (default: a seeded hold-out of ``dataset_id``)."""
+    name: Name | None = None
+    """A name to find the job by (lists filter by its prefix)."""
+    tags: Tags = Field(default_factory=list)
+    """Labels to filter by (``a,b`` or a list; 20 at most)."""
+    notify: Notify | None = None
+    """Where to send the job document when the job ends (a webhook)."""
 
     def spec_json(self) -> dict[str, Any]:
         """The engine's part (what the worker runs), as JSON."""
-        return self.model_dump(mode="json", exclude=set(UPLOAD_FIELDS))
+        return self.model_dump(mode="json", exclude=set(UPLOAD_FIELDS) | JOB_LABELS)
 
 
 class ProgressOut(BaseModel):
@@ -92,6 +115,7 @@ class ProgressOut(BaseModel):
     total: int
     fraction: float = Field(description="of the current stage, 0..1")
     eta_s: float | None
+    overall: float | None = Field(default=None, description="of the whole job, 0..1 (from its stages' usual shares)")
 
 
 class JobOut(JobCreate):
@@ -99,6 +123,8 @@ class JobOut(JobCreate):
     merged in, defaults filled) and its state."""
 
     id: str
+    team_id: str
+    """The owning team (an admin key lists every team's)."""
     state: JobState
     stage: str | None
     progress: ProgressOut
@@ -117,12 +143,17 @@ def job_document(job: Job | Row[Any]) -> dict[str, Any]:
     columns. The stored spec was validated when the job was submitted: it is not validated again."""
     total = job.progress_total or 0
     fraction = 0.0 if total <= 0 else min(1.0, job.progress_step / total)
+    done = 1.0 if job.state == JobState.SUCCEEDED else overall(plan_of(job.spec), job.stage, fraction)
     return {
         "id": job.id,
+        "team_id": job.team_id,
+        "name": job.name,
+        "tags": list(job.tags or []),
+        "notify": job.notify,
         "state": job.state,
         "stage": job.stage,
         "progress": {"stage": job.stage, "current": job.progress_step, "total": total, "fraction": fraction,
-                     "eta_s": job.eta_s},  # fmt: skip
+                     "eta_s": job.eta_s, "overall": done},  # fmt: skip
         "queue": job.queue,
         "teacher_model_id": job.teacher_model_id,
         "dataset_id": job.dataset_id,

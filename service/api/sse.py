@@ -19,6 +19,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from ..core.models import Job, JobEvent
+from ..core.progress import overall, plan_of
 from ..core.states import TERMINAL, JobState
 
 if TYPE_CHECKING:
@@ -53,8 +54,16 @@ def _fetch(ctx: Context, job_id: str, after: int) -> tuple[list[JobEvent], bool]
     return events, finished and len(events) < BATCH
 
 
-def format_event(event: JobEvent) -> str:
+def _plan(ctx: Context, job_id: str) -> str:
+    with ctx.db.read() as s:
+        return plan_of(s.scalar(select(Job.spec).where(Job.id == job_id)))
+
+
+def format_event(event: JobEvent, plan: str = "single") -> str:
+    """One SSE event; a progress event also carries the job's ``overall`` fraction done."""
     data = {**event.data, "at": event.created_at.isoformat()}
+    if event.kind == "progress" and "overall" not in data:
+        data["overall"] = overall(plan, data.get("stage"), data.get("fraction") or 0.0)
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
@@ -62,12 +71,13 @@ async def event_stream(ctx: Context, job_id: str, after: int) -> AsyncIterator[s
     poll, keepalive = ctx.settings.sse_poll_s, ctx.settings.sse_keepalive_s
     yield f"retry: {int(poll * 4000)}\n\n"
     quiet_since = time.monotonic()
+    plan = await anyio.to_thread.run_sync(_plan, ctx, job_id)
     with ctx.notices.watch(job_id) as changed:  # before the first read: no notice slips between
         while True:
             changed.clear()
             events, finished = await anyio.to_thread.run_sync(_fetch, ctx, job_id, after)
             for event in events:
-                yield format_event(event)
+                yield format_event(event, plan)
                 after = event.id
             if finished or ctx.notices.closing:
                 return

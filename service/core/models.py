@@ -1,4 +1,5 @@
-"""SQLAlchemy tables: team, API key, model, dataset, job, job_event, artifact, idempotency key.
+"""SQLAlchemy tables: team, API key, model, dataset, job, job_event, artifact, idempotency key,
+webhook delivery.
 
 Every row records its owning team. Jobs
 refer to their uploads by id without a foreign key: a job keeps the record of what it
@@ -23,10 +24,12 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+TagsType = ARRAY(String(64)).with_variant(JSON(), "sqlite")
+"""Tags: a PostgreSQL text array (filters use ``@>``); JSON in an old SQLite file being imported."""
 
 
 def utcnow() -> datetime:
@@ -70,6 +73,10 @@ class Team(Base):
     max_submissions_per_minute: Mapped[int | None] = mapped_column(Integer)
     job_time_budget_s: Mapped[float | None] = mapped_column(Float)
     """Quota overrides; None means the settings' default."""
+    webhook_secret_version: Mapped[int | None] = mapped_column(Integer)
+    """The team's webhook signing secret is derived from the operator's key and this number
+    (`service.core.webhooks`); None until the team makes one, bumped by each rotation."""
+    webhook_secret_rotated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ApiKey(Base):
@@ -108,18 +115,25 @@ class _Upload:
     """Validations begun (`service.core.uploads`)."""
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Set while a validation runs; a stale one is sent again by the reaper."""
+    tags: Mapped[list[str]] = mapped_column(TagsType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
 class ModelUpload(_Upload, Base):
     __tablename__ = "models"
-    __table_args__ = (Index("ix_models_team_created", "team_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_models_team_created", "team_id", "created_at", "id"),
+        Index("ix_models_tags", "tags", postgresql_using="gin"),
+    )
 
 
 class DatasetUpload(_Upload, Base):
     __tablename__ = "datasets"
-    __table_args__ = (Index("ix_datasets_team_created", "team_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_datasets_team_created", "team_id", "created_at", "id"),
+        Index("ix_datasets_tags", "tags", postgresql_using="gin"),
+    )
 
     options: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     """How to read the file: the ``DataSpec`` fields given at upload."""
@@ -130,6 +144,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_team_created", "team_id", "created_at", "id"),
         Index("ix_jobs_state_enqueued", "state", "enqueued_at"),
+        Index("ix_jobs_team_name", "team_id", "name"),
+        Index("ix_jobs_tags", "tags", postgresql_using="gin"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -161,6 +177,10 @@ class Job(Base):
     """Wall time of the last attempt, from RUNNING to the terminal state."""
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """Set when a finished job was deleted: its artifacts are gone, the row stays for the record."""
+    name: Mapped[str | None] = mapped_column(String(255))
+    tags: Mapped[list[str]] = mapped_column(TagsType, default=list)
+    notify: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    """``{"url": …}``: where the job document is sent when the job ends (`WebhookDelivery`)."""
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     """When the broker last accepted this job's message (the outbox mark): a QUEUED row
     with none, or whose message the broker no longer holds, is sent again by the relay."""
@@ -202,3 +222,25 @@ class IdempotencyKey(Base):
     request_sha256: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """A job's end announced to its ``notify`` URL: made in the transaction of the final state
+    change, sent (and retried) by the API's delivery loop (`service.core.webhooks`)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[str] = mapped_column(String(64), ForeignKey("teams.id"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(32))
+    """The job state that made it: ``SUCCEEDED``, ``FAILED`` or ``CANCELLED``."""
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    """``pending`` (another attempt is due at ``next_attempt_at``), ``delivered`` or ``failed``."""
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    """One entry per attempt: at, status (HTTP status or null), error, duration_ms."""
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -21,7 +21,10 @@ log = logging.getLogger(__name__)
 
 class ProgressRecorder:
     """The engine's progress callback: records progress at most every ``interval`` seconds, but
-    always the last report of each stage (and every log message), as job_event rows.
+    always the first and last report of each stage, as job_event rows. A report's message (the
+    engine may put one on every training step) rides with the report: the latest one not yet
+    written becomes a ``log`` row when a report is handed over, so messages are throttled with
+    the reports and never fill the table with steps; `log` lines are always written.
 
     The engine never waits for the database: reports are handed to a writer thread, which
     writes at most once every ``interval``, everything handed over since its last write in
@@ -39,6 +42,8 @@ class ProgressRecorder:
         self.stage: str | None = None
         self.pending: Any = None
         self.logs: list[dict[str, Any]] = []
+        self.message: dict[str, Any] | None = None
+        """The latest report's message not yet handed over (written with the next handoff)."""
         self.last_handoff = 0.0
         self.database_away = False
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class ProgressRecorder:
                 self._handoff()  # the last report of the previous stage, before this one's lines
                 self.stage = p.stage
             if p.message:
-                self.logs.append({"stage": p.stage, "message": p.message})
+                self.message = {"stage": p.stage, "message": p.message}
             self.pending = p
             if first or time.monotonic() - self.last_handoff >= self.interval:
                 self._handoff()
@@ -66,6 +71,7 @@ class ProgressRecorder:
     def log(self, message: str, **data: Any) -> None:
         self._raise_writer_error()
         with self._lock:
+            self._take_message()  # (an earlier report's message comes before this line)
             self.logs.append({"stage": self.stage, "message": message, **data})
             self._handoff()
 
@@ -100,6 +106,7 @@ class ProgressRecorder:
 
     def _handoff(self) -> None:
         """(lock held) Hand the pending report and log lines to the writer thread."""
+        self._take_message()
         if (self.pending is None and not self.logs) or self.fence.lost.is_set() or self._closed:
             return
         self._batch.append((self.pending, self.logs))
@@ -109,6 +116,11 @@ class ProgressRecorder:
             self._writer = threading.Thread(target=self._run, daemon=True, name=f"progress-{self.job_id}")
             self._writer.start()
         self._wake.notify()
+
+    def _take_message(self) -> None:
+        if self.message is not None:
+            self.logs.append(self.message)
+            self.message = None
 
     def _run(self) -> None:
         while True:
@@ -205,3 +217,32 @@ def fold(batch: list[tuple[Any, list[dict[str, Any]]]]) -> list[tuple[Any, list[
         else:
             out.append((p, logs))
     return out
+
+
+STAGE_PLANS: dict[str, list[tuple[str, float]]] = {
+    "single": [("load", 3), ("distill", 55), ("baseline", 10), ("qat", 5), ("quantize", 4), ("quantizing", 1),
+               ("sensitivity", 4), ("fallback", 2), ("export", 4), ("evaluate", 8), ("report", 4)],
+    "search": [("load", 2), ("export", 2), ("search", 86), ("evaluate", 6), ("report", 4)],
+}  # fmt: skip
+"""A job's stages in order with their share of its time (rough, measured on the small jobs of the
+tests), from which one overall fraction is shown: `overall`."""
+
+
+def plan_of(spec: dict[str, Any] | None) -> str:
+    """``search`` for a job with targets (or a ``search`` student), else ``single``."""
+    spec = spec or {}
+    student = spec.get("student") or {}
+    return "search" if spec.get("targets") or student.get("kind") == "search" else "single"
+
+
+def overall(plan: str, stage: str | None, fraction: float) -> float | None:
+    """The job's overall fraction done (0..1) in ``stage`` at ``fraction`` of it; None for a stage
+    the plan does not know (clients then keep the last value they showed)."""
+    stages = STAGE_PLANS.get(plan, STAGE_PLANS["single"])
+    total = sum(w for _, w in stages)
+    before = 0.0
+    for name, weight in stages:
+        if name == stage:
+            return round(min(1.0, (before + weight * max(0.0, min(1.0, fraction))) / total), 4)
+        before += weight
+    return None

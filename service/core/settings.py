@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1 << 20
@@ -157,6 +157,22 @@ class Settings(BaseSettings):
     samples x epochs reaches this (None: only ``device: cuda`` jobs do; set it once GPU workers run)."""
     worker_beat_s: float = Field(default=10.0, gt=0)
     """How often a worker process records that it is alive (``/metrics`` shows each one's age)."""
+
+    webhook_key: SecretStr | None = None
+    """The operator's secret from which each team's webhook signing secret is derived (HMAC of the
+    team and its secret's version; the database holds no secret). Default: a random key made once
+    in ``<data_dir>/webhook.key`` (mode 0600); set it when API processes run on several machines."""
+    webhook_allow: str = ""
+    """Comma-separated networks (``10.0.0.0/8``) or host names that webhook targets may be on even
+    though they are loopback, private, link-local or reserved addresses (refused otherwise)."""
+    webhook_interval_s: float = Field(default=1.0, ge=0)
+    """How often the API's delivery loop looks for webhooks due (0: never sends)."""
+    webhook_backoff_s: float = Field(default=10.0, gt=0)
+    """The wait after a webhook's first failed attempt; it doubles after each (up to an hour)."""
+    webhook_retry_for_s: float = Field(default=24 * 3600.0, gt=0)
+    """How long a webhook is retried after the job ended before it is given up (``failed``)."""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    """One attempt's limit (connect and answer); a slower receiver counts as a failed attempt."""
 
     log_format: Literal["text", "json"] = "text"
     """Log lines as text, or as one JSON object each (with the job id and team where there is one)."""

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from .models import Job, JobEvent, utcnow
+from .webhooks import queue_delivery
 
 
 class JobState(StrEnum):
@@ -88,6 +89,8 @@ def transition(session: Session, job_id: str, target: JobState, **changes: Any) 
     if job.error is not None and target is JobState.FAILED:
         data["error"] = job.error
     session.add(JobEvent(job_id=job_id, kind="state", data=data, created_at=now))
+    if target in TERMINAL:
+        queue_delivery(session, job)  # the job's webhook, if it has one (service.core.webhooks)
     return job
 
 

@@ -235,6 +235,10 @@ def pg_stack(pg_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFa
         KDQ_RETENTION_INTERVAL_S="1",
         KDQ_UPLOADS_RETENTION_S=str(RETENTION_S),
         KDQ_ARTIFACTS_RETENTION_S=str(RETENTION_S),
+        # webhooks: the tests' receivers listen on loopback; retries come quickly
+        KDQ_WEBHOOK_ALLOW="127.0.0.1/32",
+        KDQ_WEBHOOK_INTERVAL_S="0.2",
+        KDQ_WEBHOOK_BACKOFF_S="0.3",
     )
     stack = Stack(f"http://127.0.0.1:{port}", env, root)
     subprocess.run(kdq("migrate"), cwd=REPO, env=env, check=True, capture_output=True)

@@ -6,15 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from .assets import EXPECTED_ARTIFACTS, FAST_SPEC
-from .conftest import REPO, Stack, free_port, kdq
+from .conftest import REPO, Stack, free_port
+
+
+def kdq_client(*args: str) -> list[str]:
+    """The ``kdq`` command's client half (the `kdq` package), as the console script runs it."""
+    return [sys.executable, "-m", "kdq", *args]
 
 
 def compress(stack: Stack, *args: str, key: str | None = None) -> subprocess.CompletedProcess[str]:
-    argv = kdq("compress", "--url", stack.url, "--key", key or stack.key or "", *args)
+    argv = kdq_client("compress", "--url", stack.url, "--key", key or stack.key or "", *args)
     return subprocess.run(argv, cwd=REPO, env=stack.env, capture_output=True, text=True, timeout=300)
 
 
@@ -50,7 +56,9 @@ def test_a_failed_job_exits_1_with_its_problem(pg_stack: Stack, pg_uploads: dict
     done = compress(pg_stack, "--teacher", pg_uploads["teacher"]["id"], "--data", pg_uploads["dataset"]["id"],
                     "--spec", json.dumps(spec), "--out", str(tmp_path / "out"))  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert "FAILED" in done.stderr and "GPU" in done.stderr and done.stdout == ""
+    assert "FAILED" in done.stderr and "GPU" in done.stderr
+    error = json.loads(done.stdout)  # the problem as JSON on stdout too
+    assert error["state"] == "FAILED" and "GPU" in error["error"]["detail"] and error["error"]["exit_code"] == 1
     assert not (tmp_path / "out").exists()
 
 
@@ -60,6 +68,8 @@ def test_a_refused_spec_exits_2_naming_the_bad_field(pg_stack: Stack, pg_uploads
                     "--spec", json.dumps(spec))  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "HTTP 422" in done.stderr and "/distillation/epochs" in done.stderr
+    problem = json.loads(done.stdout)["error"]
+    assert problem["status"] == 422 and problem["errors"][0]["pointer"] == "#/distillation/epochs"
 
 
 def test_an_invalid_upload_exits_2_with_the_reason(pg_stack: Stack, assets: dict[str, Path]) -> None:
@@ -73,8 +83,10 @@ def test_a_wrong_key_exits_2_and_no_service_exits_3(pg_stack: Stack, assets: dic
     args = ["--teacher", str(assets["teacher"]), "--data", str(assets["data"])]
     refused = compress(pg_stack, *args, key="kdq_nope_nope")
     assert refused.returncode == 2 and "HTTP 401" in refused.stderr, refused.stderr
+    assert json.loads(refused.stdout)["error"]["status"] == 401
     gone = subprocess.run(
-        kdq("compress", "--url", f"http://127.0.0.1:{free_port()}", *args),
+        kdq_client("compress", "--url", f"http://127.0.0.1:{free_port()}", *args),
         cwd=REPO, env=pg_stack.env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert gone.returncode == 3 and "cannot reach" in gone.stderr, gone.stderr
+    assert json.loads(gone.stdout)["error"]["exit_code"] == 3

@@ -30,6 +30,8 @@ from ...core.states import (
 )
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking, db_threads
 from ..jobcheck import check_job
+from ..labels import JobFilters
+from ..notify import job_labels
 from ..pagination import MAX_PAGE_SIZE, paginate
 from ..problems import (
     AUTH_RESPONSES,
@@ -201,6 +203,7 @@ def create_job(req: JobCreate, ctx: Ctx, who: Auth, idempotency_key: Idempotency
         teacher_model_id=teacher.id,
         dataset_id=dataset.id,
         eval_dataset_id=evalset.id if evalset else None,
+        **job_labels(ctx, req, team),
     )
     try:
         with ctx.db.write() as s:
@@ -231,13 +234,16 @@ def create_job(req: JobCreate, ctx: Ctx, who: Auth, idempotency_key: Idempotency
 def list_jobs(
     ctx: Ctx,
     who: Auth,
+    filters: Annotated[JobFilters, Depends()],
     state: Annotated[list[JobState] | None, Query()] = None,
     page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
     page_token: str | None = Query(None, max_length=512),
 ) -> Response:
+    """Newest first; filters combine (all must hold); an admin key lists every team's."""
     stmt = select(Job) if who.is_admin else select(Job).where(Job.team_id == who.team_id)
     if state:
         stmt = stmt.where(Job.state.in_([s.value for s in state]))
+    stmt = filters.apply(stmt, Job)
     with ctx.db.read() as s:
         rows, token = paginate(s, stmt, Job, page_size, page_token)
         items = [job_document(j) for j in rows]

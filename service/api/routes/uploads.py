@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -33,6 +33,7 @@ from ...core.records import lock_blob, release_blob
 from ...core.states import TERMINAL, UploadState
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking
 from ..inspection import InspectionLimits, inspect_upload
+from ..labels import ListFilters, Tags
 from ..multipart import ReceivedUpload, receive_upload
 from ..pagination import MAX_PAGE_SIZE, paginate
 from ..problems import (
@@ -56,6 +57,8 @@ class ModelForm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(default=None, min_length=1, max_length=255)
+    tags: Tags = Field(default_factory=list)
+    """Labels to filter by: ``a,b`` or a JSON list."""
     format: ModelFormat = "auto"
     """``zoo_zip`` (config.json + model.safetensors), ``hf_zip`` (a transformers folder; both as a zip or a
     tar(.gz)), ``onnx``, ``torchscript`` / ``exported_program`` (only where the operator allows code
@@ -66,6 +69,8 @@ class ModelForm(BaseModel):
 
 class DatasetForm(DataSpec):
     name: str | None = Field(default=None, min_length=1, max_length=255)
+    tags: Tags = Field(default_factory=list)
+    """Labels to filter by: ``a,b`` or a JSON list."""
     metadata: Json[dict[str, Any]] | None = None
 
     @field_validator("image_size", "image_mean", "image_std", mode="before")
@@ -105,7 +110,7 @@ def _multipart_schema(form: type[BaseModel]) -> dict[str, Any]:
 
 def _row_values(k: UploadKind, form: BaseModel) -> dict[str, Any]:
     if isinstance(form, DatasetForm):
-        options = DataSpec.model_validate(form.model_dump(exclude={"name", "metadata"}))
+        options = DataSpec.model_validate(form.model_dump(exclude={"name", "metadata", "tags"}))
         return {"format": options.format, "options": options.model_dump(mode="json")}
     assert isinstance(form, ModelForm)
     return {"format": form.format}
@@ -177,6 +182,7 @@ def make_router(k: UploadKind) -> APIRouter:
             size_bytes=ref.size,
             state=UploadState.VALIDATING.value,
             user_metadata=form.metadata or {},
+            tags=form.tags,  # type: ignore[attr-defined]
             **values,
         )  # type: ignore[attr-defined]
         try:
@@ -207,16 +213,18 @@ def make_router(k: UploadKind) -> APIRouter:
     def list_(
         ctx: Ctx,
         who: Auth,
+        filters: Annotated[ListFilters, Depends()],
         state: UploadState | None = None,
         page_size: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
         page_token: str | None = Query(None, max_length=512),
     ) -> Any:
-        """Newest first; an admin key lists every team's."""
+        """Newest first; filters combine (all must hold); an admin key lists every team's."""
         stmt = select(k.table)
         if not who.is_admin:
             stmt = stmt.where(k.table.team_id == who.team_id)
         if state is not None:
             stmt = stmt.where(k.table.state == state)
+        stmt = filters.apply(stmt, k.table)
         with ctx.db.read() as s:
             rows, token = paginate(s, stmt, k.table, page_size, page_token)
             return k.page(items=[k.out.of(r) for r in rows], next_page_token=token)
