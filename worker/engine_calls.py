@@ -49,14 +49,15 @@ def classify(exc: BaseException) -> tuple[str, str, str | None] | None:
 
 
 def validate_upload(path: Path, upload_kind: str, fmt: str, options: dict[str, Any],
-                    code_options: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """The upload's summary (`worker.compression.io.validate`)."""
+                    code_options: dict[str, Any], memory_bytes: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The upload's summary (`worker.compression.io.validate`); ``memory_bytes`` is the child's cap,
+    which estimates from the file's headers must fit before anything is decoded."""
     from worker.compression.io.validate import validate_dataset, validate_model
     from worker.compression.spec import DataSpec
 
     if upload_kind == "model":
-        return jsonable(validate_model(path, fmt, **code_options))
-    return jsonable(validate_dataset(path, DataSpec.model_validate(options)))
+        return jsonable(validate_model(path, fmt, memory_bytes=memory_bytes, **code_options))
+    return jsonable(validate_dataset(path, DataSpec.model_validate(options), memory_bytes=memory_bytes))
 
 
 def run_compress(channel: Channel, spec: dict[str, Any], inputs: dict[str, Path | None], output_dir: Path,
