@@ -220,6 +220,13 @@ class Client:
     def cancel(self, ident: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{ident}/cancel", 202).json()).bind(self)
 
+    def delete_job(self, ident: str) -> Job:
+        """Delete a finished job's files (it stays as a record, ``deleted_at`` set)."""
+        return Job.model_validate(self.request("DELETE", f"/v1/jobs/{ident}", 200).json()).bind(self)
+
+    def delete_artifact(self, ident: str, name: str) -> None:
+        self.request("DELETE", f"/v1/jobs/{ident}/artifacts/{name}", 204)
+
     def metrics(self, ident: str) -> dict[str, Any]:
         return self._get(f"/v1/jobs/{ident}/metrics")
 
