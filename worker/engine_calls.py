@@ -27,6 +27,9 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 def preload() -> None:
     """Import the engine (torch, onnxruntime, transformers …) so that each forked child starts at
     once. Only imports: nothing runs, so no thread pool exists to be forked."""
+    import transformers.models.bert.modeling_bert  # noqa: F401  (~5 s a child would pay per HF upload)
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
     import worker.compression.compress  # noqa: F401
     import worker.compression.io.validate  # noqa: F401
 
