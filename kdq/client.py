@@ -23,6 +23,7 @@ import httpx
 
 from .errors import JobFailed, Refused, Unreachable, UploadInvalid
 from .models import TERMINAL, Artifact, Delivery, Job, Me, Upload, WebhookSecret
+from .packing import packed
 from .progress import JobView, UploadView
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -133,26 +134,28 @@ class Client:
         """Upload a teacher (``kind="model"``) or a dataset (``"dataset"``; guessed from the
         suffix when not given), and (``wait``) wait for its validation: an invalid upload raises
         `UploadInvalid` with the reason. ``options``: the dataset's reading fields
-        (``label_column=…``)."""
+        (``label_column=…``). A folder (a transformers ``save_pretrained`` one, say) and an ONNX graph
+        with its external data file beside it are zipped first (`kdq.packing`)."""
         path = Path(path)
-        if not path.is_file():
-            raise UploadInvalid(f"{path}: no such file")
+        if not path.is_file() and not path.is_dir():
+            raise UploadInvalid(f"{path}: no such file or folder")
         kind = kind or ("dataset" if path.suffix.lower() in DATASET_SUFFIXES else
-                        "model" if path.suffix.lower() in MODEL_SUFFIXES else None)  # fmt: skip
+                        "model" if path.suffix.lower() in MODEL_SUFFIXES or path.is_dir() else None)  # fmt: skip
         if kind not in ("model", "dataset"):
             raise UploadInvalid(f"{path}: say kind='model' or kind='dataset' (the suffix does not tell)")
-        fields = {"format": format, **{k: str(v) for k, v in options.items()}}
-        if name:
-            fields["name"] = name
-        if tags:
-            fields["tags"] = ",".join(tags)
-        view = UploadView(path.name, path.stat().st_size, self.log, "auto" if progress else "quiet")
-        try:
-            with open(path, "rb") as f:
-                r = self.request("POST", f"/v1/{kind}s", 201, files={"file": (path.name, _Counting(f, view))},
-                                 data=fields)  # fmt: skip
-        finally:
-            view.close()
+        with packed(path, format) as (sent, sent_format):  # a folder, or a graph with its .onnx.data: one zip
+            fields = {"format": sent_format, **{k: str(v) for k, v in options.items()}}
+            if name:
+                fields["name"] = name
+            if tags:
+                fields["tags"] = ",".join(tags)
+            view = UploadView(sent.name, sent.stat().st_size, self.log, "auto" if progress else "quiet")
+            try:
+                with open(sent, "rb") as f:
+                    r = self.request("POST", f"/v1/{kind}s", 201, files={"file": (sent.name, _Counting(f, view))},
+                                     data=fields)  # fmt: skip
+            finally:
+                view.close()
         up = Upload.model_validate(r.json()).bind(self)
         return self.wait_upload(up.id) if wait else up
 
@@ -219,6 +222,13 @@ class Client:
 
     def cancel(self, ident: str) -> Job:
         return Job.model_validate(self.request("POST", f"/v1/jobs/{ident}/cancel", 202).json()).bind(self)
+
+    def delete_job(self, ident: str) -> Job:
+        """Delete a finished job's files (it stays as a record, ``deleted_at`` set)."""
+        return Job.model_validate(self.request("DELETE", f"/v1/jobs/{ident}", 200).json()).bind(self)
+
+    def delete_artifact(self, ident: str, name: str) -> None:
+        self.request("DELETE", f"/v1/jobs/{ident}/artifacts/{name}", 204)
 
     def metrics(self, ident: str) -> dict[str, Any]:
         return self._get(f"/v1/jobs/{ident}/metrics")

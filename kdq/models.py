@@ -124,6 +124,8 @@ class Job(_Doc):
     updated_at: datetime | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    deleted_at: datetime | None = None
+    """Set once its files were deleted (`Job.delete`)."""
 
     @property
     def finished(self) -> bool:
@@ -176,6 +178,10 @@ class Job(_Doc):
     def cancel(self) -> Job:
         return self._api().cancel(self.id)
 
+    def delete(self) -> Job:
+        """Delete the finished job's files (the job stays, as a record)."""
+        return self._api().delete_job(self.id)
+
     def metrics(self) -> dict[str, Any]:
         return self._api().metrics(self.id)
 
@@ -217,6 +223,8 @@ class Me(_Doc):
     team_id: str
     scope: str = "team"
     auth: str = "keys"
+    usage: dict[str, Any] = Field(default_factory=dict)
+    """stored_bytes / max_stored_bytes, unfinished_jobs / max_unfinished_jobs, job_time_budget_s …"""
 
 
 class WebhookSecret(_Doc):

@@ -197,10 +197,12 @@ def cmd_api(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    from .api.http_limits import protocol_with
     from .api.server import GRACEFUL_S
 
     uvicorn.run("service.api.app:create_app", factory=True, workers=args.workers, log_config=None,
-                timeout_graceful_shutdown=GRACEFUL_S, **options)  # fmt: skip
+                timeout_graceful_shutdown=GRACEFUL_S, http=protocol_with(_settings().max_request_head_bytes),
+                **options)  # fmt: skip
     return 0
 
 

@@ -27,6 +27,9 @@ STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 def preload() -> None:
     """Import the engine (torch, onnxruntime, transformers …) so that each forked child starts at
     once. Only imports: nothing runs, so no thread pool exists to be forked."""
+    import transformers.models.bert.modeling_bert  # noqa: F401  (~5 s a child would pay per HF upload)
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+
     import worker.compression.compress  # noqa: F401
     import worker.compression.io.validate  # noqa: F401
 
@@ -49,14 +52,15 @@ def classify(exc: BaseException) -> tuple[str, str, str | None] | None:
 
 
 def validate_upload(path: Path, upload_kind: str, fmt: str, options: dict[str, Any],
-                    code_options: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """The upload's summary (`worker.compression.io.validate`)."""
+                    code_options: dict[str, Any], memory_bytes: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The upload's summary (`worker.compression.io.validate`); ``memory_bytes`` is the child's cap,
+    which estimates from the file's headers must fit before anything is decoded."""
     from worker.compression.io.validate import validate_dataset, validate_model
     from worker.compression.spec import DataSpec
 
     if upload_kind == "model":
-        return jsonable(validate_model(path, fmt, **code_options))
-    return jsonable(validate_dataset(path, DataSpec.model_validate(options)))
+        return jsonable(validate_model(path, fmt, memory_bytes=memory_bytes, **code_options))
+    return jsonable(validate_dataset(path, DataSpec.model_validate(options), memory_bytes=memory_bytes))
 
 
 def run_compress(channel: Channel, spec: dict[str, Any], inputs: dict[str, Path | None], output_dir: Path,

@@ -113,9 +113,10 @@ def _inspect(rt: Runtime, kind: str, upload_id: str, row: Any) -> tuple[dict[str
         path = rt.store.fetch(row.sha256, Path(tmp) / local_name(kind, row.format, row.filename))
         options, code = dict(row.options or {}) if kind == "dataset" else {}, code_checkpoints(rt.settings)
         try:
+            limits = TaskLimits.for_queue(rt.settings, "validate")
             summary = run_confined(
-                lambda _: engine_calls.validate_upload(path, kind, row.format, options, code),
-                limits=TaskLimits.for_queue(rt.settings, "validate"), scratch=Path(tmp), on_message=lambda _: None,
+                lambda _: engine_calls.validate_upload(path, kind, row.format, options, code, limits.memory_bytes),
+                limits=limits, scratch=Path(tmp), on_message=lambda _: None,
                 classify=engine_calls.classify, name="validation")  # fmt: skip
             return summary, None
         except LimitExceeded as exc:

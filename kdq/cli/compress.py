@@ -34,8 +34,8 @@ def _upload(client: Client, kind: str, source: str, fmt: str, quiet: bool, **opt
     path = Path(source)
     if not path.exists() and UPLOAD_ID[kind].match(source):
         up = client.wait_upload(source)
-    elif not path.is_file():
-        raise KdqError(f"{source}: no such file (nor the id of an earlier upload)")
+    elif not path.exists():
+        raise KdqError(f"{source}: no such file or folder (nor the id of an earlier upload)")
     else:
         up = client.upload(path, kind=kind, format=fmt, progress=not quiet, **options)
     if not quiet:

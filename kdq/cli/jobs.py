@@ -1,4 +1,4 @@
-"""``kdq jobs list|show|watch|cancel|download|compare|rerun|deliveries``."""
+"""``kdq jobs list|show|watch|cancel|delete|download|compare|rerun|deliveries``."""
 
 from __future__ import annotations
 
@@ -83,6 +83,17 @@ def _follow(args: argparse.Namespace, client: Client, job: Job) -> int:
     return 0
 
 
+def cmd_delete(args: argparse.Namespace, client: Client) -> int:
+    """A finished job's files: all (the job stays, as a record) or one ``--artifact``."""
+    if args.artifact:
+        client.delete_artifact(args.job_id, args.artifact)
+        emit(args, {"job_id": args.job_id, "deleted": args.artifact}, lambda: print(f"{args.job_id} {args.artifact} deleted"))
+        return 0
+    job = client.delete_job(args.job_id)
+    emit(args, dump(job), lambda: print(f"{job.id} {job.state}, files deleted"))
+    return 0
+
+
 def cmd_watch(args: argparse.Namespace, client: Client) -> int:
     return _follow(args, client, client.job(args.job_id))
 
@@ -164,7 +175,7 @@ def cmd_deliveries(args: argparse.Namespace, client: Client) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    jobs = sub.add_parser("jobs", help="list, show, watch, cancel, download, compare, rerun jobs")
+    jobs = sub.add_parser("jobs", help="list, show, watch, cancel, delete, download, compare, rerun jobs")
     js = jobs.add_subparsers(dest="jobs_command", required=True)
     common = service_options()
 
@@ -191,6 +202,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("job_id")
     p.add_argument("--wait", action="store_true", help="until it has stopped")
     p.set_defaults(handler=cmd_cancel)
+
+    p = js.add_parser("delete", parents=[common], help="delete a finished job's files (it stays as a record)")
+    p.add_argument("job_id")
+    p.add_argument("--artifact", metavar="NAME", help="only this file")
+    p.set_defaults(handler=cmd_delete)
 
     p = js.add_parser("download", parents=[common], help="a succeeded job's files, checked against their sha256")
     p.add_argument("job_id")

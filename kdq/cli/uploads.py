@@ -73,7 +73,15 @@ def cmd_secret(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_whoami(args: argparse.Namespace, client: Client) -> int:
     me = client.me()
-    emit(args, dump(me), lambda: print(f"team {me.team_id} ({me.scope} key) at {client.url}"))
+    def human() -> None:
+        print(f"team {me.team_id} ({me.scope} key) at {client.url}")
+        u = me.usage
+        if u:
+            print(f"storage {u['stored_bytes'] / 2**20:.1f} of {u['max_stored_bytes'] / 2**20:.0f} MiB, "
+                  f"{u['unfinished_jobs']} of {u['max_unfinished_jobs']} unfinished jobs, "
+                  f"time budget {u['job_time_budget_s'] / 3600:.1f} h per job")
+
+    emit(args, dump(me), human)
     return 0
 
 

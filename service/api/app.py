@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None, parts: Callable[[], dict[str, s
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    ctx.notices.hooks.append(lambda jobs: [ctx.finished_jobs.pop(job_id, None) for job_id in jobs])
     app.add_middleware(
         BodyLimit, max_bytes=JSON_BODY_LIMIT, streamed_paths=frozenset({"/v1/models", "/v1/datasets"})
     )

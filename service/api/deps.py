@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, ParamSpec, TypeVar
@@ -34,6 +34,8 @@ class Context:
     """The supervised children's states (`kdq serve`); None scaled out."""
     finished_jobs: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     """Serialised finished jobs by id, with their team (see `service.api.routes.jobs.get_job`)."""
+    streams: Counter[str] = field(default_factory=Counter)
+    """Event streams open in this process, by team."""
     keys: KeyCache = field(init=False)
     """API keys this process accepted in the last ``auth_cache_s`` seconds."""
     default_team_ready: bool = field(default=False, init=False)

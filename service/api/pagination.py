@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Select, and_, or_
@@ -28,8 +28,9 @@ def decode_token(token: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(created)
         if when.tzinfo is None or not isinstance(ident, str) or "\x00" in ident:
             raise ValueError
+        when.astimezone(UTC)  # a forged offset near the calendar's ends overflows here, not in the database
         return when, ident
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, OverflowError, json.JSONDecodeError):
         raise unprocessable(
             [FieldError(parameter="page_token", detail="not a page token from this API")]
         ) from None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -86,12 +88,20 @@ def unprocessable(errors: Sequence[FieldError], detail: str = "the request is no
     return ProblemError(422, detail, code="invalid_request", errors=errors)
 
 
+class ProblemResponse(JSONResponse):
+    """Rendered as ASCII JSON: a problem may quote the bad input back (a key holding a lone surrogate,
+    which UTF-8 cannot encode), and must still be sent."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def problem_response(
     problem: Problem, request: Request | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     if request is not None and problem.instance is None:
         problem = problem.model_copy(update={"instance": request.url.path})
-    return JSONResponse(
+    return ProblemResponse(
         problem.model_dump(), status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )
 
@@ -124,31 +134,43 @@ def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> Pr
     return unprocessable(field_errors([{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors()], ()))
 
 
-def find_nul(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Where a NUL character hides in JSON-like data (a key or a string), else None.
+def _unstorable_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "text must not contain NUL characters"
+    if any("\ud800" <= ch <= "\udfff" for ch in text):
+        return "text must be valid Unicode (it holds a lone surrogate, e.g. \\ud800)"
+    return None
 
-    PostgreSQL stores no NUL in text or JSONB, so such a value must be refused as input, not
-    reach the database and fail there."""
+
+def find_unstorable(value: Any, path: tuple[str, ...] = ()) -> tuple[tuple[str, ...], str] | None:
+    """Where JSON-like data holds what PostgreSQL cannot store, and what: a NUL character or a lone
+    surrogate in a string or key, a NaN or an infinity; None when everything can be stored.
+
+    Python's JSON parser accepts ``NaN``, ``Infinity`` and ``"\ud800"``; JSONB refuses them, so such a
+    value is refused as input, not left to fail in the database."""
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        reason = _unstorable_text(value)
+        return (path, reason) if reason else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return path, "numbers must be finite (not NaN or Infinity)"
     if isinstance(value, dict):
         for k, v in value.items():
-            if "\x00" in str(k):
-                return (*path, str(k))
-            if (found := find_nul(v, (*path, str(k)))) is not None:
+            if (reason := _unstorable_text(str(k))) is not None:
+                return (*path, str(k)), reason
+            if (found := find_unstorable(v, (*path, str(k)))) is not None:
                 return found
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            if (found := find_nul(v, (*path, str(i)))) is not None:
+            if (found := find_unstorable(v, (*path, str(i)))) is not None:
                 return found
     return None
 
 
-def reject_nul(value: Any) -> None:
-    """422 pointing at the first NUL character in a parsed body."""
-    if (found := find_nul(value)) is not None:
-        error = FieldError(pointer=pointer(found), detail="text must not contain NUL characters")
-        raise unprocessable([error])
+def reject_unstorable(value: Any) -> None:
+    """422 pointing at the first value that cannot be stored (`find_unstorable`)."""
+    if (found := find_unstorable(value)) is not None:
+        where, reason = found
+        raise unprocessable([FieldError(pointer=pointer(where), detail=reason)])
 
 
 def install(app: FastAPI) -> None:

@@ -136,6 +136,8 @@ class JobOut(JobCreate):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    deleted_at: datetime | None = None
+    """Set once the job's files were deleted (``DELETE /v1/jobs/{id}``): the job remains, as a record."""
 
 
 def job_document(job: Job | Row[Any]) -> dict[str, Any]:
@@ -166,6 +168,7 @@ def job_document(job: Job | Row[Any]) -> dict[str, Any]:
         "updated_at": _iso(job.updated_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
+        "deleted_at": _iso(getattr(job, "deleted_at", None)),
     }
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from .http_limits import protocol_with
+
 GRACEFUL_S = 3
 """What a request still in flight gets once a shutdown begins."""
 
@@ -20,6 +22,7 @@ GRACEFUL_S = 3
 class ApiServer(uvicorn.Server):
     def __init__(self, app: FastAPI, **config: Any) -> None:
         config.setdefault("timeout_graceful_shutdown", GRACEFUL_S)
+        config.setdefault("http", protocol_with(app.state.ctx.settings.max_request_head_bytes))
         super().__init__(uvicorn.Config(app, log_config=None, **config))
         self.app = app
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,6 +60,9 @@ class JobNotices:
         self._thread: threading.Thread | None = None
         self.listening = False
         """Whether the listener is up (tests wait for it before they commit)."""
+        self.hooks: list[Callable[[list[str]], None]] = []
+        """Called (in the event loop) with the ids of jobs that have news: the API drops a deleted
+        job from its cache of finished ones."""
         self.closing = False
         """Set when the server begins to stop: every event stream ends (`close_streams`)."""
 
@@ -94,6 +97,8 @@ class JobNotices:
                     del self._watchers[job_id]
 
     def _wake(self, jobs: list[str]) -> None:
+        for hook in self.hooks:
+            hook(jobs)
         for job_id in jobs:
             for changed in self._watchers.get(job_id, ()):
                 changed.set()

@@ -83,13 +83,10 @@ class Queues:
         (`service.core.fairness`)."""
         self._send(RUN_JOB, [job_id], task_id=job_id, queue=queue, priority=priority)
 
-    def send_validation(self, kind: UploadKind, upload_id: str) -> None:
-        self._send(
-            VALIDATE_UPLOAD,
-            [kind, upload_id],
-            task_id=f"validate-{upload_id}",
-            queue=self.settings.queue_validate,
-        )
+    def send_validation(self, kind: UploadKind, upload_id: str, priority: int = 0) -> None:
+        """Queue an upload's validation (``priority`` as for jobs, `service.core.fairness`)."""
+        self._send(VALIDATE_UPLOAD, [kind, upload_id], task_id=f"validate-{upload_id}",
+                   queue=self.settings.queue_validate, priority=priority)  # fmt: skip
 
     def _send(self, name: str, args: list[str], *, task_id: str, queue: str, priority: int = 0) -> None:
         try:

@@ -80,7 +80,8 @@ def check_storage(session: Session, settings: Settings, team_id: str, adding: in
     if used + adding > limit:
         raise QuotaExceeded(
             f"team {team_id!r} stores {used} bytes; {adding} more would exceed its quota of {limit} bytes. "
-            "Delete models, datasets or jobs' artifacts you no longer need; nothing was stored"
+            "Delete models, datasets or finished jobs' files you no longer need (DELETE /v1/models/{id}, "
+            "/v1/datasets/{id}, /v1/jobs/{id}); nothing was stored"
         )
 
 
@@ -121,7 +122,8 @@ def check_submission(session: Session, settings: Settings, team_id: str) -> None
     if used >= limit:
         raise QuotaExceeded(
             f"team {team_id!r} stores {used} bytes, its whole quota of {limit} bytes, and a job adds "
-            "artifacts. Delete models, datasets or jobs' artifacts you no longer need"
+            "artifacts. Delete models, datasets or finished jobs' files you no longer need (DELETE "
+            "/v1/models/{id}, /v1/datasets/{id}, /v1/jobs/{id})"
         )
 
 
@@ -130,3 +132,18 @@ def time_budget_for(session: Session, settings: Settings, team_id: str) -> float
     team = session.get(Team, team_id)
     override = team.job_time_budget_s if team is not None else None
     return settings.job_time_budget_s if override is None else override
+
+
+def usage_of(session: Session, settings: Settings, team_id: str) -> dict[str, float | int]:
+    """What the team uses against its quotas (``/v1/me``)."""
+    limits = limits_for(session, settings, team_id)
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.team_id == team_id, Job.state.in_(ACTIVE)))  # fmt: skip
+    return {
+        "stored_bytes": stored_bytes(session, team_id),
+        "max_stored_bytes": limits.max_stored_bytes,
+        "unfinished_jobs": int(active or 0),
+        "max_unfinished_jobs": limits.max_running_jobs,
+        "max_submissions_per_minute": limits.max_submissions_per_minute,
+        "job_time_budget_s": time_budget_for(session, settings, team_id),
+    }

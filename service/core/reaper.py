@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from .db import Database
-from .fairness import priority_of
+from .fairness import priority_of, send_validation_fairly
 from .lifecycle import reap_verdict
 from .models import Job, utcnow
 from .records import UPLOAD_TABLES
@@ -86,7 +86,7 @@ def reap_stale_validations(db: Database, settings: Settings,
 def reap(db: Database, settings: Settings, queues: Any) -> None:
     """One reaper pass: stale jobs (sent again at their fair priority), then stale validations."""
     reap_stale_jobs(db, settings, lambda job_id, queue: queues.send_job(job_id, queue, _priority(db, job_id)))
-    reap_stale_validations(db, settings, queues.send_validation)
+    reap_stale_validations(db, settings, lambda kind, upload_id: send_validation_fairly(db, queues, kind, upload_id))
 
 
 def _priority(db: Database, job_id: str) -> int:

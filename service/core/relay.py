@@ -28,7 +28,7 @@ from sqlalchemy import and_, or_, select, update
 
 from .db import Database
 from .dberrors import database_unavailable
-from .fairness import priority_of
+from .fairness import priority_of, send_validation_fairly
 from .models import DatasetUpload, Job, JobEvent, ModelUpload, utcnow
 from .queues import BrokerUnavailable, Queues
 from .settings import Settings
@@ -122,7 +122,7 @@ def relay_queued_jobs(db: Database, settings: Settings, queues: Queues) -> list[
         sent.append(job.id)
     for kind, ident in lost_uploads:
         try:
-            queues.send_validation(kind, ident)  # type: ignore[arg-type]
+            send_validation_fairly(db, queues, kind, ident)
         except BrokerUnavailable:
             continue
         with db.write() as s:  # the next pass waits another grace period before looking again

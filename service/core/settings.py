@@ -129,6 +129,12 @@ class Settings(BaseSettings):
     """How often an event stream reads its job's events when no notice came (`service.core.notices`
     wakes it as soon as a worker commits some; this poll is the safety net)."""
     sse_keepalive_s: float = Field(default=15.0, gt=0)
+    max_event_streams: int = Field(default=500, ge=1)
+    """Event streams one API process serves at once (past it: 429 with Retry-After)."""
+    max_event_streams_per_team: int = Field(default=32, ge=1)
+    """Event streams one team may hold open on one API process at once."""
+    max_request_head_bytes: int = Field(default=64 * 1024, ge=4096)
+    """Largest request line plus headers (past it: 431)."""
     job_tmp_keep: bool = False
     """Keep a finished job's scratch folder (debugging)."""
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from tests.service.assets import EXPECTED_ARTIFACTS, FAST_SPEC
+from tests.service.conftest import kdq
 from tests.service.flows import TERMINAL, sse_events, submit
 
 from .stack import FaultStack
@@ -272,7 +273,8 @@ def redis_restarted(stack: FaultStack, uploads: dict[str, Any], burst: int = 20)
     with stack.client() as c:
         for i in range(burst):
             if i == burst * 2 // 5:
-                waiting = int(broker.llen("cpu"))
+                # (one list per priority: "cpu", then "cpu\x06\x161" … for a team's later jobs)
+                waiting = sum(int(broker.llen(k)) for k in broker.scan_iter(match="cpu*") if broker.type(k) == b"list")
                 stack.redis.kill()
                 down = time.monotonic()
             if i == burst * 3 // 5:
@@ -439,3 +441,78 @@ FAULTS: dict[str, Callable[[FaultStack, dict[str, Any]], Outcome]] = {
     "postgres": postgres_restarted,
     "disk_full": disk_full,
 }
+
+
+# --- validations ---------------------------------------------------------------------------
+
+def slow_image_zip(path: Path, images: int = 8_000, side: int = 24) -> Path:
+    """An honest image dataset that takes seconds to validate (thousands of small PNGs)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, side * side * 3).astype(np.uint8).reshape(side, side, 3)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for i in range(images):
+            buf = io.BytesIO()
+            Image.fromarray(np.roll(ramp, i, axis=1)).save(buf, format="PNG")
+            zf.writestr(f"{'ab'[i % 2]}/{i}.png", buf.getvalue())
+    return path
+
+
+def _attempts(stack: FaultStack, upload_id: str) -> int:
+    import psycopg
+
+    with psycopg.connect(stack.pg.url.replace("+psycopg", "")) as conn:
+        row = conn.execute("SELECT attempts FROM datasets WHERE id = %s", (upload_id,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def validation_worker_killed(stack: FaultStack, slow_zip: Path) -> Outcome:
+    """SIGKILL the validation worker mid-validation, twice: the first time the reaper sends the
+    validation again (its heartbeat stopped) and a new worker finishes it; an upload whose worker is
+    lost on every attempt ends ``invalid`` after ``max_validation_attempts`` (2 here), not
+    ``validating`` forever."""
+    out = Outcome("validation worker SIGKILL", "")
+    started = time.monotonic()
+    names = iter(f"validate-{i}" for i in range(2, 10))
+    with stack.client() as c:
+        def kill_mid_validation(upload_id: str, attempt: int) -> float:
+            wait_for(f"attempt {attempt} under way", lambda: _attempts(stack, upload_id) >= attempt, 60, every=0.05)
+            victim = next(n for n, p in stack.procs.items() if "validate" in n and p.poll() is None)
+            stack.signal(victim, signal.SIGKILL)
+            stack.procs[victim].wait(10)
+            killed_at = time.monotonic()
+            stack.spawn(name := next(names), kdq("worker", "--queues", "validate", "--name", name))
+            return killed_at
+
+        with open(slow_zip, "rb") as f:
+            retried = c.post("/v1/datasets", files={"file": ("slow.zip", f)}, data={"format": "image_zip"}).json()["id"]
+        killed = kill_mid_validation(retried, 1)
+        first = wait_for("the retried validation", lambda: _terminal_upload(c, retried), 120)
+        recovered_s = time.monotonic() - killed
+
+        with open(slow_zip, "rb") as f:
+            doomed = c.post("/v1/datasets", files={"file": ("slow2.zip", f)}, data={"format": "image_zip"}).json()["id"]
+        kill_mid_validation(doomed, 1)
+        kill_mid_validation(doomed, 2)
+        second = wait_for("the twice-lost validation", lambda: _terminal_upload(c, doomed), 120)
+    out.injected = "SIGKILL of the validation worker's process group while validating (once; then twice)"
+    out.facts = {"recovered_after_s": round(recovered_s, 1), "attempts": _attempts(stack, retried),
+                 "given_up": second.get("error")}  # fmt: skip
+    out.checks = {
+        "a killed validation is retried and ends ready": first["state"] == "ready" and first["summary"]["samples"] > 0,
+        "on its second attempt": _attempts(stack, retried) == 2,
+        "within a minute of the kill": recovered_s < 60,
+        "lost on every attempt: invalid, not validating": second["state"] == "invalid",
+        "saying why": "did not finish in 2 attempts" in (second.get("error") or {}).get("detail", ""),
+    }
+    out.seconds = time.monotonic() - started
+    return out
+
+
+def _terminal_upload(c: httpx.Client, upload_id: str) -> dict[str, Any] | None:
+    body = c.get(f"/v1/datasets/{upload_id}").json()
+    return body if body["state"] != "validating" else None

@@ -70,6 +70,12 @@ def test_cancel_mid_job_is_cooperative_and_keeps_nothing(
     assert_survived(out, fault_stack)
 
 
+def test_killed_validation_is_retried_then_given_up(fault_stack: FaultStack, tmp_path: Any) -> None:
+    out = scenarios.validation_worker_killed(fault_stack, scenarios.slow_image_zip(tmp_path / "slow.zip"))
+    assert out.failures() == [], json.dumps({"failed": out.failures(), "facts": out.facts}, indent=1, default=str) \
+        + "\n" + fault_stack.log_tail(lines=25)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_disk(fault_stack: FaultStack) -> Any:
     yield

@@ -185,3 +185,27 @@ def test_the_client_package_needs_neither_the_service_nor_torch() -> None:
             "'sqlalchemy', 'celery')]; assert not bad, bad; print('ok')")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_folders_and_graphs_with_external_data_are_sent_as_one_zip(pg_stack: Stack, assets: dict[str, Path],
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """What a user points at: torch's default ONNX export (``model.onnx`` beside ``model.onnx.data``)
+    and a model folder; the client zips each with what it needs, and the service validates it."""
+    import zipfile
+
+    import torch
+
+    from .results_assets import default_onnx_export
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    default_onnx_export(model, torch.zeros(2, 6), tmp_path / "export")
+    assert (tmp_path / "export" / "model.onnx.data").is_file()
+    folder = tmp_path / "zoo"
+    with zipfile.ZipFile(assets["teacher"]) as zf:
+        zf.extractall(folder)
+    with Client(pg_stack.url, pg_stack.key) as client:
+        graph = client.upload(tmp_path / "export" / "model.onnx")
+        assert graph.state == "ready" and graph.format == "onnx_zip", graph
+        assert graph.summary["num_parameters"] == sum(p.numel() for p in model.parameters())
+        zoo = client.upload(folder)
+        assert zoo.state == "ready" and zoo.format == "zoo_zip" and zoo.kind == "model", zoo

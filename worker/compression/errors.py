@@ -70,6 +70,17 @@ class DatasetError(InputError):
         super().__init__(f"row {row}: {message}" if row is not None else message)
 
 
+class TooCostlyError(InputError):
+    """What an upload or job would need, estimated before running it, is past a limit (its memory,
+    usually): refused up front instead of being killed for it."""
+
+    code = "resource_limit"
+
+    def __init__(self, message: str, *, limit: str = "memory") -> None:
+        self.limit = limit
+        super().__init__(message)
+
+
 # --- control flow ----------------------------------------------------------------------
 
 class Cancelled(CompressionError):

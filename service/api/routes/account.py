@@ -11,12 +11,33 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from ...core.models import WebhookDelivery
-from ...core.webhooks import PREVIOUS_SECRET_VALID, SIGNATURE_HEADER, TIMESTAMP_HEADER, rotate_secret, secret_info
+from ...core.quotas import usage_of
+from ...core.webhooks import (
+    PREVIOUS_SECRET_VALID,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    rotate_secret,
+    secret_info,
+)
 from ..deps import PROTECTED, Auth, Ctx, blocking
 from ..problems import AUTH_RESPONSES, ProblemError, responses
 from .jobs import load_job
 
 router = APIRouter(prefix="/v1", dependencies=PROTECTED, responses=AUTH_RESPONSES)
+
+
+class Usage(BaseModel):
+    stored_bytes: int
+    """Models, datasets and artifacts the team stores (each upload as listed)."""
+    max_stored_bytes: int
+    unfinished_jobs: int
+    """Queued, running or cancelling."""
+    max_unfinished_jobs: int
+    max_submissions_per_minute: int
+    job_time_budget_s: float
+    """The most training time one of the team's jobs gets (``distillation.time_budget_s`` below it wins)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
 
 class Me(BaseModel):
@@ -26,6 +47,8 @@ class Me(BaseModel):
     """``admin`` keys read every team's resources."""
     auth: Literal["keys", "none"]
     """``none``: the service runs without keys (a local ``kdq serve --no-auth``)."""
+    usage: Usage
+    """The team's use of its quotas."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
@@ -60,9 +83,13 @@ class DeliveryList(BaseModel):
     items: list[DeliveryOut]
 
 
-@router.get("/me", response_model=Me, tags=["account"], summary="Who this key is", operation_id="get_me")
-async def get_me(ctx: Ctx, who: Auth) -> Me:
-    return Me(team_id=who.team_id, scope=who.scope, auth=ctx.settings.auth)
+@router.get("/me", response_model=Me, tags=["account"], summary="Who this key is, and its team's usage",
+            operation_id="get_me")  # fmt: skip
+@blocking
+def get_me(ctx: Ctx, who: Auth) -> Me:
+    with ctx.db.read() as s:
+        usage = usage_of(s, ctx.settings, who.team_id)
+    return Me(team_id=who.team_id, scope=who.scope, auth=ctx.settings.auth, usage=Usage(**usage))
 
 
 def _secret_out(info: Any) -> WebhookSecret:

@@ -17,6 +17,7 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from ...core.auth import Principal
+from ...core.deletion import JobNotFinished, delete_artifacts
 from ...core.models import Artifact
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking
 from ..problems import AUTH_RESPONSES, ProblemError, not_found, responses
@@ -203,3 +204,25 @@ def get_artifact(
     if_range: IfRange = None,
 ) -> Response:
     return _serve(ctx, _load_artifact(ctx, job_id, who, name=name), if_none_match, range_, if_range=if_range)
+
+
+@router.delete(
+    "/artifacts/{name}",
+    status_code=204,
+    summary="Delete one artifact of a finished job",
+    operation_id="delete_artifact",
+    responses=responses(404, 409),
+)
+@blocking
+def delete_artifact(job_id: str, name: str, ctx: Ctx, who: Auth) -> Response:
+    """The file is gone (and no longer counts against the team's storage); the job keeps its record."""
+    with ctx.db.read() as s:
+        load_job(s, job_id, who)
+    try:
+        deleted = delete_artifacts(ctx.db, ctx.store, job_id, name)
+    except JobNotFinished as exc:
+        raise ProblemError(409, str(exc), code="job_not_finished") from None
+    if not deleted:
+        raise not_found("artifact", name)
+    ctx.finished_jobs.pop(job_id, None)
+    return Response(status_code=204)

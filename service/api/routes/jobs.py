@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
@@ -16,6 +17,7 @@ from sqlalchemy.orm import Session
 from worker.compression.spec import DataSpec
 
 from ...core.auth import Principal
+from ...core.deletion import JobNotFinished, delete_artifacts
 from ...core.lifecycle import JobFinished, request_cancel
 from ...core.models import DatasetUpload, IdempotencyKey, Job, ModelUpload, new_id
 from ...core.quotas import check_submission, lock_team, time_budget_for
@@ -28,6 +30,7 @@ from ...core.states import (
     UploadState,
     lock_job,
 )
+from ..costs import cost_errors
 from ..deps import PROTECTED, Auth, Context, Ctx, blocking, db_threads
 from ..jobcheck import check_job
 from ..labels import JobFilters
@@ -38,7 +41,7 @@ from ..problems import (
     FieldError,
     ProblemError,
     not_found,
-    reject_nul,
+    reject_unstorable,
     responses,
     unprocessable,
 )
@@ -159,6 +162,7 @@ def _checked(
     errors = check_job(
         spec, teacher.summary or {}, dataset.summary or {}, evalset.summary if evalset else None
     )
+    errors += cost_errors(spec, teacher.summary or {}, dataset.summary or {}, ctx.settings)
     if evalset is not None and evalset.format != dataset.format:
         errors.append(
             FieldError(
@@ -185,7 +189,7 @@ def _checked(
 def create_job(req: JobCreate, ctx: Ctx, who: Auth, idempotency_key: IdempotencyHeader = None) -> Response:
     """The job belongs to the key's team (an admin key's own team), and so must its uploads."""
     team = who.team_id
-    reject_nul(req.model_dump(mode="json"))
+    reject_unstorable(req.model_dump())
     digest = _request_sha256(req)
     if idempotency_key is not None:
         with ctx.db.read() as s:
@@ -328,6 +332,54 @@ SSE_EVENT = {
 }
 
 
+STREAM_RETRY_AFTER_S = 5
+
+
+def _check_stream_room(ctx: Context, team: str) -> None:
+    """429 when this process already serves its most event streams, or the team its share."""
+    s = ctx.settings
+    if sum(ctx.streams.values()) >= s.max_event_streams:
+        raise ProblemError(429, f"this server already serves {s.max_event_streams} event streams; poll the job, or "
+                                "follow its stream again shortly", code="too_many_streams",
+                           headers={"Retry-After": str(STREAM_RETRY_AFTER_S)})  # fmt: skip
+    if ctx.streams[team] >= s.max_event_streams_per_team:
+        raise ProblemError(429, f"team {team!r} already follows {ctx.streams[team]} event streams here (its limit is "
+                                f"{s.max_event_streams_per_team}); close one, or poll the job",
+                           code="too_many_streams", headers={"Retry-After": str(STREAM_RETRY_AFTER_S)})  # fmt: skip
+
+
+async def _counted(ctx: Context, team: str, stream: AsyncIterator[str]) -> AsyncIterator[str]:
+    ctx.streams[team] += 1
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        ctx.streams[team] -= 1
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=200,
+    response_model=JobOut,
+    summary="Delete a finished job's files",
+    responses=responses(404, 409),
+    operation_id="delete_job",
+)
+@blocking
+def delete_job(job_id: str, ctx: Ctx, who: Auth) -> Response:
+    """Every artifact of a finished job is deleted (they no longer count against the team's storage);
+    the job stays as a record (spec, summary, events) with ``deleted_at`` set."""
+    with ctx.db.read() as s:
+        load_job(s, job_id, who)
+    try:
+        delete_artifacts(ctx.db, ctx.store, job_id)
+    except JobNotFinished as exc:
+        raise ProblemError(409, str(exc), code="job_not_finished") from None
+    ctx.finished_jobs.pop(job_id, None)
+    with ctx.db.read() as s:
+        return Response(job_json(s.get(Job, job_id)), media_type="application/json")
+
+
 @router.get(
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
@@ -359,8 +411,9 @@ async def job_events(
 
     if not await anyio.to_thread.run_sync(check):
         return Response(status_code=204)
+    _check_stream_room(ctx, who.team_id)
     return StreamingResponse(
-        event_stream(ctx, job_id, after),
+        _counted(ctx, who.team_id, event_stream(ctx, job_id, after)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

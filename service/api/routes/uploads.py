@@ -26,6 +26,7 @@ from sqlalchemy import select
 from worker.compression.spec import DataSpec
 
 from ...core.auth import Principal
+from ...core.fairness import send_validation_fairly
 from ...core.models import DatasetUpload, Job, ModelUpload, new_id
 from ...core.queues import BrokerUnavailable
 from ...core.quotas import check_storage, lock_team
@@ -40,7 +41,7 @@ from ..problems import (
     AUTH_RESPONSES,
     ProblemError,
     not_found,
-    reject_nul,
+    reject_unstorable,
     responses,
     validation_problem,
 )
@@ -165,7 +166,7 @@ def make_router(k: UploadKind) -> APIRouter:
                 form = k.form.model_validate(received.fields)
             except ValidationError as exc:
                 raise validation_problem(exc) from None
-            reject_nul(form.model_dump(mode="json"))
+            reject_unstorable(form.model_dump())
             values = _row_values(k, form)
             await anyio.to_thread.run_sync(_inspect, ctx, k.kind, values["format"], received)
             await anyio.to_thread.run_sync(_check_storage, ctx, team, received.blob.size)
@@ -187,7 +188,7 @@ def make_router(k: UploadKind) -> APIRouter:
         )  # type: ignore[attr-defined]
         try:
             await anyio.to_thread.run_sync(_insert, ctx, row)
-            await anyio.to_thread.run_sync(ctx.queues.send_validation, k.kind, row.id)
+            await anyio.to_thread.run_sync(send_validation_fairly, ctx.db, ctx.queues, k.kind, row.id)
         except BaseException as exc:  # undo: nothing stays stored for a failed request
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_delete, ctx, k.table, row.id, ref.sha256)

@@ -19,6 +19,7 @@ from .data_common import (
     check_finite,
     feature_array,
     parse_labels,
+    too_large,
 )
 
 ARRAY_KEYS = ("x", "input_ids", "y", "attention_mask", "token_type_ids")
@@ -52,8 +53,8 @@ def _read_npz(path: Path, limits: DataLimits) -> tuple[dict[str, torch.Tensor], 
             declared = sum(info.file_size for info in zf.infolist())
     except (zipfile.BadZipFile, OSError) as exc:
         raise DatasetError(f"{path.name} is not an .npz archive: {exc}") from exc
-    if declared > limits.max_array_bytes:
-        raise DatasetError(f"{path.name} expands to {declared:,} bytes (limit {limits.max_array_bytes:,})")
+    if declared > limits.array_bytes:
+        raise too_large(f"the arrays in {path.name}", declared, limits)
     try:
         with np.load(path, allow_pickle=False) as npz:  # object arrays raise instead of unpickling
             return {k: _numpy_tensor(npz[k], k) for k in npz.files if k in ARRAY_KEYS}, list(npz.files)

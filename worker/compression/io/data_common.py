@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import DatasetError
+from ..errors import DatasetError, TooCostlyError
 from ..spec import DataSpec
+from ..spec.sizes import describe_bytes
 from ..types import InputKind
 from .archives import ArchiveLimits
 
@@ -32,7 +33,26 @@ class DataLimits:
     max_array_bytes: int = 8 << 30
     """Largest decompressed ``.npz`` content and largest image tensor."""
     max_classes: int = 100_000
+    max_columns: int = 10_000
+    """Distinct JSON Lines keys and table columns (each becomes a column in memory)."""
+    memory_bytes: int | None = None
+    """The reader's own memory limit (the validation or job cap): decoded data must fit in half of it."""
     archive: ArchiveLimits = field(default_factory=lambda: ArchiveLimits(max_entries=200_000))
+
+    @property
+    def array_bytes(self) -> int:
+        """The largest decoded data allowed: ``max_array_bytes``, or half the memory limit if smaller."""
+        return min(self.max_array_bytes, self.memory_bytes // 2) if self.memory_bytes else self.max_array_bytes
+
+
+def too_large(what: str, need: int, limits: DataLimits) -> DatasetError | TooCostlyError:
+    """The error for decoded data past ``limits.array_bytes``: a memory-limit refusal when that is
+    what binds (code ``resource_limit``), else the dataset cap."""
+    if limits.memory_bytes and limits.array_bytes < limits.max_array_bytes:
+        return TooCostlyError(f"{what} take about {describe_bytes(need)} decoded, past half of this task's "
+                              f"memory limit of {describe_bytes(limits.memory_bytes)}")
+    return DatasetError(f"{what} take {need:,} bytes decoded, over the limit of {limits.max_array_bytes:,}")
+
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from ..errors import DatasetError, SpecError, UnsafeFileError, UnsupportedFormat
 from ..spec import DataSpec
 from ..types import TensorData
 from .archives import safe_extract
-from .data_common import DataLimits, ReadContext, target_shape
+from .data_common import DataLimits, ReadContext, target_shape, too_large
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SCALES: dict[str, tuple[list[float], list[float]]] = {
@@ -47,11 +47,11 @@ def load_images(path: Path, ctx: ReadContext) -> TensorData:
         elif want is not None and want[1] > 0 and want[2] > 0:
             size = (want[1], want[2])
         else:
-            size = _decode(samples[0][0], root, mode, None, limits).shape[:2]
+            size = _header_size(samples[0][0], root, limits)
         target_shape((channels, *size), ctx.input_shape, reshape=False)
-        if len(samples) * channels * size[0] * size[1] * 4 > limits.max_array_bytes:
-            raise DatasetError(f"{len(samples)} images of {channels}x{size[0]}x{size[1]} exceed the limit of "
-                               f"{limits.max_array_bytes:,} bytes")
+        need = len(samples) * channels * size[0] * size[1] * 4
+        if need > limits.array_bytes:
+            raise too_large(f"{len(samples)} images of {channels}x{size[0]}x{size[1]}", need, limits)
         mean, std, scale = _normaliser(spec, channels)
         x = np.empty((len(samples), channels, *size), dtype=np.float32)
         for i, (file, _) in enumerate(samples):
@@ -95,6 +95,20 @@ def _class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
             raise DatasetError(f"class folder {folder.relative_to(root).as_posix()!r} has no images")
         samples += [(f, label) for f in files]
     return samples, [p.name for p in folders]
+
+
+def _header_size(file: Path, root: Path, limits: DataLimits) -> tuple[int, int]:
+    """(H, W) of an image from its header alone (decoding it could be the very cost refused next)."""
+    name = file.relative_to(root).as_posix()
+    try:
+        with Image.open(file, formats=("PNG", "JPEG")) as img:
+            w, h = img.size
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"image {name} is corrupt or not a PNG/JPEG: {exc}") from exc
+    if w * h > limits.max_image_pixels:
+        raise DatasetError(f"image {name} is {w}x{h} pixels, over the limit of {limits.max_image_pixels:,} "
+                           f"(decompression bomb?)")  # fmt: skip
+    return h, w
 
 
 def _decode(file: Path, root: Path, mode: str, size: tuple[int, ...] | None,

@@ -25,6 +25,7 @@ from .data_common import (
     feature_array,
     label_column,
     parse_labels,
+    too_large,
 )
 from .hf_folder import tokenize
 
@@ -37,6 +38,8 @@ TEXT_LABELS = ("label",)
 def load_csv(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
     text = _read_utf8(path)
     header = next(csv.reader(io.StringIO(text)), [])
+    if len(header) > ctx.limits.max_columns:
+        raise DatasetError(f"{path.name} has {len(header):,} columns, over the limit of {ctx.limits.max_columns:,}")
     is_text = fmt == "text_csv" or (ctx.spec.format == "auto" and (
         ctx.spec.text_column in header or ctx.input_kind == "tokens"))
     try:
@@ -60,7 +63,16 @@ def load_csv(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
 
 
 def load_parquet(path: Path, ctx: ReadContext) -> TensorData:
+    import pyarrow.parquet as pq
+
     try:
+        meta = pq.ParquetFile(path).metadata  # the footer only: rows and columns before any decoding
+        if meta.num_columns > ctx.limits.max_columns:
+            raise DatasetError(f"{path.name} has {meta.num_columns:,} columns, over the limit of "
+                               f"{ctx.limits.max_columns:,}")
+        need = meta.num_rows * meta.num_columns * 8 * 3  # decoded, as a DataFrame, then as tensors
+        if need > ctx.limits.array_bytes:
+            raise too_large(f"{meta.num_rows:,} rows of {meta.num_columns} columns", need, ctx.limits)
         df = pd.read_parquet(path)
     except (ValueError, OSError) as exc:
         raise DatasetError(f"{path.name} is not a readable Parquet file: {exc}") from exc
@@ -126,6 +138,7 @@ def _csv_line(text: str, index: int) -> int:
 
 def load_jsonl(path: Path, ctx: ReadContext) -> TensorData:
     records, lines = [], []
+    keys: dict[str, None] = {}  # (ordered, as first seen)
     for number, line in enumerate(_read_utf8(path).split("\n"), 1):  # not splitlines: JSON may hold U+2028
         if not line.strip():
             continue
@@ -138,7 +151,11 @@ def load_jsonl(path: Path, ctx: ReadContext) -> TensorData:
                                row=number)
         records.append(record)
         lines.append(number)
-    names = list(dict.fromkeys(k for r in records for k in r))
+        keys.update(dict.fromkeys(record))
+        if len(keys) > ctx.limits.max_columns:
+            raise DatasetError(f"the records hold more than {ctx.limits.max_columns:,} distinct keys; each key "
+                               f"becomes a column (a text, an optional pair and a label are read)", row=number)
+    names = list(keys)
     columns = {k: pd.Series([r.get(k) for r in records], dtype=object).to_numpy() for k in names}
     return _load_text(columns, names, len(records), lines.__getitem__, ctx, path.name)
 

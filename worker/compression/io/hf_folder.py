@@ -19,6 +19,7 @@ Hugging Face teachers and students need it.
 from __future__ import annotations
 
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -115,8 +116,9 @@ def _weights_file(folder: Path) -> Path:
     raise ModelFileError(f"the model folder has no {WEIGHTS_FILE}")
 
 
-def _check_safetensors(path: Path) -> None:
-    """Raise TruncatedFileError when the file is shorter than its header says, before any loading."""
+def _check_safetensors(path: Path) -> int:
+    """Raise TruncatedFileError when the file is shorter than its header says, before any loading;
+    return how many values its tensors hold."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -130,13 +132,33 @@ def _check_safetensors(path: Path) -> None:
                 f"{path.name} is truncated: its header needs {n} bytes, the file has {size}")
         try:
             header = json.loads(f.read(n))
-            ends = (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__")
-            end = max(ends, default=0)
+            tensors = [v for k, v in header.items() if k != "__metadata__"]
+            end = max((int(v["data_offsets"][1]) for v in tensors), default=0)
+            values = sum(math.prod(int(d) for d in v["shape"]) for v in tensors)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             raise ModelFileError(f"{path.name} has a malformed safetensors header: {exc}") from exc
     if 8 + n + end > size:
         raise TruncatedFileError(
             f"{path.name} is truncated: it has {size} bytes, its tensors need {8 + n + end}")
+    return values
+
+
+def _check_config_size(config: Any, task: str, stored: int) -> None:
+    """A config.json that describes a far bigger model than its weights hold is refused before the
+    model is built: transformers would allocate every tensor the config names (a 78 KB upload saying
+    ``vocab_size: 40000000`` asks for gigabytes). Counted on the meta device, which allocates nothing."""
+    try:
+        with torch.device("meta"):
+            model = _auto_class(task).from_config(config, attn_implementation="eager", trust_remote_code=False,
+                                                  **init_kwargs(config.model_type, task))  # fmt: skip
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ModelFileError(f"config.json does not describe a buildable model: {exc}") from exc
+    need = sum(p.numel() for p in model.parameters())
+    if need > 1.5 * stored + 1_000_000:  # (room for a head that is initialised, not stored)
+        raise ShapeMismatchError(
+            f"config.json describes a model of {need:,} parameters but {WEIGHTS_FILE} holds {stored:,} values: "
+            f"the config does not match its weights (a vocab_size, hidden_size, intermediate_size, "
+            f"max_position_embeddings or layer count larger than the checkpoint's?)")
 
 
 def _sentence_transformers_head(folder: Path) -> tuple[str, bool]:
@@ -330,12 +352,13 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
     folder = _as_folder(Path(folder))
     _check_model_type(folder)
     weights = _weights_file(folder)
-    _check_safetensors(weights)
+    stored = _check_safetensors(weights)
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ModelFileError(f"config.json is not a valid transformers config: {exc}") from exc
     task_, pooling, normalize = _resolve_head(config, folder, task)
+    _check_config_size(config, task_, stored)
     token_map, project = _load_extras(folder, config)
     if project is not None and task_ != "embedding":
         raise ModelFileError(f"config.json: kdq_output_dim is for embedding models, this one is {task_}")

@@ -35,6 +35,7 @@ from ..errors import (
 )
 from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Task, Teacher
+from .onnx_cost import activation_cost, check_activation_cost
 from .teacher_meta import class_names
 
 DEFAULT_SEQ_LEN = 128
@@ -320,11 +321,15 @@ def _task(task: str | None, meta: dict[str, str], output_name: str, pooled: bool
     return chosen, source  # type: ignore[return-value]
 
 
-def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, threads: int = 1) -> Teacher:
-    """Check and load an ONNX file as a black-box teacher (see the module doc)."""
+def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, threads: int = 1,
+                      memory_bytes: int | None = None) -> Teacher:
+    """Check and load an ONNX file as a black-box teacher (see the module doc). With ``memory_bytes``
+    (the task's memory limit) a graph whose tensors would not fit is refused before it runs."""
     path = Path(path)
     model = _read_proto(path)
     external = _check_external_data(model, path.parent)
+    cost = (check_activation_cost(model, memory_bytes, path.name) if memory_bytes
+            else activation_cost(model))  # fmt: skip
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
@@ -363,6 +368,7 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
         "opsets": opsets,
         "producer": producer,
         "metadata": meta,
+        "activation_bytes": {"fixed": cost.fixed, "per_sample": cost.per_sample},
     }
     chosen, source = _task(task, meta, out_arg.name, runner.pooled, output_dim)
     names = meta.get("classes") or meta.get("kdq_classes") or meta.get("id2label")

@@ -56,16 +56,17 @@ def _check_task(task: str | None) -> None:
 
 
 def load_teacher(path: str | os.PathLike[str], *, task: str | None = None, allow_code: bool = False,
-                 sandbox: SandboxLimits | None = None) -> Teacher:
+                 sandbox: SandboxLimits | None = None, memory_bytes: int | None = None) -> Teacher:
     """Load a teacher from a folder, an archive of a folder, or a model file (see the module doc).
 
     ``allow_code`` (the operator's ``KDQ_ALLOW_CODE_CHECKPOINTS``) lets TorchScript and
-    ExportedProgram files load, in a sandboxed child limited by ``sandbox``.
+    ExportedProgram files load, in a sandboxed child limited by ``sandbox``. ``memory_bytes`` (the
+    task's memory limit) refuses an ONNX graph whose tensors would not fit, before it runs.
     """
     _check_task(task)
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path, task, allow_code, sandbox)
+        return _load_folder(path, task, allow_code, sandbox, memory_bytes)
     if not path.is_file():
         raise ModelFileError(f"{path.name}: no such file or folder")
     kind = sniff(path).kind
@@ -75,13 +76,13 @@ def load_teacher(path: str | os.PathLike[str], *, task: str | None = None, allow
         return _load_code(path, kind, task, allow_code, sandbox)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        return load_onnx_teacher(path, task=task)
+        return load_onnx_teacher(path, task=task, memory_bytes=memory_bytes)
     if kind == "safetensors" or suffix == ".safetensors":
         raise UnsupportedFormatError(
             f"{path.name}: bare safetensors weights need a config.json naming the architecture; "
             f"upload {ACCEPTED}")
     if kind in ("zip", "tar"):
-        return _load_archive(path, task, allow_code, sandbox)
+        return _load_archive(path, task, allow_code, sandbox, memory_bytes)
     if suffix in (".zip", ".tar", ".tgz", ".gz"):
         raise UnsupportedFormatError(f"{path.name} is not a readable zip or tar archive (truncated?)")
     raise UnsupportedFormatError(f"{path.name}: unrecognised model file; upload {ACCEPTED}")
@@ -94,11 +95,12 @@ def _load_code(path: Path, kind: str, task: str | None, allow_code: bool,
     return load_sandboxed_teacher(path, kind, task=task, limits=sandbox or SandboxLimits())
 
 
-def _load_archive(path: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None) -> Teacher:
+def _load_archive(path: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None,
+                  memory_bytes: int | None) -> Teacher:  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="kdq-teacher-"))
     try:
         safe_extract(path, tmp)
-        teacher = _load_folder(_content_root(tmp), task, allow_code, sandbox)
+        teacher = _load_folder(_content_root(tmp), task, allow_code, sandbox, memory_bytes)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,7 +122,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return cfg
 
 
-def _load_folder(folder: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None) -> Teacher:
+def _load_folder(folder: Path, task: str | None, allow_code: bool, sandbox: SandboxLimits | None,
+                 memory_bytes: int | None = None) -> Teacher:  # fmt: skip
     if (folder / "config.json").is_file():
         cfg = _read_config(folder)
         pickles = _pickle_files(folder)
@@ -136,7 +139,7 @@ def _load_folder(folder: Path, task: str | None, allow_code: bool, sandbox: Sand
             "config.json names neither an 'architecture' (zoo) nor a 'model_type' (Hugging Face)")
     onnx_files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".onnx")
     if len(onnx_files) == 1:
-        return load_onnx_teacher(onnx_files[0], task=task)
+        return load_onnx_teacher(onnx_files[0], task=task, memory_bytes=memory_bytes)
     if len(onnx_files) > 1:
         raise UnsupportedFormatError(
             f"the folder holds {len(onnx_files)} .onnx files ({', '.join(p.name for p in onnx_files)}); "

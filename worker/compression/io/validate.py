@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import UnsupportedFormatError
 from ..spec import DataSpec
+from .data_common import DataLimits
 from .datasets import load_dataset
 from .sandbox import SandboxLimits, close_teacher
 from .teachers import load_teacher
@@ -25,19 +26,22 @@ _KIND_OF_FORMAT = {"zoo_zip": "zoo", "hf_zip": "hf", "onnx_zip": "onnx", "torchs
 
 
 def validate_model(path: Path, format: str = "auto", *, allow_code: bool = False,
-                   sandbox: SandboxLimits | None = None) -> dict[str, Any]:
+                   sandbox: SandboxLimits | None = None, memory_bytes: int | None = None) -> dict[str, Any]:
     """Load the uploaded teacher exactly as a job would and summarise it (a code-bearing one
-    in its sandbox, when ``allow_code``; the sandbox ends with the teacher)."""
+    in its sandbox, when ``allow_code``; the sandbox ends with the teacher). ``memory_bytes``: the
+    validation's memory limit, which an estimate from the file's own description must fit first."""
     if format not in MODEL_FORMATS:
         raise UnsupportedFormatError(f"unknown model format {format!r}; use one of {', '.join(MODEL_FORMATS)}")
     with _named_copy(path, ".onnx" if format == "onnx" else ".zip" if format.endswith("_zip") else "") as p:
-        teacher = load_teacher(p, allow_code=allow_code, sandbox=sandbox)
+        teacher = load_teacher(p, allow_code=allow_code, sandbox=sandbox, memory_bytes=memory_bytes)
     try:
         want = _KIND_OF_FORMAT.get(format)
         if want is not None and teacher.kind != want:
             raise UnsupportedFormatError(f"declared format {format} but the upload holds a {teacher.kind} model")
         summary = teacher.summary()
         summary["format"] = _format_of(teacher.kind, path)
+        if "activation_bytes" in teacher.config:  # (for the API's cost check at submission)
+            summary["activation_bytes"] = teacher.config["activation_bytes"]
         return summary
     finally:
         close_teacher(teacher)
@@ -50,12 +54,13 @@ def _format_of(kind: str, path: Path) -> str:
     return {"zoo": "zoo_zip", "hf": "hf_zip"}.get(kind, kind)
 
 
-def validate_dataset(path: Path, spec: DataSpec | None = None) -> dict[str, Any]:
+def validate_dataset(path: Path, spec: DataSpec | None = None, *, memory_bytes: int | None = None) -> dict[str, Any]:
     """Read the uploaded dataset and summarise it. Text data is checked structurally:
-    its rows are parsed but tokenized only at job time, with the teacher's tokenizer."""
+    its rows are parsed but tokenized only at job time, with the teacher's tokenizer. Data whose
+    decoded size (from its headers) is past half of ``memory_bytes`` is refused before decoding."""
     spec = spec or DataSpec()
     with _named_copy(path, _suffix_for(spec.format)) as p:
-        data = load_dataset(p, spec, structure_only=True)
+        data = load_dataset(p, spec, structure_only=True, limits=DataLimits(memory_bytes=memory_bytes))
     return data.summary()
 
 

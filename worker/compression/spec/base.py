@@ -1,4 +1,5 @@
-"""What every spec model shares: unknown keys are refused (a misspelt option is an error, not a no-op)."""
+"""What every spec model shares: unknown keys are refused (a misspelt option is an error, not a no-op),
+and so are NaN and infinities in number fields."""
 
 from __future__ import annotations
 
@@ -11,4 +12,4 @@ LOWER_IS_BETTER = ("mse",)
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)

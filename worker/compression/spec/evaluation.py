@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
+
+MAX_LATENCY_BATCH = 4096
 
 from .base import LOWER_IS_BETTER, Metric, SpecModel
 
 
 class EvaluationSpec(SpecModel):
-    latency_batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    latency_batch_sizes: list[Annotated[int, Field(ge=1, le=MAX_LATENCY_BATCH)]] = Field(
+        default_factory=lambda: [1, 64], min_length=1, max_length=16)
+    """The batch sizes latency is measured at (1 to 16 of them, each at most 4,096): the largest is the
+    evaluation batch a job's verdict compares speeds at."""
     threads: int = Field(default=1, ge=1, le=256)
     warmup: int = Field(default=5, ge=0, le=1000)
     repeats: int = Field(default=30, ge=1, le=10_000)
@@ -36,17 +41,17 @@ class SearchTargets(SpecModel):
     """The metric floor (higher-is-better metrics)."""
     max: float | None = None
     """The metric ceiling (``mse``)."""
-    max_drop: float | None = Field(default=None, ge=0)
+    max_drop: float | None = Field(default=None, ge=0, le=1e9)
     drop_mode: Literal["absolute", "relative"] = "absolute"
-    max_latency_ms: float | None = Field(default=None, gt=0)
-    latency_batch_size: int = Field(default=1, ge=1, le=65_536)
+    max_latency_ms: float | None = Field(default=None, gt=0, le=1e9)
+    latency_batch_size: int = Field(default=1, ge=1, le=MAX_LATENCY_BATCH)
     """The batch size the latency cap is measured at; the search also ranks candidates by latency here."""
     latency_stat: Literal["p50", "p95"] = "p50"
-    max_size_bytes: int | None = Field(default=None, gt=0)
+    max_size_bytes: int | None = Field(default=None, gt=0, le=2**50)
     time_budget_s: float = Field(default=900.0, gt=0, le=7 * 24 * 3600)
 
     @model_validator(mode="after")
-    def _check(self) -> "SearchTargets":
+    def _check(self) -> SearchTargets:
         if self.min is None and self.max is None and self.max_drop is None:
             raise ValueError("targets need a metric target: 'min' (a floor; 'max' for mse) and/or 'max_drop'")
         if self.metric is not None and self.metric in LOWER_IS_BETTER and self.min is not None:

@@ -22,7 +22,7 @@ class QuantizationConfig(SpecModel):
     """The method's name; each config class fixes it (the union's discriminator)."""
     backend: Literal["onnxruntime"] = "onnxruntime"
     """The runtime the quantized graph is for: onnxruntime on CPU (the only one)."""
-    max_metric_drop: float | None = Field(default=None, ge=0)
+    max_metric_drop: float | None = Field(default=None, ge=0, le=1e9)
     """Accuracy-aware mode: keep the costliest layers in float until the drop is within this."""
     drop_mode: Literal["absolute", "relative"] = "absolute"
     """``max_metric_drop`` in the metric's units, or as a fraction of the fp32 model's metric."""
@@ -67,7 +67,7 @@ class WeightOnlyInt8Config(QuantizationConfig):
     activations stay float."""
 
     method: Literal["weight_only_int8"] = "weight_only_int8"
-    block_size: int = Field(default=32, ge=16)
+    block_size: Literal[16, 32, 64, 128, 256] = 32
     """Weights per quantization block."""
 
 
@@ -76,7 +76,7 @@ class Int4Config(QuantizationConfig):
     allows; activations stay float."""
 
     method: Literal["int4"] = "int4"
-    block_size: int = Field(default=32, ge=16)
+    block_size: Literal[16, 32, 64, 128, 256] = 32
     """Weights per quantization block."""
 
 

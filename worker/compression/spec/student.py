@@ -15,13 +15,16 @@ from pydantic import Field, model_validator
 
 from .base import SpecModel
 
+MAX_PARAMETERS = 10**10
+"""No student is larger (a job's own limit, from its memory, is usually lower: `service.api.costs`)."""
+
 
 class StudentConfig(SpecModel):
     """The parameter budget every kind takes."""
 
     kind: str
     """The kind's name; each config class fixes it (the union's discriminator)."""
-    max_params: int | None = Field(default=None, gt=0)
+    max_params: int | None = Field(default=None, gt=0, le=MAX_PARAMETERS)
     max_params_ratio: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
@@ -44,8 +47,8 @@ class DerivedStudent(StudentConfig):
     the teacher where shapes allow. Needs a zoo or Hugging Face teacher."""
 
     kind: Literal["derived"] = "derived"
-    layers: list[int] | None = None
-    num_layers: int | None = Field(default=None, ge=1)
+    layers: list[Annotated[int, Field(ge=0, le=1024)]] | None = Field(default=None, max_length=1024)
+    num_layers: int | None = Field(default=None, ge=1, le=1024)
     width_ratio: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")

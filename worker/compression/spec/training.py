@@ -17,40 +17,40 @@ class TargetSpec(SpecModel):
 
 
 class DistillSpec(SpecModel):
-    temperature: float = Field(default=4.0, gt=0)
+    temperature: float = Field(default=4.0, gt=0, le=100)
     alpha: float = Field(default=0.5, ge=0, le=1)
     """Weight of the distillation (KD) loss; ``1 - alpha`` weighs the hard-label loss."""
     epochs: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=64, ge=1, le=65_536)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.01, ge=0)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0, le=10)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
-    grad_clip: float | None = Field(default=1.0, gt=0)
-    seed: int = 0
+    grad_clip: float | None = Field(default=1.0, gt=0, le=1e6)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     feature_loss: Literal["none", "mse", "cosine"] = "none"
-    feature_weight: float = Field(default=1.0, ge=0)
+    feature_weight: float = Field(default=1.0, ge=0, le=1000)
     layer_map: dict[int, int] | None = None
     """Student hidden-state index -> teacher hidden-state index; defaults from the student."""
-    attention_weight: float = Field(default=0.0, ge=0)
+    attention_weight: float = Field(default=0.0, ge=0, le=1000)
     embedding_loss: Literal["cosine", "mse"] = "cosine"
     regression_loss: Literal["mse"] = "mse"
 
     target: TargetSpec | None = None
-    patience: int | None = Field(default=None, ge=1)
+    patience: int | None = Field(default=None, ge=1, le=100_000)
     """Early stop after this many evaluations without improvement."""
-    time_budget_s: float | None = Field(default=None, gt=0)
-    eval_every: int | None = Field(default=None, ge=1)
+    time_budget_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    eval_every: int | None = Field(default=None, ge=1, le=10**9)
     """Evaluate every N steps (default: once per epoch)."""
-    checkpoint_every: int | None = Field(default=None, ge=1)
+    checkpoint_every: int | None = Field(default=None, ge=1, le=10**9)
     """Checkpoint every N steps (default: once per epoch)."""
 
     cache_teacher: bool = True
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=1, le=1_000_000)
     """Cache only the teacher's top-k logits (large output spaces); None: all when ≤ 1024."""
-    augment_noise: float = Field(default=0.0, ge=0)
+    augment_noise: float = Field(default=0.0, ge=0, le=100)
     """Gaussian input noise (vector/signal/image inputs); disables the teacher cache."""
-    augment_mixup: float = Field(default=0.0, ge=0)
+    augment_mixup: float = Field(default=0.0, ge=0, le=100)
     """Mixup of input pairs with λ ~ Beta(a, a), the teacher labelling each mixed input
     ("function matching": the teacher's knowledge between the samples); 0 = off. Float inputs
     only; disables the teacher cache. The labels-only baseline is trained without it."""
