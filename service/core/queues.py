@@ -62,6 +62,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_publish_retry_policy": {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
         "worker_enable_remote_control": False,
         "worker_send_task_events": False,
+        # A pool process imports the engine (torch, onnxruntime, transformers) before it reports
+        # itself up (worker.celery_app._preload): 3-10 s on a loaded machine. Celery's default 4 s
+        # killed every replacement of a lost pool process, forever, and the requeued job waited.
+        "worker_proc_alive_timeout": 120.0,
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 CHROMIUM = os.environ.get("KDQ_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
-SCREENSHOTS = Path(os.environ.get("KDQ_SCREENSHOTS", Path(__file__).resolve().parents[2] / "docs" / "screenshots"))
+SCREENSHOTS = Path(os.environ.get("KDQ_SCREENSHOTS", Path(tempfile.gettempdir()) / "kdq-screenshots"))
+"""Where the browser tests save each page (a test run leaves the tracked files alone; refresh the
+README's pictures with ``KDQ_SCREENSHOTS=docs/screenshots python -m pytest tests/service/test_portal.py``)."""
 
 
 @contextmanager
