@@ -403,15 +403,22 @@ def write_job_inputs(folder: Path) -> tuple[Path, Path]:
     from worker.compression.io.teachers import save_zoo_model
     from worker.compression.students import zoo
 
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    x = rng.normal(size=(2000, 32)).astype(np.float32) + y[:, None].astype(np.float32) * 0.5
     torch.manual_seed(0)
-    src = save_zoo_model(zoo.build(TEACHER_CONFIG), TEACHER_CONFIG, folder / "teacher")
+    model = zoo.build(TEACHER_CONFIG)  # trained a moment: a job checks its teacher against the labels first
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(model(x=torch.from_numpy(x)), torch.from_numpy(y))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    src = save_zoo_model(model.eval(), TEACHER_CONFIG, folder / "teacher")
     teacher = folder / "teacher.zip"
     with zipfile.ZipFile(teacher, "w") as zf:
         for f in sorted(src.iterdir()):
             zf.write(f, f.name)
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 5, 2000)
-    x = rng.normal(size=(2000, 32)).astype(np.float32) + y[:, None].astype(np.float32) * 0.5
     data = folder / "data.npz"
     np.savez(data, x=x, y=y.astype(np.int64))
     return teacher, data

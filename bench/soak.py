@@ -214,16 +214,20 @@ class Soak:
             if uploader is not None:
                 uploader.join(120)
         states: dict[str, int] = {}
+        failures: dict[str, int] = {}
         dispatch = []
         for job in finished.values():
             states[job["state"]] = states.get(job["state"], 0) + 1
+            if job["state"] != "SUCCEEDED":
+                code = (job.get("error") or {}).get("code") or job["state"]
+                failures[code] = failures.get(code, 0) + 1
             if job["started_at"]:
                 created, began = (datetime.fromisoformat(job[k]) for k in ("created_at", "started_at"))
                 dispatch.append((began - created).total_seconds())
         dispatch.sort()
         growth = {n: round(100 * (end_rss[n] / start_rss[n] - 1), 1) for n in end_rss if n in start_rss}
         return {
-            "jobs": self.jobs, "states": states, "wall_s": round(wall, 1),
+            "jobs": self.jobs, "states": states, "failures": failures, "wall_s": round(wall, 1),
             "lost": self.jobs - states.get("SUCCEEDED", 0),
             "uploads_ready": sum(u["state"] == "ready" for u in self.uploaded), "uploads": len(self.uploaded),
             "dispatch_p50_s": round(statistics.median(dispatch), 3),
