@@ -37,8 +37,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.service import JOB_SPEC, OUT, Service, write_job_inputs  # noqa: E402
-from kdq.client import Client as KdqClient  # noqa: E402
+from bench.service import JOB_SPEC, OUT, Service, write_job_inputs
+from kdq.client import Client as KdqClient
 
 WARM_JOBS = 5
 """RSS is first read after this many jobs (imports and caches warmed up)."""
@@ -63,7 +63,7 @@ def _role(cmd: str) -> str | None:
 
 def processes(svc: Service) -> dict[str, psutil.Process]:
     """Every long-lived service process by a stable name: ``serve`` (or ``api``), postgres, redis,
-    each worker's main process and its ``-pool`` child."""
+    each worker's main process and its ``-pool`` child (not the pool's short-lived confined children)."""
     found: dict[str, psutil.Process] = {}
     for top in svc.procs:
         try:
@@ -73,11 +73,13 @@ def processes(svc: Service) -> dict[str, psutil.Process]:
         for p in tree:
             try:
                 role = _role(" ".join(p.cmdline()))
-                parent_role = _role(" ".join(p.parent().cmdline())) if p.parent() else None
+                parents = p.parents()
+                parent_role = _role(" ".join(parents[0].cmdline())) if parents else None
+                grand_role = _role(" ".join(parents[1].cmdline())) if len(parents) > 1 else None
             except psutil.Error:
                 continue
-            if role is None:
-                continue
+            if role is None or (parent_role == role and grand_role == role):
+                continue  # a task's confined child (worker.confine): it lives for one task
             name = f"{role}-pool" if role.startswith("worker") and parent_role == role else role
             found[name] = p
     return found
