@@ -130,14 +130,14 @@ def iris(root: Path) -> dict[str, Task]:
 
 
 def wide_mlp(root: Path) -> dict[str, Task]:
-    """40 features, 5 classes, a wide 1024-1024 teacher exported by torch's default exporter."""
+    """40 features, 5 classes, a wide 512-512 teacher exported by torch's default exporter."""
     from sklearn.datasets import make_classification
 
     folder = root / "wide"
     folder.mkdir(parents=True)
     x, y = make_classification(3000, 40, n_informative=20, n_classes=5, class_sep=1.5, random_state=3)
-    net = nn.Sequential(nn.Linear(40, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 5))
-    ra.train(net, torch.tensor(x, dtype=torch.float32), torch.tensor(y), epochs=15, lr=1e-3)
+    net = nn.Sequential(nn.Linear(40, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 5))
+    ra.train(net, torch.tensor(x, dtype=torch.float32), torch.tensor(y), epochs=10, lr=1e-3)
     teacher = ra.default_onnx_export(net, torch.zeros(2, 40), folder / "teacher")
     np.savez(folder / "data.npz", x=x.astype(np.float32), y=y)
     return {"wide-mlp-npz": {"teacher": (teacher, {}), "data": (folder / "data.npz", {})}}
@@ -155,7 +155,7 @@ class Shapes(nn.Module):
         return self.body(pixel_values)
 
 
-def shapes(root: Path, n: int = 900) -> dict[str, Task]:
+def shapes(root: Path, n: int = 600) -> dict[str, Task]:
     """Coloured circles, squares and triangles on noisy backgrounds, 32×32 RGB PNG files in class
     folders (raw 0–255 pixels in the files); the teacher was trained on pixels in [0, 1]."""
     folder = root / "shapes"
@@ -180,7 +180,7 @@ def shapes(root: Path, n: int = 900) -> dict[str, Task]:
         images.append(np.asarray(img, dtype=np.float32) / 255.0)
         labels.append(k)
     x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    teacher = ra.train(Shapes(), x, torch.tensor(labels), epochs=12, lr=3e-3)
+    teacher = ra.train(Shapes(), x, torch.tensor(labels), epochs=10, lr=3e-3)
     teacher_zip = ra.default_onnx_export(teacher, torch.zeros(2, 3, 32, 32), folder / "teacher",
                                          input_name="pixel_values")  # fmt: skip
     data = _zip_folder(folder / "png", folder / "shapes.zip")
@@ -207,7 +207,7 @@ def signals(root: Path, n: int = 1500) -> dict[str, Task]:
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
     xt, yt = torch.tensor(x), torch.tensor(y)
-    for _ in range(15):
+    for _ in range(10):
         for i in range(0, n, 64):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x=xt[i:i + 64]), yt[i:i + 64]).backward()
@@ -230,7 +230,7 @@ def friedman(root: Path) -> dict[str, Task]:
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(60):
+    for _ in range(30):
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
             idx = perm[i:i + 64]
@@ -251,7 +251,7 @@ TOPICS = {
 FILLER = ["the", "a", "today", "we", "saw", "really", "this", "very", "and", "about", "new", "after", "some", "was"]
 
 
-def text(root: Path, n: int = 1200) -> dict[str, Task]:
+def text(root: Path, n: int = 900) -> dict[str, Task]:
     """Templated sentences about three topics (JSON Lines, string labels) and a small BERT teacher
     trained here with its own WordPiece vocabulary, saved as a transformers folder."""
     from transformers import (
