@@ -50,9 +50,9 @@ def _role(cmd: str) -> str | None:
         return "redis"
     if "postgres" in cmd and " -D " in cmd:
         return "postgres"
-    if "validate@" in cmd:
+    if "validate@" in cmd or " worker --queues validate" in cmd:
         return "worker-validate"
-    if "jobs@" in cmd:
+    if "jobs@" in cmd or " worker --queues cpu" in cmd:
         return "worker-jobs"
     if " serve" in cmd:
         return "serve"
