@@ -22,7 +22,12 @@ METRIC_TASKS = {
     "macro_f1": {"classification"},
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
+    "mae": {"regression"},
+    "agreement": {"classification"},
+    "action_mae": {"regression"},
 }
+POLICY_METRICS = ("agreement", "action_mae")
+"""Measured against the teacher on a policy's data only (`worker.compression.fields`)."""
 
 
 def check_job(
@@ -44,7 +49,8 @@ def check_job(
     teacher_input = teacher.get("input_kind")
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
         kind = (summary or {}).get("input_kind")
-        if kind and teacher_input and kind != teacher_input:
+        windows = (summary or {}).get("field") == "forecasting"  # (C, L) windows fit flat or time-major teachers
+        if kind and teacher_input and kind != teacher_input and not windows:
             bad(pointer, f"the dataset holds {kind} inputs but the teacher takes {teacher_input} inputs")
 
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
@@ -80,6 +86,11 @@ def check_job(
         bad("#/distillation/attention_weight", "attention matching needs a transformer teacher with weights")
     if distil.target is not None and task and task not in METRIC_TASKS[distil.target.metric]:
         bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
+    elif distil.target is not None and distil.target.metric in POLICY_METRICS:
+        bad("#/distillation/target/metric", f"{distil.target.metric} is measured on the exported graphs, not "
+                                            "during training: give it as a search target ('targets'), or use "
+                                            "accuracy / mse here")
+    errors += _field_errors(spec, task, teacher, dataset)
 
     errors += _search_errors(spec, task)
 
@@ -99,6 +110,9 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     if targets is None or not task:
         return []
     metric = targets.metric or PRIMARY_METRIC.get(task)
+    if targets.metric in POLICY_METRICS and spec.data.task != "policy":
+        return [FieldError(pointer="#/targets/metric", detail=f"{targets.metric} measures a policy against its "
+                           "teacher: it needs a dataset read with task 'policy'")]
     if metric is None:
         return []
     if task not in METRIC_TASKS[metric]:
@@ -112,6 +126,27 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
         return [FieldError(pointer="#/targets/max",
                            detail=f"the target metric {metric} is higher-is-better: give 'min' (a floor)")]
     return []
+
+
+def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
+                  dataset: dict[str, Any]) -> list[FieldError]:
+    """A field of use against the teacher: forecasts are values, a policy's outputs fit its action space."""
+    field, errors = spec.data.task, []
+    if field == "forecasting" and task and task != "regression":
+        errors.append(FieldError(pointer="#/data/task", detail=f"a forecaster outputs values, but the teacher is a "
+                                                               f"{task} model"))
+    horizon, targets = dataset.get("horizon"), dataset.get("target_columns")
+    outputs = teacher.get("output_dim")
+    if field == "forecasting" and horizon and targets and outputs and int(horizon) * len(str(targets).split(",")) != outputs:
+        want = int(horizon) * len(str(targets).split(","))
+        errors.append(FieldError(pointer="#/dataset_id", detail=f"the teacher has {outputs} outputs, but a forecast of "
+                                 f"{horizon} steps of {targets} has {want}"))
+    if field == "policy" and task:
+        want = "classification" if spec.data.action_space == "discrete" else "regression"
+        if task != want:
+            errors.append(FieldError(pointer="#/data/action_space", detail=f"a {spec.data.action_space} policy is a "
+                                     f"{want} model, but the teacher is a {task} model"))
+    return errors
 
 
 def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, Any]) -> list[FieldError]:

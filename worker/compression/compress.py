@@ -38,7 +38,6 @@ from .io.teachers import load_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
 from .measure.export import check_onnx
 from .measure.meter import Meter
-from .measure.metrics import primary_metric
 from .measure.report import sha256_file, write_manifest, write_report
 from .measure.teacher_check import TeacherCheck, check_teacher
 from .package.bundle import bundle_job
@@ -381,7 +380,7 @@ class _Run:
         report: dict[str, Any] = {
             "title": f"Compression report: {task}",
             "task": task,
-            "primary_metric": primary_metric(task),
+            "primary_metric": pipe.metric,
             "teacher": teacher.summary(),
             "student": None if student is None else {
                 "description": student.description, "how": student.how, "kind": student.kind,
@@ -402,7 +401,7 @@ class _Run:
             q = quant.to_dict()
             report["quantization"] = q
             report["sensitivity"] = q.get("sensitivity") or []
-        summary = summary_of(table, primary_metric(task))
+        summary = summary_of(table, pipe.metric)
         summary.update({k: delivery[k] for k in ("verdict", "reasons", "headline")})
         row = next((r for r in table if r["name"] == chosen.name), None)
         if row is not None and row.get("vs_teacher"):

@@ -40,6 +40,7 @@ from ..types import InputKind, TensorData
 from .data_arrays import load_arrays
 from .data_common import DataLimits, ReadContext
 from .data_images import load_images
+from .data_series import chronological_split
 from .data_tables import load_csv, load_jsonl, load_parquet
 
 FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip")
@@ -80,6 +81,8 @@ def load_dataset(
                            f"accepted: {ACCEPTED}")
     if input_shape is not None:
         input_shape = tuple(int(d) for d in input_shape)
+    if spec.task == "forecasting" and fmt not in ("csv", "parquet"):
+        raise DatasetError(f"forecasting reads a time series from a CSV or Parquet table, not {fmt}")
     ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits)
     if fmt in ("npz", "safetensors"):
         data = load_arrays(path, fmt, ctx)
@@ -94,11 +97,26 @@ def load_dataset(
     if input_kind is not None and data.input_kind != input_kind:
         raise DatasetError(f"the teacher takes {input_kind} inputs but {path.name} holds "
                            f"{data.input_kind} data")
+    if spec.task == "policy":
+        _policy_meta(data, spec, path.name)
     data.meta.setdefault("format", fmt)
     data.meta["file"] = path.name
     if data.classes is not None:
         data.meta["num_classes"] = len(data.classes)
     return data
+
+
+def _policy_meta(data: TensorData, spec: DataSpec, source: str) -> None:
+    """A policy's observations are vectors; the meta says how its outputs are judged (`fields.policy`)."""
+    if data.input_kind != "vector":
+        raise DatasetError(f"a policy maps observation vectors to actions, but {source} holds {data.input_kind} data")
+    if spec.action_space == "discrete" and data.y is not None and data.classes is None:
+        raise DatasetError(f"a discrete policy's logged actions are action indices, but {source}'s are fractional")
+    if spec.action_space == "continuous" and data.classes is not None and data.y is not None:
+        data.y = data.y.float().reshape(len(data.y), -1)  # integer-valued continuous actions are still values
+        data.classes = None
+    data.meta.update({"field": "policy", "action_space": spec.action_space or "", "env": spec.env or "",
+                      "episodes": spec.episodes})
 
 
 def train_eval_split(train: TensorData, eval_data: TensorData | None,
@@ -109,6 +127,8 @@ def train_eval_split(train: TensorData, eval_data: TensorData | None,
     Token data of different padded lengths is right-padded (id 0, mask 0) to the longer one.
     Eval class labels are renumbered to the training ``classes`` when they are a subset.
     """
+    if eval_data is None and train.meta.get("field") == "forecasting":
+        return chronological_split(train, spec.eval_fraction)
     if eval_data is None:
         try:
             return train.split(spec.eval_fraction, spec.split_seed)

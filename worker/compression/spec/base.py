@@ -7,8 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Metric = Literal["accuracy", "macro_f1", "cosine", "mse"]
-LOWER_IS_BETTER = ("mse",)
+Metric = Literal["accuracy", "macro_f1", "cosine", "mse", "mae", "agreement", "action_mae"]
+"""``mae``: regression and forecasting; ``agreement`` / ``action_mae``: a policy's agreement with its teacher
+(discrete: the fraction of equal argmax actions; continuous: the mean absolute action difference)."""
+LOWER_IS_BETTER = ("mse", "mae", "action_mae")
 
 
 class SpecModel(BaseModel):

@@ -1,0 +1,98 @@
+"""Generated data and teachers trained in seconds for the fields of use (forecasting, policies), shared
+by the tests and `bench.fields`: each function writes files a team would upload."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from worker.compression.io.teachers import save_zoo_model
+from worker.compression.students import zoo
+
+
+def sine_series(n: int = 3000, seed: int = 0) -> pd.DataFrame:
+    """Two periods (24 and 168 steps), a trend, noise; a covariate that leads the load by 3 steps."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n, dtype=np.float64)
+    load = (50 + 0.01 * t + 10 * np.sin(2 * math.pi * t / 24) + 4 * np.sin(2 * math.pi * t / 168)
+            + rng.normal(0, 0.8, n))
+    temp = 20 + 5 * np.sin(2 * math.pi * (t + 3) / 24) + rng.normal(0, 0.3, n)
+    return pd.DataFrame({"ts": pd.date_range("2026-01-01", periods=n, freq="h").astype(str), "load": load,
+                         "temp": temp})
+
+
+def forecast_problem(folder: Path, *, window: int = 48, horizon: int = 12, n: int = 3000,
+                     epochs: int = 300) -> dict[str, Path]:
+    """``series.csv`` and a zoo MLP teacher (``teacher/``) mapping a flat window of load and temp
+    (channel-major, 2 × ``window``) to the next ``horizon`` loads, trained on the first 80 % of the
+    windows (the rest is what the job holds out)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    df = sine_series(n)
+    df.to_csv(folder / "series.csv", index=False)
+    values = torch.tensor(df[["load", "temp"]].to_numpy(), dtype=torch.float32)
+    count = n - window - horizon + 1
+    starts = torch.arange(count)
+    x = values[starts[:, None] + torch.arange(window)].permute(0, 2, 1).reshape(count, -1)
+    y = values[starts[:, None] + window + torch.arange(horizon), 0]
+    train = int(count * 0.8) - window - horizon
+    mu, sd = x[:train].mean(0), x[:train].std(0) + 1e-6
+    cfg = {"architecture": "mlp", "task": "regression", "input_dim": 2 * window, "hidden": [256, 256],
+           "output_dim": horizon}
+    torch.manual_seed(0)
+    net = zoo.build(cfg)
+    first = next(m for m in net.modules() if isinstance(m, nn.Linear))  # takes the standardisation at the end
+    ym = float(y[:train].mean())
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    xs = (x[:train] - mu) / sd
+    for _ in range(epochs):
+        loss = nn.functional.mse_loss(net(xs), y[:train] - ym)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        first.bias -= (first.weight * (mu / sd)).sum(1)
+        first.weight /= sd
+        last = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+        last.bias += ym
+    save_zoo_model(net.eval(), cfg, folder / "teacher")
+    return {"teacher": folder / "teacher", "data": folder / "series.csv"}
+
+
+def cartpole_controller(obs: np.ndarray) -> np.ndarray:
+    """A hand-written balancing rule (pole angle and angular velocity, a little of the cart's drift):
+    push right when ``score > 0``; it keeps CartPole-v1 up for its 500 steps."""
+    score = obs[:, 2] * 10.0 + obs[:, 3] * 2.0 + obs[:, 1] * 0.5 + obs[:, 0] * 0.1
+    return np.stack([-score, score], 1)
+
+
+def policy_problem(folder: Path, *, n: int = 4000, epochs: int = 300) -> dict[str, Path]:
+    """``log.csv`` of CartPole-like observations (uniform over the states the controller visits) with the
+    logged action, and a zoo MLP teacher (``teacher/``) that imitates `cartpole_controller`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 1.0, 0.12, 1.2])
+    obs = (rng.uniform(-1, 1, (n, 4)) * scale).astype(np.float32)
+    logits = cartpole_controller(obs)
+    action = logits.argmax(1)
+    pd.DataFrame({"cart_x": obs[:, 0], "cart_v": obs[:, 1], "pole_a": obs[:, 2], "pole_w": obs[:, 3],
+                  "action": action}).to_csv(folder / "log.csv", index=False)
+    cfg = {"architecture": "mlp", "task": "classification", "input_dim": 4, "hidden": [128, 128], "output_dim": 2}
+    torch.manual_seed(0)
+    net = zoo.build(cfg)
+    x, y = torch.from_numpy(obs), torch.from_numpy(action)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        loss = nn.functional.cross_entropy(net(x / torch.from_numpy(scale).float()), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        first = next(m for m in net.modules() if isinstance(m, nn.Linear))
+        first.weight /= torch.from_numpy(scale).float()
+    save_zoo_model(net.eval(), cfg, folder / "teacher")
+    return {"teacher": folder / "teacher", "data": folder / "log.csv"}
