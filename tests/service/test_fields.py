@@ -1,0 +1,109 @@
+"""Fields of use through the real API and workers: a forecaster from a CSV time series, a policy from
+logged observations; each upload checked, each job judged by its field's metric."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.field_cases import forecast_problem, policy_problem
+
+from .flows import ready_upload, submit, upload, wait_job, wait_upload
+
+FAST = {
+    "student": {"kind": "zoo", "architecture": {"architecture": "mlp", "hidden": [64, 64]}},
+    "distillation": {"epochs": 8, "batch_size": 64, "lr": 3e-3, "baseline": False},
+    "quantization": {"method": "none"},
+    "evaluation": {"latency_batch_sizes": [1, 32], "warmup": 1, "repeats": 5, "disagreements": 2},
+}
+SERIES = {"task": "forecasting", "time_column": "ts", "target_columns": "load", "feature_columns": '["temp"]',
+          "window": "48", "horizon": "12"}
+
+
+def _zip(folder: Path) -> Path:
+    archive = folder.with_suffix(".zip")
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f.name)
+    return archive
+
+
+def _report(api: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
+    return api.get(f"/v1/jobs/{job['id']}/metrics").json()
+
+
+def _rows(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {row["name"]: row["metric"] for row in report["models"]}
+
+
+def test_a_forecaster_is_distilled_from_a_csv_series(api: httpx.Client, tmp_path: Path) -> None:
+    made = forecast_problem(tmp_path / "series", n=2000, epochs=200)
+    teacher = ready_upload(api, "models", _zip(made["teacher"]))
+    data = ready_upload(api, "datasets", made["data"], **SERIES)
+    summary = data["summary"]
+    assert summary["field"] == "forecasting" and summary["inputs"]["x"] == [2, 48]
+    assert summary["target_shape"] == [12] and summary["samples"] == 2000 - 60 + 1
+
+    r = submit(api, {**FAST, "teacher_model_id": teacher["id"], "dataset_id": data["id"]})
+    assert r.status_code == 202, r.text
+    job = wait_job(api, r.json()["id"], timeout=300)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    report = _report(api, job)
+    assert report["primary_metric"] == "mae" and report["delivery"]["metric"] == "mae"
+    assert report["delivery"]["tolerance_means"] == "MAE within +5% of the teacher's"
+    assert report["data"]["eval"]["split"] == "chronological"
+    rows = _rows(report)
+    for name in ("teacher", "student"):
+        assert {"mae", "mape", "smape"} <= set(rows[name]), rows[name]
+    teacher_mae, student_mae = rows["teacher"]["mae"], rows["student"]["mae"]
+    naive = 8.0  # repeating the last load scores an MAE of about 8.6 on this series
+    assert teacher_mae < naive / 4 and student_mae < 1.5 * teacher_mae, rows
+
+
+def test_bad_series_uploads_and_jobs_say_why(api: httpx.Client, tmp_path: Path) -> None:
+    made = forecast_problem(tmp_path / "series", n=400, epochs=1)
+    r = upload(api, "datasets", made["data"], **{**SERIES, "target_columns": "price"})
+    assert r.status_code == 201, r.text
+    body = wait_upload(api, "datasets", r.json()["id"])
+    assert body["state"] == "invalid" and "no column 'price'" in body["error"]["detail"], body
+    r = upload(api, "datasets", made["data"], **{**SERIES, "window": "400"})
+    body = wait_upload(api, "datasets", r.json()["id"])
+    assert body["state"] == "invalid" and "too short" in body["error"]["detail"], body
+    r = upload(api, "datasets", made["data"], task="forecasting", window="4")
+    assert r.status_code == 422 and "target_columns" in r.text, r.text
+
+    teacher = ready_upload(api, "models", _zip(made["teacher"]))
+    other = ready_upload(api, "datasets", made["data"], **{**SERIES, "horizon": "6"})  # 6 steps; the teacher gives 12
+    r = submit(api, {**FAST, "teacher_model_id": teacher["id"], "dataset_id": other["id"]})
+    assert r.status_code == 422 and "12 outputs" in r.text, r.text
+
+
+def test_a_policy_is_distilled_from_logged_observations(api: httpx.Client, tmp_path: Path) -> None:
+    pytest.importorskip("gymnasium")
+    made = policy_problem(tmp_path / "policy", n=3000, epochs=200)
+    teacher = ready_upload(api, "models", _zip(made["teacher"]))
+    data = ready_upload(api, "datasets", made["data"], task="policy", action_space="discrete",
+                        action_columns="action", env="CartPole-v1", episodes="5")
+    assert data["summary"]["field"] == "policy" and data["summary"]["inputs"]["x"] == [4]
+
+    spec = {**FAST, "student": {"kind": "zoo", "architecture": {"architecture": "mlp", "hidden": [32]}}}
+    r = submit(api, {**spec, "teacher_model_id": teacher["id"], "dataset_id": data["id"]})
+    assert r.status_code == 202, r.text
+    job = wait_job(api, r.json()["id"], timeout=300)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    report = _report(api, job)
+    assert report["primary_metric"] == "agreement"
+    rows = _rows(report)
+    assert rows["teacher"]["agreement"] == 1.0 and rows["student"]["agreement"] >= 0.95, rows
+    policy = report["policy"]
+    assert policy["env"] == "CartPole-v1" and policy["episodes"] == 5
+    assert policy["returns"]["teacher"]["mean"] >= 475, policy  # the teacher balances
+    assert policy["returns"]["student"]["mean"] >= 400, policy
+
+    r = submit(api, {**spec, "teacher_model_id": teacher["id"], "dataset_id": data["id"],
+                     "distillation": {**FAST["distillation"], "target": {"metric": "agreement", "min": 0.9}}})
+    assert r.status_code == 422 and "search target" in r.text, r.text
