@@ -148,3 +148,23 @@ def test_rollouts_tell_a_balancing_policy_from_a_useless_one(tmp_path):
     reason = return_reason(section, "student")
     assert reason is not None and reason["code"] == "return_drop"
     assert return_reason(section, "teacher") is None
+
+
+def test_a_temporal_cnn_keeps_where_in_the_window_a_feature_is():
+    from worker.compression.spec.sizes import zoo_parameters
+    from worker.compression.students import zoo
+    from worker.compression.students.zoo_init import init_from_teacher
+
+    cfg = {"architecture": "cnn1d", "task": "regression", "in_channels": 2, "input_length": 47, "channels": [8, 8, 8],
+           "hidden": 16, "pool": "flatten", "output_dim": 6}
+    torch.manual_seed(0)
+    net = zoo.build(cfg).eval()
+    assert zoo.count_parameters(net) == zoo_parameters(cfg)  # the torch-free count the API checks budgets with
+    x = torch.randn(1, 2, 47)
+    moved = torch.cat([x[:, :, 20:], x[:, :, :20]], 2)  # same values, other places: mean pooling could not tell
+    assert not torch.allclose(net(x=x), net(x=moved))
+    narrow = zoo.build({**cfg, "channels": [4, 4, 4]})
+    report = init_from_teacher(narrow, net, [0, 1, 2])  # a derived student: the flat head stays fresh
+    assert report.partial > 0
+    with pytest.raises(Exception, match="flatten"):
+        zoo.build({"architecture": "mlp", "input_dim": 3, "output_dim": 1, "pool": "flatten"})

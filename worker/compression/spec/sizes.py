@@ -39,8 +39,14 @@ def zoo_parameters(cfg: dict[str, Any], input_shape: list[int] | None = None,
         chans = [_int(cfg, "in_channels", (input_shape or [1])[0]), *_ints(cfg, "channels")]
         total = sum(kernel * a * b + b + 2 * b for a, b in pairwise(chans))
         hidden = _int(cfg, "hidden", 0)
-        head_in = hidden or chans[-1]
-        return total + (chans[-1] * hidden + hidden if hidden else 0) + head_in * out + out
+        features = chans[-1]
+        if arch == "cnn1d" and cfg.get("pool") == "flatten":
+            length = _int(cfg, "input_length", (input_shape or [1, 1])[-1])
+            for _ in range(len(chans) - 2):
+                length = math.ceil(length / 2)
+            features *= length
+        head_in = hidden or features
+        return total + (features * hidden + hidden if hidden else 0) + head_in * out + out
     if arch == "resnet":
         widths = _ints(cfg, "widths")
         blocks = _ints(cfg, "blocks_per_stage") or [2] * len(widths)

@@ -10,7 +10,9 @@ Architectures and their keys (``task`` and ``output_dim`` always):
 * ``mlp``: ``input_dim``, ``hidden`` (list of widths), ``activation`` (relu|gelu), ``dropout``.
 * ``cnn``: images ``(C, H, W)``: ``in_channels``, ``input_size`` [H, W], ``channels``
   (one conv block each, 2× downsampling after each but the first), ``kernel_size``, ``hidden``.
-* ``cnn1d``: signals ``(C, L)``: ``in_channels``, ``input_length``, ``channels``, ``kernel_size``, ``hidden``.
+* ``cnn1d``: signals ``(C, L)``: ``in_channels``, ``input_length``, ``channels``, ``kernel_size``, ``hidden``,
+  ``pool`` (``mean`` over time, the default; ``flatten`` keeps where in the window each feature is, as a
+  forecaster must: the head sees every position of the last block).
 * ``resnet``: images: ``in_channels``, ``input_size``, ``widths`` (one stage each),
   ``blocks_per_stage``.
 * ``transformer``: token ids: ``vocab_size``, ``max_len``, ``dim``, ``num_layers``,
@@ -80,9 +82,11 @@ class ConvNet(nn.Module):
             layers += [conv(a, b, k, padding=k // 2), bn(b), nn.ReLU()]
             self.blocks.append(nn.Sequential(*layers))
         self.dims = dims
+        self.flatten = cfg.get("pool", "mean") == "flatten"
+        features = chans[-1] * flat_length(cfg) if self.flatten else chans[-1]
         hidden = int(cfg.get("hidden", 0))
-        self.fc = nn.Sequential(nn.Linear(chans[-1], hidden), nn.ReLU()) if hidden else None
-        self.head = nn.Linear(hidden or chans[-1], int(cfg["output_dim"]))
+        self.fc = nn.Sequential(nn.Linear(features, hidden), nn.ReLU()) if hidden else None
+        self.head = nn.Linear(hidden or features, int(cfg["output_dim"]))
 
     def forward_features(self, x: torch.Tensor) -> ModelOutput:
         hidden = []
@@ -90,7 +94,7 @@ class ConvNet(nn.Module):
         for block in self.blocks:
             h = block(h)
             hidden.append(h)
-        h = h.mean(dim=(2, 3)) if self.dims == 2 else h.mean(dim=2)
+        h = h.mean(dim=(2, 3)) if self.dims == 2 else h.flatten(1) if self.flatten else h.mean(dim=2)
         if self.fc is not None:
             h = self.fc(h)
             hidden.append(h)
@@ -98,6 +102,14 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).output
+
+
+def flat_length(cfg: dict[str, Any]) -> int:
+    """Time steps left after a cnn1d's blocks (each but the first halves them, rounding up)."""
+    length = int(cfg["input_length"])
+    for _ in range(len(cfg["channels"]) - 1):
+        length = math.ceil(length / 2)
+    return length
 
 
 class CNN(ConvNet):
@@ -255,6 +267,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise SpecError(f"zoo config for {arch!r} is missing {', '.join(missing)}")
     cfg = {"task": "classification", **cfg}
+    if cfg.get("pool", "mean") not in ("mean", "flatten") or (cfg.get("pool") == "flatten" and arch != "cnn1d"):
+        raise SpecError(f"pool {cfg.get('pool')!r}: 'mean', or 'flatten' for a cnn1d")
     if cfg["task"] not in TASKS:
         raise SpecError(f"unknown task {cfg['task']!r}; known: {', '.join(TASKS)}")
     return cfg
