@@ -23,11 +23,7 @@ METRIC_TASKS = {
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
     "mae": {"regression"},
-    "agreement": {"classification"},
-    "action_mae": {"regression"},
 }
-POLICY_METRICS = ("agreement", "action_mae")
-"""Measured against the teacher on a policy's data only (`worker.compression.fields`)."""
 
 
 def check_job(
@@ -86,10 +82,6 @@ def check_job(
         bad("#/distillation/attention_weight", "attention matching needs a transformer teacher with weights")
     if distil.target is not None and task and task not in METRIC_TASKS[distil.target.metric]:
         bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
-    elif distil.target is not None and distil.target.metric in POLICY_METRICS:
-        bad("#/distillation/target/metric", f"{distil.target.metric} is measured on the exported graphs, not "
-                                            "during training: give it as a search target ('targets'), or use "
-                                            "accuracy / mse here")
     errors += _field_errors(spec, task, teacher, dataset)
 
     errors += _search_errors(spec, task)
@@ -110,9 +102,6 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     if targets is None or not task:
         return []
     metric = targets.metric or PRIMARY_METRIC.get(task)
-    if targets.metric in POLICY_METRICS and spec.data.task != "policy":
-        return [FieldError(pointer="#/targets/metric", detail=f"{targets.metric} measures a policy against its "
-                           "teacher: it needs a dataset read with task 'policy'")]
     if metric is None:
         return []
     if task not in METRIC_TASKS[metric]:
