@@ -3,14 +3,20 @@ logged observations; each upload checked, each job judged by its field's metric.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pandas as pd
 import pytest
+import torch
 
 from bench.field_cases import forecast_problem, policy_problem
+from worker.compression.io.teachers import load_teacher
 
 from .flows import ready_upload, submit, upload, wait_job, wait_upload
 
@@ -62,6 +68,22 @@ def test_a_forecaster_is_distilled_from_a_csv_series(api: httpx.Client, tmp_path
     teacher_mae, student_mae = rows["teacher"]["mae"], rows["student"]["mae"]
     naive = 8.0  # repeating the last load scores an MAE of about 8.6 on this series
     assert teacher_mae < naive / 4 and student_mae < 1.5 * teacher_mae, rows
+
+    # the bundle's predict.py forecasts from the raw CSV: the steps after its last window, as the teacher would
+    body = api.get(f"/v1/jobs/{job['id']}/artifacts/bundle.zip")
+    assert body.status_code == 200
+    (tmp_path / "bundle.zip").write_bytes(body.content)
+    with zipfile.ZipFile(tmp_path / "bundle.zip") as zf:
+        zf.extractall(tmp_path / "bundle")
+    out = subprocess.run([sys.executable, "predict.py", str(made["data"])], cwd=tmp_path / "bundle",
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout.splitlines()[0])
+    forecast = answer["forecast"]["load"]
+    series = pd.read_csv(made["data"])
+    last = torch.tensor(series[["load", "temp"]].to_numpy()[-48:].T.reshape(1, -1), dtype=torch.float32)
+    expected = load_teacher(made["teacher"]).predict({"x": last})[0].tolist()
+    assert len(forecast) == 12 and sum(abs(a - b) for a, b in zip(forecast, expected, strict=True)) / 12 < 2.0
 
 
 def test_bad_series_uploads_and_jobs_say_why(api: httpx.Client, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@
     pip install onnxruntime numpy        # and pillow for images, tokenizers for text
     python predict.py digits/*.png       # image files
     python predict.py rows.csv           # tabular rows: the feature columns, by name
+    python predict.py series.csv         # a forecaster: the next steps after the series' last window
     python predict.py --text "a sentence" [--text "another"]
     python predict.py texts.jsonl        # one {"text": ...} per line
     python predict.py data.npz           # an array x, already preprocessed as the teacher took it
@@ -58,6 +59,20 @@ class Bundle:
             batch[i] = ((pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)) - mean) / std
         return {self.inputs[0]: batch}
 
+    def series(self, path: Path) -> dict[str, np.ndarray]:
+        """The last ``window`` rows (in time order) of the series' columns, laid out as the model takes them."""
+        spec = self.pre["forecast"]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        missing = [c for c in spec["columns"] if rows and c not in rows[0]]
+        if missing or len(rows) < spec["window"]:
+            raise SystemExit(f"{path}: need {spec['window']} rows of {', '.join(spec['columns'])}")
+        if spec.get("time_column"):
+            rows.sort(key=lambda r: _time_key(r[spec["time_column"]]))
+        last = np.asarray([[float(r[c]) for c in spec["columns"]] for r in rows[-spec["window"]:]], np.float32)
+        x = last if spec["layout"] == "time_major" else last.T  # (window, C) or (C, window)
+        return {self.inputs[0]: x.reshape(1, *self.pre["input"]["shape"])}
+
     def table(self, path: Path) -> dict[str, np.ndarray]:
         columns = self.pre["tabular"]["columns"]
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -93,7 +108,7 @@ class Bundle:
             raise SystemExit("give image files, or one .csv, .jsonl or .npz file")
         path = paths[0]
         if path.suffix.lower() == ".csv":
-            return self.table(path)
+            return self.series(path) if "forecast" in self.pre else self.table(path)
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             column = self.pre.get("text", {}).get("column", "text")
             lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,6 +132,11 @@ class Bundle:
             index = probs.argmax(-1)
             return [{"class": classes[i] if classes else int(i), "index": int(i), "probability": float(p[i])}
                     for i, p in zip(index, probs)]
+        if "forecast" in self.pre:
+            spec = self.pre["forecast"]
+            targets = spec["target_columns"]
+            return [{"forecast": {t: [float(v) for v in np.ravel(row)[i::len(targets)]] for i, t in enumerate(targets)},
+                     "steps": spec["horizon"]} for row in outputs]
         key = "values" if task == "regression" else "embedding"
         return [{key: [float(v) for v in np.ravel(row)]} for row in outputs]
 
@@ -125,6 +145,14 @@ class Bundle:
 
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         return self.answers(self.run(self.texts(texts)))
+
+
+def _time_key(value: str) -> Any:
+    """Numbers order as numbers, anything else (ISO dates) as text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def main(argv: list[str] | None = None) -> int:
