@@ -106,3 +106,66 @@ def policy_problem(folder: Path, *, n: int = 4000, epochs: int = 300) -> dict[st
         first.weight /= torch.from_numpy(scale).float()
     save_zoo_model(net.eval(), cfg, folder / "teacher")
     return {"teacher": folder / "teacher", "data": folder / "log.csv"}
+
+
+AUDIO_RATE = 8000
+AUDIO_LENGTH = 4000  # 0.5 s
+
+
+def tone_clips(folder: Path, *, per_class: int = 60, seed: int = 0) -> Path:
+    """``tones.zip``: class folders ``low`` (a 300–500 Hz tone), ``high`` (1.2–1.8 kHz) and ``chirp``
+    (a sweep up from 300 Hz to 2.5 kHz), in noise, of 0.4–0.7 s; every fifth file at 11,025 Hz and stereo
+    (resampled, mixed to mono, cut or padded by the loader)."""
+    import zipfile
+
+    import soundfile as sf
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    archive = folder / "tones.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for label in ("chirp", "high", "low"):
+            for i in range(per_class):
+                rate = 11025 if i % 5 == 0 else AUDIO_RATE
+                seconds = rng.uniform(0.4, 0.7)
+                t = np.arange(int(rate * seconds)) / rate
+                if label == "chirp":
+                    f0, f1 = 300.0, 2500.0
+                    phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
+                else:
+                    f = rng.uniform(300, 500) if label == "low" else rng.uniform(1200, 1800)
+                    phase = 2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)
+                wave = rng.uniform(0.2, 0.8) * np.sin(phase) + rng.normal(0, 0.05, len(t))
+                data = np.stack([wave, wave], 1) if i % 5 == 0 else wave
+                path = folder / f"{label}_{i}.wav"
+                sf.write(path, data.astype(np.float32), rate, subtype="PCM_16")
+                zf.write(path, f"{label}/{i:03d}.wav")
+                path.unlink()
+    return archive
+
+
+def audio_problem(folder: Path, *, per_class: int = 60, epochs: int = 60) -> dict[str, Path]:
+    """``tones.zip`` and a zoo cnn1d teacher with a log-mel front end (waveforms in) trained on them."""
+    from worker.compression.io.datasets import load_dataset
+    from worker.compression.spec import DataSpec
+
+    archive = tone_clips(folder, per_class=per_class)
+    data = load_dataset(archive, DataSpec(sample_rate=AUDIO_RATE, audio_length=AUDIO_LENGTH))
+    cfg = {"architecture": "cnn1d", "task": "classification", "in_channels": 1, "input_length": AUDIO_LENGTH,
+           "channels": [32, 32, 32], "kernel_size": 3, "hidden": 32, "output_dim": 3, "classes": data.classes,
+           "frontend": {"sample_rate": AUDIO_RATE, "n_fft": 256, "hop": 128, "n_mels": 32}}
+    torch.manual_seed(0)
+    net = zoo.build(cfg)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    x, y = data.inputs["x"], data.y
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 32):
+            idx = perm[i:i + 32]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_zoo_model(net.eval(), cfg, folder / "teacher")
+    return {"teacher": folder / "teacher", "data": archive}

@@ -127,7 +127,6 @@ def test_logged_actions_are_labels_and_the_rest_observations(tmp_path):
 
 
 def test_rollouts_tell_a_balancing_policy_from_a_useless_one(tmp_path):
-    pytest.importorskip("gymnasium")  # a test dependency (the `test` extra); the engine works without it
     import onnx
     from onnx import TensorProto, helper
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pandas as pd
-import pytest
 import torch
 
 from bench.field_cases import forecast_problem, policy_problem
@@ -105,7 +104,6 @@ def test_bad_series_uploads_and_jobs_say_why(api: httpx.Client, tmp_path: Path) 
 
 
 def test_a_policy_is_distilled_from_logged_observations(api: httpx.Client, tmp_path: Path) -> None:
-    pytest.importorskip("gymnasium")
     made = policy_problem(tmp_path / "policy", n=3000, epochs=200)
     teacher = ready_upload(api, "models", _zip(made["teacher"]))
     data = ready_upload(api, "datasets", made["data"], task="policy", action_space="discrete",

@@ -18,7 +18,8 @@ POLICY_KEYS = ("action_space", "action_columns", "env", "episodes")
 class DataSpec(SpecModel):
     """How to read a dataset file."""
 
-    format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip"] = "auto"
+    format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip",
+                    "audio_zip"] = "auto"
     label_column: str | None = None
     text_column: str = "text"
     text_pair_column: str = "text_pair"
@@ -39,6 +40,10 @@ class DataSpec(SpecModel):
     order (labels that are integers are indices already). Default: the teacher's own names when it
     has them (a transformers ``id2label``, ONNX metadata ``classes``, a zoo config's ``classes``),
     else sorted; the job says which it used."""
+    sample_rate: int = Field(default=16000, ge=1000, le=192_000)
+    """Audio (``audio_zip``): clips are resampled to this rate (Hz)."""
+    audio_length: int | None = Field(default=None, ge=16, le=192_000 * 60)
+    """Audio: samples per clip, cut or zero-padded at the end. Default: what the teacher takes, else 1 s."""
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     split_seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
