@@ -130,6 +130,11 @@ def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
         want = int(horizon) * len(str(targets).split(","))
         errors.append(FieldError(pointer="#/dataset_id", detail=f"the teacher has {outputs} outputs, but a forecast of "
                                  f"{horizon} steps of {targets} has {want}"))
+    shape = teacher.get("input_shape") or []
+    if dataset.get("format") == "audio_zip" and spec.data.audio_length and len(shape) == 2 and shape[1] > 0 \
+            and spec.data.audio_length != shape[1]:
+        errors.append(FieldError(pointer="#/data/audio_length", detail=f"the teacher takes clips of {shape[1]} samples; "
+                                 f"data.audio_length is {spec.data.audio_length} (leave it out to use the teacher's)"))
     if field == "policy" and task:
         want = "classification" if spec.data.action_space == "discrete" else "regression"
         if task != want:

@@ -14,7 +14,13 @@ import httpx
 import pandas as pd
 import torch
 
-from bench.field_cases import forecast_problem, policy_problem
+from bench.field_cases import (
+    AUDIO_LENGTH,
+    AUDIO_RATE,
+    audio_problem,
+    forecast_problem,
+    policy_problem,
+)
 from worker.compression.io.teachers import load_teacher
 
 from .flows import ready_upload, submit, upload, wait_job, wait_upload
@@ -127,3 +133,24 @@ def test_a_policy_is_distilled_from_logged_observations(api: httpx.Client, tmp_p
     r = submit(api, {**spec, "teacher_model_id": teacher["id"], "dataset_id": data["id"],
                      "distillation": {**FAST["distillation"], "target": {"metric": "agreement", "min": 0.9}}})
     assert r.status_code == 422 and "target/metric" in r.text, r.text  # reported, no target
+
+
+def test_an_audio_classifier_takes_waveforms(api: httpx.Client, tmp_path: Path) -> None:
+    made = audio_problem(tmp_path / "audio", per_class=30, epochs=15)
+    teacher = ready_upload(api, "models", _zip(made["teacher"]))
+    data = ready_upload(api, "datasets", made["data"], sample_rate=str(AUDIO_RATE))  # format told by its members
+    assert data["format"] == "audio_zip" or data["summary"]["format"] == "audio_zip", data
+    assert data["summary"]["inputs"]["x"] == [1, 8000] and data["summary"]["classes"] == ["chirp", "high", "low"]
+
+    spec = {**FAST, "student": {"kind": "auto", "max_params_ratio": 0.3}, "quantization": {"method": "dynamic_int8"}}
+    r = submit(api, {**spec, "teacher_model_id": teacher["id"], "dataset_id": data["id"],
+                     "data": {"audio_length": 8000}})
+    assert r.status_code == 422 and "takes clips of 4000 samples" in r.text, r.text
+    r = submit(api, {**spec, "teacher_model_id": teacher["id"], "dataset_id": data["id"]})  # the teacher's 0.5 s
+    assert r.status_code == 202, r.text
+    job = wait_job(api, r.json()["id"], timeout=300)
+    assert job["state"] == "SUCCEEDED", job.get("error")
+    report = _report(api, job)
+    assert report["data"]["eval"]["audio_length"] == AUDIO_LENGTH and report["data"]["eval"]["sample_rate"] == 8000
+    rows = _rows(report)
+    assert rows["teacher"]["accuracy"] >= 0.9 and rows["student"]["accuracy"] >= 0.9, rows
