@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pandas as pd
+import soundfile as sf
 import torch
 
 from bench.field_cases import (
@@ -154,3 +156,16 @@ def test_an_audio_classifier_takes_waveforms(api: httpx.Client, tmp_path: Path) 
     assert report["data"]["eval"]["audio_length"] == AUDIO_LENGTH and report["data"]["eval"]["sample_rate"] == 8000
     rows = _rows(report)
     assert rows["teacher"]["accuracy"] >= 0.9 and rows["student"]["accuracy"] >= 0.9, rows
+
+    # the bundle's predict.py classifies a WAV file as it is recorded (44.1 kHz stereo, 1 s: resampled and cut)
+    body = api.get(f"/v1/jobs/{job['id']}/artifacts/bundle.zip")
+    (tmp_path / "bundle.zip").write_bytes(body.content)
+    with zipfile.ZipFile(tmp_path / "bundle.zip") as zf:
+        zf.extractall(tmp_path / "bundle")
+    t = np.arange(44100) / 44100
+    tone = 0.5 * np.sin(2 * np.pi * 1500 * t)
+    sf.write(tmp_path / "tone.wav", np.stack([tone, tone], 1).astype(np.float32), 44100)
+    out = subprocess.run([sys.executable, "predict.py", str(tmp_path / "tone.wav")], cwd=tmp_path / "bundle",
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[0])["class"] == "high", out.stdout

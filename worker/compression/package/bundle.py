@@ -47,6 +47,10 @@ def preprocessing(teacher: Teacher, data: TensorData, task: str, *, input_names:
                            "time_column": meta.get("time_column") or None, "window": window,
                            "horizon": int(meta["horizon"]), "layout": layout,
                            "output": "step-major: value [h × targets + t] is target t at step h + 1"}
+    elif data.input_kind == "signal" and meta.get("sample_rate") and meta.get("audio_length"):
+        out["audio"] = {"sample_rate": int(meta["sample_rate"]), "length": int(meta["audio_length"]),
+                        "steps": "decode (WAV / FLAC), mix to mono, resample by FFT, cut or pad with silence at "
+                                 "the end; the model computes its own log-mel spectrogram"}
     elif data.input_kind == "vector" and data.meta.get("columns"):
         out["tabular"] = {"columns": list(data.meta["columns"]),
                           "label_column": data.meta.get("label_column") or None}

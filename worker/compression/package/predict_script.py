@@ -5,6 +5,7 @@
     python predict.py digits/*.png       # image files
     python predict.py rows.csv           # tabular rows: the feature columns, by name
     python predict.py series.csv         # a forecaster: the next steps after the series' last window
+    python predict.py clips/*.wav        # audio (pip install soundfile)
     python predict.py --text "a sentence" [--text "another"]
     python predict.py texts.jsonl        # one {"text": ...} per line
     python predict.py data.npz           # an array x, already preprocessed as the teacher took it
@@ -28,6 +29,7 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 class Bundle:
@@ -57,6 +59,21 @@ class Bundle:
                     img = img.resize((width, height), Image.Resampling.BILINEAR)
                 pixels = np.asarray(img, np.float32) / 255.0
             batch[i] = ((pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)) - mean) / std
+        return {self.inputs[0]: batch}
+
+    def audio(self, paths: list[Path]) -> dict[str, np.ndarray]:
+        import soundfile as sf
+
+        rate, length = self.pre["audio"]["sample_rate"], self.pre["audio"]["length"]
+        batch = np.zeros((len(paths), 1, length), np.float32)
+        for i, path in enumerate(paths):
+            wave, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+            mono = wave.mean(1)
+            if file_rate != rate and len(mono):
+                m = max(1, round(len(mono) * rate / file_rate))
+                spectrum = np.fft.rfft(mono.astype(np.float64))
+                mono = np.fft.irfft(spectrum[: min(len(spectrum), m // 2 + 1)], m) * (m / len(mono))
+            batch[i, 0, : min(length, len(mono))] = mono[:length]
         return {self.inputs[0]: batch}
 
     def series(self, path: Path) -> dict[str, np.ndarray]:
@@ -104,6 +121,8 @@ class Bundle:
         suffixes = {p.suffix.lower() for p in paths}
         if suffixes <= set(IMAGE_SUFFIXES):
             return self.images(paths)
+        if suffixes <= set(AUDIO_SUFFIXES):
+            return self.audio(paths)
         if len(paths) != 1:
             raise SystemExit("give image files, or one .csv, .jsonl or .npz file")
         path = paths[0]
