@@ -7,6 +7,10 @@ Cases (generated data, teachers trained here in seconds; `bench.field_cases`)
   forecast-cnn1d  the same series; a temporal CNN teacher (cnn1d, flatten pooling).
   cartpole        4,000 logged CartPole observations; an MLP teacher imitating a balancing controller;
                   returns over 10 episodes in CartPole-v1 (gymnasium).
+  audio           a zip of 180 WAV clips in 3 class folders (low tone, high tone, chirp; noise, 8 and
+                  11.025 kHz, mono and stereo, 0.4–0.7 s); a cnn1d teacher with a log-mel front end (its
+                  graph takes 0.5 s waveforms). The plain script trains a narrower cnn1d with the same
+                  front end on KL to the teacher (an MLP on raw samples would be no fair baseline).
 
 For each: the engine's job (`compress`: auto student at ≤ 25 % of the teacher's parameters, its default
 recipe, the model it delivers as model.onnx) and a plain script (an MLP of the same parameter budget
@@ -37,7 +41,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.field_cases import forecast_problem, policy_problem
+from bench.field_cases import (
+    AUDIO_RATE,
+    audio_problem,
+    forecast_problem,
+    policy_problem,
+)
 from worker.compression.compress import compress
 from worker.compression.deliver import teacher_onnx
 from worker.compression.fields.metrics import action_metrics, forecast_metrics
@@ -94,6 +103,34 @@ def plain_kd(x: torch.Tensor, targets: torch.Tensor, budget: int, *, discrete: b
     return out
 
 
+def plain_audio_kd(teacher_cfg: dict[str, Any], x: torch.Tensor, targets: torch.Tensor, epochs: int,
+                   out: Path) -> Path:
+    """The hand-written audio baseline: the teacher's architecture at half its channels and hidden width
+    (the same log-mel front end), Adam on KL at T = 2 to the teacher's logits, batch 32."""
+    from worker.compression.students import zoo
+
+    cfg = {**teacher_cfg, "channels": [max(4, c // 2) for c in teacher_cfg["channels"]],
+           "hidden": max(4, int(teacher_cfg.get("hidden", 0)) // 2)}
+    cfg.pop("format", None)
+    torch.manual_seed(0)
+    net = zoo.build(cfg)
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        net.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 32):
+            idx = perm[i:i + 32]
+            loss = F.kl_div(F.log_softmax(net(x[idx]) / 2, -1), F.softmax(targets[idx] / 2, -1),
+                            reduction="batchmean") * 4
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    torch.onnx.export(net, (x[:1],), str(out), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+    return out
+
+
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
@@ -140,6 +177,9 @@ def case(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
         arch = name.split("-")[1]
         made = forecast_problem(tmp / name, arch=arch, epochs=60 if quick else 200)
         data_spec = SERIES
+    elif name == "audio":
+        made = audio_problem(tmp / name, per_class=60, epochs=15 if quick else 30)
+        data_spec = {"sample_rate": AUDIO_RATE}
     else:
         made = policy_problem(tmp / name, epochs=100 if quick else 300)
         data_spec = POLICY
@@ -148,7 +188,7 @@ def case(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     task = teacher.task
     data = load_dataset(made["data"], spec, input_shape=teacher.input_shape, input_kind=teacher.input_kind, task=task)
     train, evald = train_eval_split(data, None, spec)
-    discrete = name == "cartpole"
+    discrete = name in ("cartpole", "audio")
 
     t0 = time.perf_counter()
     delivered, report = engine_job(made["teacher"], made["data"], data_spec, tmp / name / "engine", epochs)
@@ -160,22 +200,28 @@ def case(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     flat = train.inputs["x"].reshape(len(train), -1)
     budget = teacher.num_parameters // 4
     teacher_out = teacher.predict(train.inputs)
-    plain = plain_kd(flat, teacher_out, budget, discrete=discrete, epochs=epochs, out=tmp / name / "plain.onnx")
+    if name == "audio":
+        plain = plain_audio_kd(teacher.config, train.inputs["x"], teacher_out, epochs, tmp / name / "plain.onnx")
+    else:
+        plain = plain_kd(flat, teacher_out, budget, discrete=discrete, epochs=epochs, out=tmp / name / "plain.onnx")
     plain_s = time.perf_counter() - t0
 
     x_eval = evald.inputs["x"].numpy()
     graphs = {"teacher": teacher_graph, "engine": delivered, "plain KD": plain}
-    feeds = {"teacher": x_eval, "engine": x_eval, "plain KD": x_eval.reshape(len(x_eval), -1)}
+    feeds = {"teacher": x_eval, "engine": x_eval,
+             "plain KD": x_eval if name == "audio" else x_eval.reshape(len(x_eval), -1)}
     outputs = {k: torch.from_numpy(run_onnx(p, feeds[k])) for k, p in graphs.items()}
     lat = p50s({k: graphs[k] for k in ("teacher", "engine")}, x_eval)
     lat["plain KD"] = p50s({"plain KD": plain}, feeds["plain KD"])["plain KD"]
     returns = None
-    if discrete and gymnasium_available():
+    if name == "cartpole" and gymnasium_available():
         returns = rollout_returns("CartPole-v1", graphs, episodes=10, discrete=True)["returns"]
     rows = []
     for k, path in graphs.items():
         if discrete:
             metrics = action_metrics(outputs[k], outputs["teacher"], discrete=True)
+            if name == "audio":
+                metrics["accuracy"] = (outputs[k].argmax(-1) == evald.y).double().mean().item()
             if returns is not None:
                 metrics["return"] = returns[k]["mean"]
         else:
@@ -203,7 +249,7 @@ def fmt(v: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["case", "model", "mae", "mape", "smape", "agreement", "return", "size_bytes", "p50_ms_b1", "p50_ms_b64",
+    cols = ["case", "model", "mae", "mape", "smape", "accuracy", "agreement", "return", "size_bytes", "p50_ms_b1", "p50_ms_b64",
             "size_ratio", "speedup_b64", "mae_vs_teacher", "wall_s", "delivered", "verdict"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     print("| " + " | ".join(cols) + " |")
@@ -214,7 +260,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="forecast-mlp,forecast-cnn1d,cartpole")
+    parser.add_argument("--cases", default="forecast-mlp,forecast-cnn1d,cartpole,audio")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
