@@ -169,3 +169,13 @@ def test_an_audio_classifier_takes_waveforms(api: httpx.Client, tmp_path: Path) 
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[0])["class"] == "high", out.stdout
+
+
+def test_list_options_reach_the_form_from_curl_and_the_sdk() -> None:
+    from kdq.client import _form_value
+    from service.api.routes.uploads import DatasetForm
+
+    for sent in (_form_value(["load", "price"]), "load,price", '["load", "price"]'):
+        form = DatasetForm.model_validate({"task": "forecasting", "target_columns": sent, "window": "4",
+                                           "horizon": "2"})
+        assert form.target_columns == ["load", "price"]
