@@ -167,3 +167,38 @@ def test_a_temporal_cnn_keeps_where_in_the_window_a_feature_is():
     assert report.partial > 0
     with pytest.raises(Exception, match="flatten"):
         zoo.build({"architecture": "mlp", "input_dim": 3, "output_dim": 1, "pool": "flatten"})
+
+
+def test_a_continuous_policy_is_judged_by_its_action_difference_and_its_return(tmp_path):
+    from worker.compression.compress import compress
+    from worker.compression.io.teachers import save_zoo_model
+    from worker.compression.students import zoo
+
+    cfg = {"architecture": "mlp", "task": "regression", "input_dim": 3, "hidden": [64], "output_dim": 1}
+    torch.manual_seed(0)
+    teacher = zoo.build(cfg)
+    rng = np.random.default_rng(0)
+    obs = np.concatenate([rng.uniform(-1, 1, (600, 2)), rng.uniform(-8, 8, (600, 1))], 1).astype(np.float32)
+    torque = np.clip(-2.0 * obs[:, 1:2] - 0.3 * obs[:, 2:3], -2, 2)  # a damping rule (it does not swing up)
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(150):
+        loss = torch.nn.functional.mse_loss(teacher(torch.from_numpy(obs)), torch.from_numpy(torque))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_zoo_model(teacher.eval(), cfg, tmp_path / "teacher")
+    np.savez(tmp_path / "log.npz", x=obs)
+    spec = CompressSpec.model_validate({
+        "data": {"task": "policy", "action_space": "continuous", "env": "Pendulum-v1", "episodes": 2},
+        "student": {"kind": "auto", "max_params_ratio": 0.5}, "quantization": {"method": "none"},
+        "distillation": {"epochs": 5, "batch_size": 64, "lr": 3e-3},
+        "evaluation": {"latency_batch_sizes": [1], "repeats": 2, "warmup": 1}})
+    report = compress(spec, teacher_path=tmp_path / "teacher", dataset_path=tmp_path / "log.npz",
+                      output_dir=tmp_path / "out").metrics
+    assert report["primary_metric"] == "action_mae" and report["delivery"]["metric"] == "action_mae"
+    rows = {r["name"]: r["metric"] for r in report["models"]}
+    assert rows["teacher"]["action_mae"] == 0.0 and rows["student"]["action_mae"] < 0.5 * rows["teacher"]["action_std"]
+    assert report["delivery"]["tolerance"] == pytest.approx(0.1 * rows["teacher"]["action_std"])
+    returns = report["policy"]["returns"]
+    assert set(returns) >= {"teacher", "student"} and report["policy"]["episodes"] == 2
+    assert all(-2000 < r["mean"] <= 0 for r in returns.values())  # Pendulum's rewards are costs
