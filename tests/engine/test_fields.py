@@ -202,3 +202,13 @@ def test_a_continuous_policy_is_judged_by_its_action_difference_and_its_return(t
     returns = report["policy"]["returns"]
     assert set(returns) >= {"teacher", "student"} and report["policy"]["episodes"] == 2
     assert all(-2000 < r["mean"] <= 0 for r in returns.values())  # Pendulum's rewards are costs
+    assert "Return in Pendulum-v1 over 2 episodes" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_without_gymnasium_the_return_is_not_measured_and_says_why(monkeypatch, tmp_path):
+    from worker.compression.fields import policy
+
+    monkeypatch.setattr(policy, "gymnasium_available", lambda: False)
+    section = policy.rollout_returns("CartPole-v1", {"teacher": tmp_path / "missing.onnx"}, episodes=3, discrete=True)
+    assert section == {"env": "CartPole-v1", "measured": False, "why": "gymnasium is not installed on the worker"}
+    assert policy.return_reason(section, "teacher") is None
