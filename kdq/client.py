@@ -144,7 +144,7 @@ class Client:
         if kind not in ("model", "dataset"):
             raise UploadInvalid(f"{path}: say kind='model' or kind='dataset' (the suffix does not tell)")
         with packed(path, format) as (sent, sent_format):  # a folder, or a graph with its .onnx.data: one zip
-            fields = {"format": sent_format, **{k: str(v) for k, v in options.items()}}
+            fields = {"format": sent_format, **{k: _form_value(v) for k, v in options.items()}}
             if name:
                 fields["name"] = name
             if tags:
@@ -341,3 +341,8 @@ def _when(value: datetime | str | None) -> str | None:
     if isinstance(value, datetime):
         return value.isoformat()
     return value
+
+
+def _form_value(value: Any) -> str:
+    """A reading option as a form field: lists (``target_columns=["load"]``) as JSON, the rest as text."""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)

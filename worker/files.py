@@ -42,6 +42,7 @@ SUFFIX = {
     "parquet": ".parquet",
     "jsonl": ".jsonl",
     "image_zip": ".zip",
+    "audio_zip": ".zip",
 }
 
 

@@ -51,6 +51,7 @@ from worker.compression.io.sniff import (
     FileKind,
     Sniffed,
     code_message,
+    has_audio,
     is_pickle,
     pickle_message,
     sniff,
@@ -169,6 +170,8 @@ def _inspect_dataset(fmt: str, path: Path, sniffed: Sniffed, limits: InspectionL
         fmt = {"safetensors": "safetensors", "tar": "image_zip"}.get(sniffed.kind, "auto")
         if sniffed.kind == "zip":
             fmt = "npz" if any(n.endswith(".npy") for n in sniffed.members) else "image_zip"
+            if fmt == "image_zip" and has_audio(list(sniffed.members)):
+                fmt = "audio_zip"
     if fmt == "npz":
         if sniffed.kind != "zip" and not _head(path).startswith(b"PK\x03\x04"):
             raise _not_format(fmt, "it is not a zip archive")
@@ -186,6 +189,8 @@ def _inspect_dataset(fmt: str, path: Path, sniffed: Sniffed, limits: InspectionL
                 if member.name.lower().endswith(".png"):
                     _member_header(member, open_member, lambda read, size, name: _check_png(
                         read, name, limits.max_image_pixels))
+    elif fmt == "audio_zip" and not _archive_shaped(path, sniffed):
+        raise _not_format(fmt, "it is neither a zip nor a tar archive")
     elif fmt == "parquet" and not _head(path).startswith(b"PAR1"):
         raise _not_format(fmt, "it lacks the b'PAR1' signature")
 

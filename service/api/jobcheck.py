@@ -22,6 +22,7 @@ METRIC_TASKS = {
     "macro_f1": {"classification"},
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
+    "mae": {"regression"},
 }
 
 
@@ -44,7 +45,8 @@ def check_job(
     teacher_input = teacher.get("input_kind")
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
         kind = (summary or {}).get("input_kind")
-        if kind and teacher_input and kind != teacher_input:
+        windows = (summary or {}).get("field") == "forecasting"  # (C, L) windows fit flat or time-major teachers
+        if kind and teacher_input and kind != teacher_input and not windows:
             bad(pointer, f"the dataset holds {kind} inputs but the teacher takes {teacher_input} inputs")
 
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
@@ -80,6 +82,7 @@ def check_job(
         bad("#/distillation/attention_weight", "attention matching needs a transformer teacher with weights")
     if distil.target is not None and task and task not in METRIC_TASKS[distil.target.metric]:
         bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
+    errors += _field_errors(spec, task, teacher, dataset)
 
     errors += _search_errors(spec, task)
 
@@ -114,6 +117,32 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     return []
 
 
+def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
+                  dataset: dict[str, Any]) -> list[FieldError]:
+    """A field of use against the teacher: forecasts are values, a policy's outputs fit its action space."""
+    field, errors = spec.data.task, []
+    if field == "forecasting" and task and task != "regression":
+        errors.append(FieldError(pointer="#/data/task", detail=f"a forecaster outputs values, but the teacher is a "
+                                                               f"{task} model"))
+    horizon, targets = dataset.get("horizon"), dataset.get("target_columns")
+    outputs = teacher.get("output_dim")
+    if field == "forecasting" and horizon and targets and outputs and int(horizon) * len(str(targets).split(",")) != outputs:
+        want = int(horizon) * len(str(targets).split(","))
+        errors.append(FieldError(pointer="#/dataset_id", detail=f"the teacher has {outputs} outputs, but a forecast of "
+                                 f"{horizon} steps of {targets} has {want}"))
+    shape = teacher.get("input_shape") or []
+    if dataset.get("format") == "audio_zip" and spec.data.audio_length and len(shape) == 2 and shape[1] > 0 \
+            and spec.data.audio_length != shape[1]:
+        errors.append(FieldError(pointer="#/data/audio_length", detail=f"the teacher takes clips of {shape[1]} samples; "
+                                 f"data.audio_length is {spec.data.audio_length} (leave it out to use the teacher's)"))
+    if field == "policy" and task:
+        want = "classification" if spec.data.action_space == "discrete" else "regression"
+        if task != want:
+            errors.append(FieldError(pointer="#/data/action_space", detail=f"a {spec.data.action_space} policy is a "
+                                     f"{want} model, but the teacher is a {task} model"))
+    return errors
+
+
 def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, Any]) -> list[FieldError]:
     """The job's task against the teacher's (one it declares is binding; one guessed from its output is
     not) and against the labels."""
@@ -139,7 +168,7 @@ def _shape_errors(pointer: str, teacher: dict[str, Any], summary: dict[str, Any]
     want = teacher.get("input_shape")
     got = (summary.get("inputs") or {}).get("x")
     kind = teacher.get("input_kind")
-    if not want or not got or kind == "tokens" or summary.get("format") == "image_zip":
+    if not want or not got or kind == "tokens" or summary.get("format") in ("image_zip", "audio_zip"):
         return []
     if math.prod(got) == math.prod(want):
         return []

@@ -26,19 +26,21 @@ from .deliver import (
     deliver,
     measure_all,
     quantize_baseline,
+    row_name,
     search_verdict,
     summary_of,
     teacher_onnx,
 )
 from .distill.distill import DistillResult
 from .errors import Cancelled
+from .fields import field_of
+from .fields.policy import return_reason, rollout_returns
 from .io.datasets import load_dataset, train_eval_split
 from .io.sandbox import SandboxLimits, close_teacher
 from .io.teachers import load_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
 from .measure.export import check_onnx
 from .measure.meter import Meter
-from .measure.metrics import primary_metric
 from .measure.report import sha256_file, write_manifest, write_report
 from .measure.teacher_check import TeacherCheck, check_teacher
 from .package.bundle import bundle_job
@@ -381,7 +383,7 @@ class _Run:
         report: dict[str, Any] = {
             "title": f"Compression report: {task}",
             "task": task,
-            "primary_metric": primary_metric(task),
+            "primary_metric": pipe.metric,
             "teacher": teacher.summary(),
             "student": None if student is None else {
                 "description": student.description, "how": student.how, "kind": student.kind,
@@ -402,7 +404,10 @@ class _Run:
             q = quant.to_dict()
             report["quantization"] = q
             report["sensitivity"] = q.get("sensitivity") or []
-        summary = summary_of(table, primary_metric(task))
+        if field_of(pipe.evald.meta) == "policy" and pipe.evald.meta.get("env"):
+            self._policy_returns(pipe, made, chosen.name, delivery)
+            report["policy"] = delivery.pop("policy")
+        summary = summary_of(table, pipe.metric)
         summary.update({k: delivery[k] for k in ("verdict", "reasons", "headline")})
         row = next((r for r in table if r["name"] == chosen.name), None)
         if row is not None and row.get("vs_teacher"):
@@ -411,6 +416,27 @@ class _Run:
         report["summary"] = summary
         self._bundle(pipe, chosen, report)
         return report
+
+    def _policy_returns(self, pipe: CandidatePipeline, made: Made, delivered: str, delivery: dict[str, Any]) -> None:
+        """Every graph rolled out in the policy's environment (`fields.policy`); a delivered policy that
+        returns clearly less than the teacher is a caution in the verdict."""
+        meta = pipe.evald.meta
+        self._stage("evaluate", 0, 1, f"rolling the policies out in {meta['env']}")
+        graphs = {"teacher": made.teacher_onnx, **{row_name(role, precision): path for role, by in made.graphs.items()
+                                                   for precision, path in by.items()}}
+        section = self._timed("returns", lambda: rollout_returns(
+            str(meta["env"]), graphs, episodes=int(meta.get("episodes", 10)),
+            discrete=meta.get("action_space") == "discrete", threads=self.spec.evaluation.threads))
+        section["delivered"] = delivered
+        delivery["policy"] = section
+        if not section.get("measured"):
+            self.warnings.append(f"the return in {meta['env']} was not measured: {section.get('why')}")
+            return
+        reason = return_reason(section, delivered)
+        if reason is not None:
+            delivery["reasons"].append(reason)
+            if delivery["verdict"] == "ship":
+                delivery["verdict"] = "ship_with_caution"
 
     def _bundle(self, pipe: CandidatePipeline, chosen: Any, report: dict[str, Any]) -> None:
         import onnxruntime as ort  # (already loaded by the meter)

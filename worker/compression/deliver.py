@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 from .errors import SpecError
+from .fields import describe_tolerance
+from .fields import tolerance as field_tolerance
 from .io.onnx_teacher import load_onnx_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
 from .measure.export import export_onnx
-from .measure.metrics import primary_metric
 from .measure.verdict import Candidate, choose, tolerance_for, verdict
 from .pipeline import CandidatePipeline, Measurement
 from .quantize.registry import QuantizationResult
@@ -83,9 +84,11 @@ def deliver(pipe: CandidatePipeline, spec: CompressSpec, made: Made, teacher: Me
             teacher_parameters: int) -> tuple[Candidate, dict[str, Any], list[dict[str, Any]], dict[str, torch.Tensor]]:  # fmt: skip
     """Copy the chosen graph to ``model.onnx``; (the chosen, the report's delivery section with the
     verdict, the comparison table, each model's eval outputs)."""
-    metric = primary_metric(pipe.task)
+    metric = pipe.metric
     batch = evaluation_batch(spec)
     max_drop = spec.quantization.max_metric_drop if isinstance(spec.quantization, QuantizationConfig) else None
+    if max_drop is None:
+        max_drop = field_tolerance(pipe.evald.meta, metric, teacher.metrics)
     tolerance = tolerance_for(metric, max_drop)
     teacher_c = Candidate("teacher fp32", "teacher", "fp32", made.teacher_onnx, teacher.metrics, teacher.size_bytes,
                           teacher.latency, teacher_parameters)  # fmt: skip
@@ -108,6 +111,7 @@ def deliver(pipe: CandidatePipeline, spec: CompressSpec, made: Made, teacher: Me
         outputs[c.name] = m.outputs
     section = {
         "chosen": chosen.name, "file": MODEL, "why": why, "batch": batch, "metric": metric, "tolerance": tolerance,
+        "tolerance_means": describe_tolerance(pipe.evald.meta, metric, tolerance),
         "candidates": [{"name": c.name, metric: c.value(metric), "size_bytes": c.size_bytes,
                         f"p50_ms_batch_{batch}": c.p50(batch)} for c in pool],
         **judged,

@@ -29,6 +29,7 @@ from torch import nn
 
 from .distill.distill import DistillResult, distill
 from .distill.teacher_cache import TeacherCache
+from .fields import primary_metric as field_metric
 from .measure.export import export_onnx, onnx_size_bytes
 from .measure.meter import Meter
 from .measure.metrics import higher_is_better, primary_metric
@@ -74,7 +75,7 @@ class CandidatePipeline:
         self.teacher, self.train, self.evald, self.spec, self.task = teacher, train, evald, spec, task
         self.meter, self.progress, self.cancel = meter, progress, cancel
         self.sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
-        self.metric = primary_metric(task)
+        self.metric = field_metric(task, evald.meta, primary_metric(task))
         """The metric the quantizers' evaluation watches (the search sets its goal's)."""
         names = teacher.input_names
         self.input_names = {"x": names[0]} if teacher.input_kind != "tokens" and len(names) == 1 else {}

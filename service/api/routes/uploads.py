@@ -74,7 +74,8 @@ class DatasetForm(DataSpec):
     """Labels to filter by: ``a,b`` or a JSON list."""
     metadata: Json[dict[str, Any]] | None = None
 
-    @field_validator("image_size", "image_mean", "image_std", mode="before")
+    @field_validator("image_size", "image_mean", "image_std", "target_columns", "feature_columns",
+                     "action_columns", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
         """Form values are text: accept ``[32, 32]`` or ``32,32``."""

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .data_common import (
     parse_labels,
     too_large,
 )
+from .data_series import load_series
 from .hf_folder import tokenize
 
 TABULAR_LABELS = ("label", "target", "y")
@@ -40,7 +42,7 @@ def load_csv(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
     header = next(csv.reader(io.StringIO(text)), [])
     if len(header) > ctx.limits.max_columns:
         raise DatasetError(f"{path.name} has {len(header):,} columns, over the limit of {ctx.limits.max_columns:,}")
-    is_text = fmt == "text_csv" or (ctx.spec.format == "auto" and (
+    is_text = fmt == "text_csv" or (ctx.spec.format == "auto" and ctx.spec.task is None and (
         ctx.spec.text_column in header or ctx.input_kind == "tokens"))
     try:
         if is_text:  # every cell as the string written (empty stays "")
@@ -84,6 +86,10 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     columns = list(df.columns)
     if len(df) == 0:
         raise DatasetError(f"{source} holds no data rows")
+    if ctx.spec.task == "forecasting":
+        return load_series(df, row_of, ctx, source)
+    if ctx.spec.task == "policy" and ctx.spec.action_columns:
+        return _load_logged_actions(df, row_of, ctx, source)
     label = label_column(columns, ctx.spec, TABULAR_LABELS, source)
     features = df.drop(columns=[label]) if label else df
     if features.shape[1] == 0:
@@ -106,6 +112,34 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
                                     ctx.spec.classes)
     meta = {"columns": list(features.columns), "label_column": label or ""}
     return TensorData({"x": x}, y, RANK_KIND[x.ndim], classes, meta=meta)
+
+
+def _load_logged_actions(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) -> TensorData:
+    """A policy's log: every column but ``action_columns`` is an observation; the logged actions are
+    the labels (one class-index column for a discrete policy, one float column per action dimension
+    for a continuous one)."""
+    actions = list(ctx.spec.action_columns or [])
+    missing = [c for c in actions if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{source} has no action column {', '.join(repr(c) for c in missing)}; "
+                           f"columns: {', '.join(list(df.columns)[:50])}")
+    discrete = ctx.spec.action_space == "discrete"
+    if discrete and len(actions) != 1:
+        raise DatasetError("a discrete policy logs one action column (the action's index)")
+    spec = ctx.spec.model_copy(update={"label_column": None, "task": None, "action_columns": None,
+                                       "action_space": None, "env": None, "episodes": 10})
+    observations = _load_table(df.drop(columns=actions), row_of, replace(ctx, spec=spec), source)
+    if discrete:
+        y, classes = parse_labels(df[actions[0]].to_numpy(), "classification", row_of, f"column {actions[0]!r}",
+                                  ctx.limits, ctx.spec.classes)
+    else:
+        values = df[actions].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        if not np.isfinite(values).all():
+            r, c = (int(v) for v in np.argwhere(~np.isfinite(values))[0])
+            raise DatasetError(f"column {actions[c]!r}: a continuous action must be a finite number", row=row_of(r))
+        y, classes = torch.from_numpy(values.astype(np.float32)), None
+    observations.meta["action_columns"] = ",".join(actions)
+    return TensorData(observations.inputs, y, observations.input_kind, classes, meta=observations.meta)
 
 
 def _read_utf8(path: Path) -> str:

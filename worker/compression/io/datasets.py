@@ -10,6 +10,8 @@ Formats (``DataSpec.format``; ``auto`` picks by file extension):
   label, tokenized with the teacher's tokenizer. An auto-detected ``.csv`` is text when it has
   ``DataSpec.text_column`` (or the teacher takes text), else tabular.
 * ``image_zip``: a zip (or tar, tar.gz) of class folders of PNG / JPEG images, resized and normalised.
+* ``audio_zip``: a zip (or tar) of class folders of WAV / FLAC clips, mono, resampled, cut or padded
+  (`data_audio`); an auto-detected ``.zip`` whose files are all audio is one.
 
 Labels are optional everywhere: unlabelled data still serves for pure distillation. Integer
 or string labels become class indices with ``classes`` names (integers ``k`` keep index ``k``;
@@ -27,6 +29,7 @@ PNG and JPEG decoders run, and decompressed ``.npz`` content and image tensors a
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,16 +41,19 @@ from ..errors import DatasetError
 from ..spec import DataSpec
 from ..types import InputKind, TensorData
 from .data_arrays import load_arrays
+from .data_audio import load_audio
 from .data_common import DataLimits, ReadContext
 from .data_images import load_images
+from .data_series import chronological_split
 from .data_tables import load_csv, load_jsonl, load_parquet
+from .sniff import has_audio
 
-FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip")
+FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip", "audio_zip")
 _BY_SUFFIX = {".npz": "npz", ".safetensors": "safetensors", ".csv": "csv", ".parquet": "parquet",
               ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".zip": "image_zip",
               ".tar": "image_zip", ".tgz": "image_zip"}
 ACCEPTED = (".npz, .safetensors, .csv, .parquet/.pq, .jsonl/.ndjson/.json (JSON Lines), "
-            ".zip (image class folders)")
+            ".zip (image or audio class folders)")
 
 
 def load_dataset(
@@ -80,6 +86,10 @@ def load_dataset(
                            f"accepted: {ACCEPTED}")
     if input_shape is not None:
         input_shape = tuple(int(d) for d in input_shape)
+    if fmt == "image_zip" and spec.format == "auto" and _audio_archive(path):
+        fmt = "audio_zip"
+    if spec.task == "forecasting" and fmt not in ("csv", "parquet"):
+        raise DatasetError(f"forecasting reads a time series from a CSV or Parquet table, not {fmt}")
     ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits)
     if fmt in ("npz", "safetensors"):
         data = load_arrays(path, fmt, ctx)
@@ -89,16 +99,42 @@ def load_dataset(
         data = load_parquet(path, ctx)
     elif fmt == "jsonl":
         data = load_jsonl(path, ctx)
+    elif fmt == "audio_zip":
+        data = load_audio(path, ctx)
     else:
         data = load_images(path, ctx)
     if input_kind is not None and data.input_kind != input_kind:
         raise DatasetError(f"the teacher takes {input_kind} inputs but {path.name} holds "
                            f"{data.input_kind} data")
+    if spec.task == "policy":
+        _policy_meta(data, spec, path.name)
     data.meta.setdefault("format", fmt)
     data.meta["file"] = path.name
     if data.classes is not None:
         data.meta["num_classes"] = len(data.classes)
     return data
+
+
+def _audio_archive(path: Path) -> bool:
+    """A zip whose members are audio files (names only: nothing is extracted here)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return has_audio(zf.namelist()[:200_000])
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _policy_meta(data: TensorData, spec: DataSpec, source: str) -> None:
+    """A policy's observations are vectors; the meta says how its outputs are judged (`fields.policy`)."""
+    if data.input_kind != "vector":
+        raise DatasetError(f"a policy maps observation vectors to actions, but {source} holds {data.input_kind} data")
+    if spec.action_space == "discrete" and data.y is not None and data.classes is None:
+        raise DatasetError(f"a discrete policy's logged actions are action indices, but {source}'s are fractional")
+    if spec.action_space == "continuous" and data.classes is not None and data.y is not None:
+        data.y = data.y.float().reshape(len(data.y), -1)  # integer-valued continuous actions are still values
+        data.classes = None
+    data.meta.update({"field": "policy", "action_space": spec.action_space or "", "env": spec.env or "",
+                      "episodes": spec.episodes})
 
 
 def train_eval_split(train: TensorData, eval_data: TensorData | None,
@@ -109,6 +145,8 @@ def train_eval_split(train: TensorData, eval_data: TensorData | None,
     Token data of different padded lengths is right-padded (id 0, mask 0) to the longer one.
     Eval class labels are renumbered to the training ``classes`` when they are a subset.
     """
+    if eval_data is None and train.meta.get("field") == "forecasting":
+        return chronological_split(train, spec.eval_fraction)
     if eval_data is None:
         try:
             return train.split(spec.eval_fraction, spec.split_seed)

@@ -101,3 +101,14 @@ def pickle_message(kind: FileKind) -> str:
 
 def code_message(kind: FileKind) -> str:
     return CODE_MESSAGE.format(what=DESCRIPTIONS.get(kind, kind))
+
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+def has_audio(names: list[str]) -> bool:
+    """An archive's member names look like audio class folders (``format: auto`` tells an audio zip from
+    an image zip by this, before anything is extracted)."""
+    lowered = [n.lower() for n in names]
+    return any(n.endswith(AUDIO_SUFFIXES) for n in lowered) and not any(
+        n.endswith((".png", ".jpg", ".jpeg")) for n in lowered)

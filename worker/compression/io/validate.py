@@ -65,7 +65,7 @@ def validate_dataset(path: Path, spec: DataSpec | None = None, *, memory_bytes: 
 
 
 _SUFFIXES = {"npz": ".npz", "safetensors": ".safetensors", "csv": ".csv", "parquet": ".parquet",
-             "jsonl": ".jsonl", "text_csv": ".csv", "image_zip": ".zip"}
+             "jsonl": ".jsonl", "text_csv": ".csv", "image_zip": ".zip", "audio_zip": ".zip"}
 """An ``image_zip`` may hold a tar(.gz) too: archives are told apart by their bytes."""
 
 

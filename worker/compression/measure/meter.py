@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fields import extra_metrics
 from ..spec import EvaluationSpec
 from ..types import TensorData
 from .evaluate import measure_onnx_latency, onnx_outputs
@@ -79,7 +80,9 @@ class Meter:
     def score(self, outputs: torch.Tensor) -> dict[str, Any]:
         """The task metrics of ``outputs`` against the labels (none for embeddings) and the teacher."""
         y = self.evald.y if self.task != "embedding" else None
-        return evaluate_outputs(self.task, outputs, y, self.teacher_out)
+        scores = evaluate_outputs(self.task, outputs, y, self.teacher_out)
+        scores.update(extra_metrics(self.evald.meta, outputs, y, self.teacher_out))
+        return scores
 
     def metrics(self, path: Path) -> dict[str, Any]:
         return self.score(self.outputs(path))

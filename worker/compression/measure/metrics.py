@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SpecError
+from ..spec.base import LOWER_IS_BETTER
 from ..types import Task
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
@@ -23,7 +24,7 @@ def primary_metric(task: Task | str) -> str:
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric != "mse"
+    return metric not in LOWER_IS_BETTER
 
 
 def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:

@@ -305,6 +305,14 @@ def render_html(report: Mapping[str, Any]) -> str:
             parts.append(
                 f"<h2>{_e(metric)} vs size and latency</h2>" + _img(scatter, f"{metric} vs size and latency")
             )
+    policy = report.get("policy") or {}
+    if policy.get("returns"):
+        rows = [{"model": name, **r} for name, r in policy["returns"].items()]
+        parts.append(f"<h2>Return in {_e(policy.get('env'))} over {_e(policy.get('episodes'))} episodes "
+                     f"(seeds 0…{_e(int(policy.get('episodes', 1)) - 1)}; delivered: {_e(policy.get('delivered'))})</h2>"
+                     + _table(rows))
+    elif policy:
+        parts.append(f"<h2>Return in {_e(policy.get('env'))}</h2><p>not measured: {_e(policy.get('why'))}</p>")
     if report.get("search"):
         parts.append(_search_html(report["search"]))
     curves = curves_plot(report["curves"], metric) if report.get("curves") else None

@@ -33,6 +33,7 @@ REASONS = {
     "int8_slower_than_fp32": CAUTION,
     "int8_larger_than_fp32": CAUTION,
     "unlabelled": CAUTION,
+    "return_drop": CAUTION,
 }
 """Reason code → severity. The int8 and baseline reasons are cautions only: the better model was
 delivered instead, and the reason says so."""

@@ -38,7 +38,20 @@ def preprocessing(teacher: Teacher, data: TensorData, task: str, *, input_names:
                         "std": meta.get("image_std", [1.0]),
                         "steps": "decode, convert to grayscale or RGB, resize (bilinear), divide by 255, "
                                  "subtract mean, divide by std, channels first"}  # fmt: skip
-    if data.input_kind == "vector" and data.meta.get("columns"):
+    meta = data.meta
+    if meta.get("field") == "forecasting":  # a window of the series' last rows, not one row per sample
+        channels, window = int(meta["channels"]), int(meta["window"])
+        layout = ("channels_first" if sample_shape == [channels, window] else
+                  "time_major" if sample_shape == [window, channels] else "flat_channels_first")
+        out["forecast"] = {"columns": list(meta["columns"]), "target_columns": meta["target_columns"].split(","),
+                           "time_column": meta.get("time_column") or None, "window": window,
+                           "horizon": int(meta["horizon"]), "layout": layout,
+                           "output": "step-major: value [h × targets + t] is target t at step h + 1"}
+    elif data.input_kind == "signal" and meta.get("sample_rate") and meta.get("audio_length"):
+        out["audio"] = {"sample_rate": int(meta["sample_rate"]), "length": int(meta["audio_length"]),
+                        "steps": "decode (WAV / FLAC), mix to mono, resample by FFT, cut or pad with silence at "
+                                 "the end; the model computes its own log-mel spectrogram"}
+    elif data.input_kind == "vector" and data.meta.get("columns"):
         out["tabular"] = {"columns": list(data.meta["columns"]),
                           "label_column": data.meta.get("label_column") or None}
     if data.input_kind == "tokens":

@@ -4,6 +4,8 @@
     pip install onnxruntime numpy        # and pillow for images, tokenizers for text
     python predict.py digits/*.png       # image files
     python predict.py rows.csv           # tabular rows: the feature columns, by name
+    python predict.py series.csv         # a forecaster: the next steps after the series' last window
+    python predict.py clips/*.wav        # audio (pip install soundfile)
     python predict.py --text "a sentence" [--text "another"]
     python predict.py texts.jsonl        # one {"text": ...} per line
     python predict.py data.npz           # an array x, already preprocessed as the teacher took it
@@ -27,6 +29,7 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 class Bundle:
@@ -57,6 +60,35 @@ class Bundle:
                 pixels = np.asarray(img, np.float32) / 255.0
             batch[i] = ((pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)) - mean) / std
         return {self.inputs[0]: batch}
+
+    def audio(self, paths: list[Path]) -> dict[str, np.ndarray]:
+        import soundfile as sf
+
+        rate, length = self.pre["audio"]["sample_rate"], self.pre["audio"]["length"]
+        batch = np.zeros((len(paths), 1, length), np.float32)
+        for i, path in enumerate(paths):
+            wave, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+            mono = wave.mean(1)
+            if file_rate != rate and len(mono):
+                m = max(1, round(len(mono) * rate / file_rate))
+                spectrum = np.fft.rfft(mono.astype(np.float64))
+                mono = np.fft.irfft(spectrum[: min(len(spectrum), m // 2 + 1)], m) * (m / len(mono))
+            batch[i, 0, : min(length, len(mono))] = mono[:length]
+        return {self.inputs[0]: batch}
+
+    def series(self, path: Path) -> dict[str, np.ndarray]:
+        """The last ``window`` rows (in time order) of the series' columns, laid out as the model takes them."""
+        spec = self.pre["forecast"]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+        missing = [c for c in spec["columns"] if rows and c not in rows[0]]
+        if missing or len(rows) < spec["window"]:
+            raise SystemExit(f"{path}: need {spec['window']} rows of {', '.join(spec['columns'])}")
+        if spec.get("time_column"):
+            rows.sort(key=lambda r: _time_key(r[spec["time_column"]]))
+        last = np.asarray([[float(r[c]) for c in spec["columns"]] for r in rows[-spec["window"]:]], np.float32)
+        x = last if spec["layout"] == "time_major" else last.T  # (window, C) or (C, window)
+        return {self.inputs[0]: x.reshape(1, *self.pre["input"]["shape"])}
 
     def table(self, path: Path) -> dict[str, np.ndarray]:
         columns = self.pre["tabular"]["columns"]
@@ -89,11 +121,13 @@ class Bundle:
         suffixes = {p.suffix.lower() for p in paths}
         if suffixes <= set(IMAGE_SUFFIXES):
             return self.images(paths)
+        if suffixes <= set(AUDIO_SUFFIXES):
+            return self.audio(paths)
         if len(paths) != 1:
             raise SystemExit("give image files, or one .csv, .jsonl or .npz file")
         path = paths[0]
         if path.suffix.lower() == ".csv":
-            return self.table(path)
+            return self.series(path) if "forecast" in self.pre else self.table(path)
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             column = self.pre.get("text", {}).get("column", "text")
             lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -117,6 +151,11 @@ class Bundle:
             index = probs.argmax(-1)
             return [{"class": classes[i] if classes else int(i), "index": int(i), "probability": float(p[i])}
                     for i, p in zip(index, probs)]
+        if "forecast" in self.pre:
+            spec = self.pre["forecast"]
+            targets = spec["target_columns"]
+            return [{"forecast": {t: [float(v) for v in np.ravel(row)[i::len(targets)]] for i, t in enumerate(targets)},
+                     "steps": spec["horizon"]} for row in outputs]
         key = "values" if task == "regression" else "embedding"
         return [{key: [float(v) for v in np.ravel(row)]} for row in outputs]
 
@@ -125,6 +164,14 @@ class Bundle:
 
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         return self.answers(self.run(self.texts(texts)))
+
+
+def _time_key(value: str) -> Any:
+    """Numbers order as numbers, anything else (ISO dates) as text."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from ..measure.export import onnx_size_bytes
 from ..measure.meter import latency_at
 from ..measure.metrics import TASK_METRICS
 from ..pipeline import Measurement
+from ..spec import LOWER_IS_BETTER
 from ..students.zoo import count_parameters
 from .goal import Goal
 from .ladder import TEACHER, Candidate, embedding_parameters
@@ -36,10 +37,10 @@ def measure_teacher(s: SearchState) -> None:
     targets = s.spec.targets
     assert targets is not None
     metric = targets.metric or {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[s.task]
-    if metric not in TASK_METRICS[s.task]:
+    if metric not in TASK_METRICS[s.task] and metric not in metrics:  # (a field's metrics: `fields`)
         raise SpecError(f"targets.metric {metric!r} is not measured for {s.task}; "
                         f"use one of {', '.join(TASK_METRICS[s.task])}")
-    lower = metric == "mse"
+    lower = metric in LOWER_IS_BETTER
     if (lower and targets.min is not None) or (not lower and targets.max is not None):
         raise SpecError(f"targets: {metric} is {'lower' if lower else 'higher'}-is-better; "
                         f"give '{'max' if lower else 'min'}'")

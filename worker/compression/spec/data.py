@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints
+from pydantic import Field, StringConstraints, model_validator
 
 from .base import SpecModel
+
+Column = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+POLICY_ENVS = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1")
+"""Classic-control environments a policy's return is measured in (when gymnasium is installed)."""
+FORECAST_KEYS = ("time_column", "target_columns", "feature_columns", "window", "horizon", "stride")
+POLICY_KEYS = ("action_space", "action_columns", "env", "episodes")
 
 
 class DataSpec(SpecModel):
     """How to read a dataset file."""
 
-    format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip"] = "auto"
+    format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip",
+                    "audio_zip"] = "auto"
     label_column: str | None = None
     text_column: str = "text"
     text_pair_column: str = "text_pair"
@@ -33,5 +40,67 @@ class DataSpec(SpecModel):
     order (labels that are integers are indices already). Default: the teacher's own names when it
     has them (a transformers ``id2label``, ONNX metadata ``classes``, a zoo config's ``classes``),
     else sorted; the job says which it used."""
+    sample_rate: int = Field(default=16000, ge=1000, le=192_000)
+    """Audio (``audio_zip``): clips are resampled to this rate (Hz)."""
+    audio_length: int | None = Field(default=None, ge=16, le=192_000 * 60)
+    """Audio: samples per clip, cut or zero-padded at the end. Default: what the teacher takes, else 1 s."""
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
     split_seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    # --- fields of use (`worker.compression.fields`) ------------------------------------------
+    task: Literal["forecasting", "policy"] | None = None
+    """A field of use the data is read for. ``forecasting``: a CSV / Parquet time series cut into
+    windows (``window`` past steps of every column in ``target_columns`` + ``feature_columns``) whose
+    targets are the next ``horizon`` steps of ``target_columns``; split in time order. ``policy``:
+    logged observations (vectors) a policy maps to actions (``action_space``); its metric is agreement
+    with the teacher, and the return in ``env`` when gymnasium is installed."""
+    time_column: Column | None = None
+    """Forecasting: the column that orders the rows (numbers or dates). Unsorted rows are sorted by it
+    (stable); a repeated time stamp is refused. Default: the rows' file order."""
+    target_columns: list[Column] | None = Field(default=None, min_length=1, max_length=100)
+    """Forecasting: the numeric series to forecast (each also an input)."""
+    feature_columns: list[Column] | None = Field(default=None, max_length=1000)
+    """Forecasting: further numeric input columns (covariates). Default: none."""
+    window: int | None = Field(default=None, ge=1, le=10_000)
+    """Forecasting: past steps per sample."""
+    horizon: int | None = Field(default=None, ge=1, le=1000)
+    """Forecasting: future steps per sample."""
+    stride: int = Field(default=1, ge=1, le=10_000)
+    """Forecasting: steps between window starts."""
+    action_space: Literal["discrete", "continuous"] | None = None
+    """Policy: the teacher's outputs are action logits (discrete) or actions (continuous)."""
+    action_columns: list[Column] | None = Field(default=None, min_length=1, max_length=100)
+    """Policy (CSV / Parquet): the logged action column(s), not inputs. Default: ``label_column``'s rule."""
+    env: Literal["CartPole-v1", "Acrobot-v1", "Pendulum-v1"] | None = None
+    """Policy: a gymnasium classic-control environment the teacher and student are rolled out in."""
+    episodes: int = Field(default=10, ge=1, le=100)
+    """Policy: episodes per model for the mean return (seeds 0 … episodes − 1)."""
+
+    @model_validator(mode="after")
+    def _field_options(self) -> DataSpec:
+        """Options of one field given for another are refused: they would silently do nothing."""
+        defaults = {k: DataSpec.model_fields[k].default for k in (*FORECAST_KEYS, *POLICY_KEYS)}
+        if self.task != "forecasting":
+            stray = [k for k in FORECAST_KEYS if getattr(self, k) != defaults[k]]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to task 'forecasting'")
+        if self.task != "policy":
+            stray = [k for k in POLICY_KEYS if getattr(self, k) != defaults[k]]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to task 'policy'")
+        if self.task == "forecasting":
+            missing = [k for k in ("target_columns", "window", "horizon") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"task 'forecasting' needs {', '.join(missing)}")
+            if self.format not in ("auto", "csv", "parquet"):
+                raise ValueError("task 'forecasting' reads a CSV or Parquet table")
+            inputs = [*self.target_columns, *(self.feature_columns or [])]
+            if len(set(inputs)) != len(inputs) or self.time_column in inputs:
+                raise ValueError("target_columns, feature_columns and time_column must name different columns")
+        if self.task == "policy" and self.action_space is None:
+            raise ValueError("task 'policy' needs action_space: 'discrete' or 'continuous'")
+        if self.env is not None and self.action_space is not None:
+            want = "continuous" if self.env == "Pendulum-v1" else "discrete"
+            if self.action_space != want:
+                raise ValueError(f"{self.env} has a {want} action space")
+        return self

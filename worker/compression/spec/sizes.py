@@ -9,6 +9,8 @@ import math
 from itertools import pairwise
 from typing import Any
 
+from .frontend import frames, frontend_config
+
 
 def _int(cfg: dict[str, Any], key: str, default: int = 0) -> int:
     value = cfg.get(key, default)
@@ -37,10 +39,21 @@ def zoo_parameters(cfg: dict[str, Any], input_shape: list[int] | None = None,
         k = _int(cfg, "kernel_size", 3)
         kernel = k * k if arch == "cnn" else k
         chans = [_int(cfg, "in_channels", (input_shape or [1])[0]), *_ints(cfg, "channels")]
+        front = frontend_config(cfg.get("frontend")) if arch == "cnn1d" else None
+        if front:
+            chans[0] = front["n_mels"]
         total = sum(kernel * a * b + b + 2 * b for a, b in pairwise(chans))
         hidden = _int(cfg, "hidden", 0)
-        head_in = hidden or chans[-1]
-        return total + (chans[-1] * hidden + hidden if hidden else 0) + head_in * out + out
+        features = chans[-1]
+        if arch == "cnn1d" and cfg.get("pool") == "flatten":
+            length = _int(cfg, "input_length", (input_shape or [1, 1])[-1])
+            if front:
+                length = frames(front, length)
+            for _ in range(len(chans) - 2):
+                length = math.ceil(length / 2)
+            features *= length
+        head_in = hidden or features
+        return total + (features * hidden + hidden if hidden else 0) + head_in * out + out
     if arch == "resnet":
         widths = _ints(cfg, "widths")
         blocks = _ints(cfg, "blocks_per_stage") or [2] * len(widths)

@@ -10,7 +10,11 @@ Architectures and their keys (``task`` and ``output_dim`` always):
 * ``mlp``: ``input_dim``, ``hidden`` (list of widths), ``activation`` (relu|gelu), ``dropout``.
 * ``cnn``: images ``(C, H, W)``: ``in_channels``, ``input_size`` [H, W], ``channels``
   (one conv block each, 2× downsampling after each but the first), ``kernel_size``, ``hidden``.
-* ``cnn1d``: signals ``(C, L)``: ``in_channels``, ``input_length``, ``channels``, ``kernel_size``, ``hidden``.
+* ``cnn1d``: signals ``(C, L)``: ``in_channels``, ``input_length``, ``channels``, ``kernel_size``, ``hidden``,
+  ``pool`` (``mean`` over time, the default; ``flatten`` keeps where in the window each feature is, as a
+  forecaster must: the head sees every position of the last block), ``frontend`` (``{"type": "logmel",
+  "sample_rate", "n_fft", "hop", "n_mels"}``: waveforms ``(1, L)`` in, a log-mel spectrogram computed
+  inside the model, `zoo_audio`).
 * ``resnet``: images: ``in_channels``, ``input_size``, ``widths`` (one stage each),
   ``blocks_per_stage``.
 * ``transformer``: token ids: ``vocab_size``, ``max_len``, ``dim``, ``num_layers``,
@@ -30,6 +34,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ..types import InputKind, ModelOutput
+from .zoo_audio import LogMel, frames, frontend_config
 
 ARCHITECTURES = ("mlp", "cnn", "cnn1d", "resnet", "transformer")
 TASKS = ("classification", "regression", "embedding")
@@ -71,7 +76,9 @@ class ConvNet(nn.Module):
         super().__init__()
         conv, bn, pool = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if dims == 2 else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
         k = int(cfg.get("kernel_size", 3))
-        chans = [int(cfg["in_channels"]), *[int(c) for c in cfg["channels"]]]
+        front = frontend_config(cfg.get("frontend")) if dims == 1 else None
+        self.frontend = LogMel(front) if front else None
+        chans = [front["n_mels"] if front else int(cfg["in_channels"]), *[int(c) for c in cfg["channels"]]]
         self.blocks = nn.ModuleList()
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
             layers: list[nn.Module] = []
@@ -80,17 +87,19 @@ class ConvNet(nn.Module):
             layers += [conv(a, b, k, padding=k // 2), bn(b), nn.ReLU()]
             self.blocks.append(nn.Sequential(*layers))
         self.dims = dims
+        self.flatten = cfg.get("pool", "mean") == "flatten"
+        features = chans[-1] * flat_length(cfg) if self.flatten else chans[-1]
         hidden = int(cfg.get("hidden", 0))
-        self.fc = nn.Sequential(nn.Linear(chans[-1], hidden), nn.ReLU()) if hidden else None
-        self.head = nn.Linear(hidden or chans[-1], int(cfg["output_dim"]))
+        self.fc = nn.Sequential(nn.Linear(features, hidden), nn.ReLU()) if hidden else None
+        self.head = nn.Linear(hidden or features, int(cfg["output_dim"]))
 
     def forward_features(self, x: torch.Tensor) -> ModelOutput:
         hidden = []
-        h = x
+        h = x if self.frontend is None else self.frontend(x)
         for block in self.blocks:
             h = block(h)
             hidden.append(h)
-        h = h.mean(dim=(2, 3)) if self.dims == 2 else h.mean(dim=2)
+        h = h.mean(dim=(2, 3)) if self.dims == 2 else h.flatten(1) if self.flatten else h.mean(dim=2)
         if self.fc is not None:
             h = self.fc(h)
             hidden.append(h)
@@ -98,6 +107,17 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).output
+
+
+def flat_length(cfg: dict[str, Any]) -> int:
+    """Time steps left after a cnn1d's blocks (each but the first halves them, rounding up)."""
+    length = int(cfg["input_length"])
+    front = frontend_config(cfg.get("frontend"))
+    if front:
+        length = frames(front, length)
+    for _ in range(len(cfg["channels"]) - 1):
+        length = math.ceil(length / 2)
+    return length
 
 
 class CNN(ConvNet):
@@ -255,6 +275,15 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise SpecError(f"zoo config for {arch!r} is missing {', '.join(missing)}")
     cfg = {"task": "classification", **cfg}
+    if cfg.get("pool", "mean") not in ("mean", "flatten") or (cfg.get("pool") == "flatten" and arch != "cnn1d"):
+        raise SpecError(f"pool {cfg.get('pool')!r}: 'mean', or 'flatten' for a cnn1d")
+    if cfg.get("frontend") is not None:
+        if arch != "cnn1d" or int(cfg.get("in_channels", 1)) != 1:
+            raise SpecError("a frontend turns mono waveforms into spectrograms: a cnn1d with in_channels 1")
+        try:
+            frontend_config(cfg["frontend"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise SpecError(f"frontend: {exc}") from exc
     if cfg["task"] not in TASKS:
         raise SpecError(f"unknown task {cfg['task']!r}; known: {', '.join(TASKS)}")
     return cfg

@@ -95,7 +95,9 @@ def _convnet_pairs(s: zoo.ConvNet, t: zoo.ConvNet, kept: list[int]) -> list[_Pai
     for j, i in enumerate(kept):
         (s_conv, s_bn), (t_conv, t_bn) = _conv_parts(s.blocks[j]), _conv_parts(t.blocks[i])
         pairs += _leaf(s_conv, t_conv, c(i), c(i - 1)) + _leaf(s_bn, t_bn, c(i))
-    last = c(len(t.blocks) - 1)
+    last: _Space | None = c(len(t.blocks) - 1)
+    if getattr(t, "flatten", False):  # (channels × positions) inputs: copied only where the shapes agree
+        last = None
     if s.fc is not None:
         fc = _Space("fc")
         pairs += _leaf(s.fc[0], t.fc[0] if t.fc is not None else None, fc, last)
