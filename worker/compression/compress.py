@@ -34,8 +34,8 @@ from .deliver import (
 from .distill.distill import DistillResult
 from .errors import Cancelled
 from .fields import field_of
-from .fields.policy import return_reason, rollout_returns
-from .io.datasets import load_dataset, train_eval_split
+from .fields.policy import judge_returns
+from .io.datasets import load_for_teacher
 from .io.sandbox import SandboxLimits, close_teacher
 from .io.teachers import load_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
@@ -319,20 +319,7 @@ class _Run:
 
     def _load_data(self, teacher: Teacher, task: str, path: Path, eval_path: Path | None
                    ) -> tuple[TensorData, TensorData]:
-        """The data read for this teacher, class labels numbered in the teacher's order (its own names,
-        else those given, else sorted: `class_order` says which)."""
-        data_spec = self.spec.data
-        source = "given" if data_spec.classes is not None else "sorted"
-        if data_spec.classes is None and teacher.classes and task == "classification":
-            data_spec, source = data_spec.model_copy(update={"classes": list(teacher.classes)}), "teacher"
-        kw = dict(tokenizer=teacher.tokenizer, input_shape=teacher.input_shape, input_kind=teacher.input_kind,
-                  task=task)
-        data = load_dataset(path, data_spec, **kw)
-        eval_data = load_dataset(eval_path, data_spec, **kw) if eval_path else None
-        train, evald = train_eval_split(data, eval_data, data_spec)
-        if train.classes is not None:
-            integers = train.classes == [str(i) for i in range(len(train.classes))] and source == "sorted"
-            self.class_order = {"source": "indices" if integers else source, "classes": list(train.classes)}
+        train, evald, self.class_order = load_for_teacher(path, eval_path, self.spec.data, teacher, task)
         return train, evald
 
     def _save_student(self, student: Student, trained: torch.nn.Module, teacher: Teacher) -> None:
@@ -418,25 +405,12 @@ class _Run:
         return report
 
     def _policy_returns(self, pipe: CandidatePipeline, made: Made, delivered: str, delivery: dict[str, Any]) -> None:
-        """Every graph rolled out in the policy's environment (`fields.policy`); a delivered policy that
-        returns clearly less than the teacher is a caution in the verdict."""
         meta = pipe.evald.meta
         self._stage("evaluate", 0, 1, f"rolling the policies out in {meta['env']}")
         graphs = {"teacher": made.teacher_onnx, **{row_name(role, precision): path for role, by in made.graphs.items()
                                                    for precision, path in by.items()}}
-        section = self._timed("returns", lambda: rollout_returns(
-            str(meta["env"]), graphs, episodes=int(meta.get("episodes", 10)),
-            discrete=meta.get("action_space") == "discrete", threads=self.spec.evaluation.threads))
-        section["delivered"] = delivered
-        delivery["policy"] = section
-        if not section.get("measured"):
-            self.warnings.append(f"the return in {meta['env']} was not measured: {section.get('why')}")
-            return
-        reason = return_reason(section, delivered)
-        if reason is not None:
-            delivery["reasons"].append(reason)
-            if delivery["verdict"] == "ship":
-                delivery["verdict"] = "ship_with_caution"
+        self._timed("returns", lambda: judge_returns(meta, graphs, delivered, delivery,
+                                                     threads=self.spec.evaluation.threads, warnings=self.warnings))
 
     def _bundle(self, pipe: CandidatePipeline, chosen: Any, report: dict[str, Any]) -> None:
         import onnxruntime as ort  # (already loaded by the meter)

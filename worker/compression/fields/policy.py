@@ -84,3 +84,21 @@ def return_reason(section: Mapping[str, Any], delivered: str) -> dict[str, Any] 
     return {"code": "return_drop", "severity": "ship_with_caution",
             "message": f"its mean return in {section['env']} is {mine['mean']:.4g}, the teacher's {teacher['mean']:.4g} "
                        f"over the same {section['episodes']} episodes"}
+
+
+def judge_returns(meta: Mapping[str, Any], graphs: Mapping[str, Path], delivered: str, delivery: dict[str, Any], *,
+                  threads: int, warnings: list[str]) -> None:  # fmt: skip
+    """Roll every graph out in the policy's environment and put the returns in ``delivery["policy"]``;
+    a delivered policy that returns clearly less than the teacher is a caution in the verdict."""
+    section = rollout_returns(str(meta["env"]), graphs, episodes=int(meta.get("episodes", 10)),
+                              discrete=meta.get("action_space") == "discrete", threads=threads)  # fmt: skip
+    section["delivered"] = delivered
+    delivery["policy"] = section
+    if not section.get("measured"):
+        warnings.append(f"the return in {meta['env']} was not measured: {section.get('why')}")
+        return
+    reason = return_reason(section, delivered)
+    if reason is not None:
+        delivery["reasons"].append(reason)
+        if delivery["verdict"] == "ship":
+            delivery["verdict"] = "ship_with_caution"

@@ -202,3 +202,23 @@ def _pad_tokens(data: TensorData, length: int) -> TensorData:
     if pad == 0:
         return data
     return replace(data, inputs={k: F.pad(v, (0, pad), value=0) for k, v in data.inputs.items()})
+
+
+def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, teacher: Any, task: str
+                     ) -> tuple[TensorData, TensorData, dict[str, Any] | None]:  # fmt: skip
+    """The job's data read for ``teacher`` (a `types.Teacher`) and split: (train, eval, class order).
+    Class labels are numbered in the teacher's order — its own names, else those given, else sorted
+    — and the class order says which (``teacher``, ``given``, ``sorted``, or ``indices`` when the labels
+    were integers already)."""
+    source = "given" if data_spec.classes is not None else "sorted"
+    if data_spec.classes is None and teacher.classes and task == "classification":
+        data_spec, source = data_spec.model_copy(update={"classes": list(teacher.classes)}), "teacher"
+    kw: dict[str, Any] = {"tokenizer": teacher.tokenizer, "input_shape": teacher.input_shape,
+                          "input_kind": teacher.input_kind, "task": task}  # fmt: skip
+    data = load_dataset(path, data_spec, **kw)
+    eval_data = load_dataset(eval_path, data_spec, **kw) if eval_path else None
+    train, evald = train_eval_split(data, eval_data, data_spec)
+    if train.classes is None:
+        return train, evald, None
+    integers = train.classes == [str(i) for i in range(len(train.classes))] and source == "sorted"
+    return train, evald, {"source": "indices" if integers else source, "classes": list(train.classes)}
