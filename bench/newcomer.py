@@ -254,11 +254,8 @@ FILLER = ["the", "a", "today", "we", "saw", "really", "this", "very", "and", "ab
 def text(root: Path, n: int = 900) -> dict[str, Task]:
     """Templated sentences about three topics (JSON Lines, string labels) and a small BERT teacher
     trained here with its own WordPiece vocabulary, saved as a transformers folder."""
-    from transformers import (
-        BertConfig,
-        BertForSequenceClassification,
-        BertTokenizerFast,
-    )
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder = root / "text"
     (folder / "teacher").mkdir(parents=True)
@@ -274,7 +271,8 @@ def text(root: Path, n: int = 900) -> dict[str, Task]:
         rows.append({"text": " ".join(words), "label": label})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w for ws in TOPICS.values() for w in ws} | set(FILLER))]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # (transformers 5's BertTokenizerFast(vocab_file=...) maps every word to [UNK]: build it with tokenizers)
+    tok = BertTokenizerFast(tokenizer_object=BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)._tokenizer)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=512, max_position_embeddings=64, num_labels=3,
                      id2label=dict(enumerate(names)), label2id={k: i for i, k in enumerate(names)})  # fmt: skip
@@ -331,7 +329,7 @@ def judge(job: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": job["state"]}
     if job["state"] != "SUCCEEDED":
         err = job.get("error") or {}
-        out.update(verdict="-", reasons=[err.get("code") or "?"], why=err.get("message", ""))
+        out.update(verdict="-", reasons=[err.get("code") or "?"], why=err.get("detail", ""))
         out["outcome"] = "named" if err.get("code") else "SILENT"
         return out
     summary = rep.get("summary") or {}
@@ -364,7 +362,9 @@ def run_task(api: httpx.Client, name: str, task: Task) -> dict[str, Any]:
     data = upload(api, "datasets", *task["data"])
     for what, body in (("teacher", teacher), ("dataset", data)):
         if body["state"] != "ready":
-            reason = (body.get("problem") or {}).get("detail") or body.get("error") or body["state"]
+            problem = body.get("problem") or body.get("error") or {}
+            reason = "; ".join(f"{e.get('loc')}: {e.get('msg')}" for e in problem.get("errors") or []) or \
+                problem.get("detail") or body["state"]
             return {"task": name, "state": f"{what} {body['state']}", "verdict": "-", "reasons": [str(reason)[:80]],
                     "outcome": "named" if body["state"] in ("invalid", "refused") else "SILENT",
                     "wall_s": time.monotonic() - started}  # fmt: skip

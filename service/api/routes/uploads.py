@@ -74,11 +74,12 @@ class DatasetForm(DataSpec):
     """Labels to filter by: ``a,b`` or a JSON list."""
     metadata: Json[dict[str, Any]] | None = None
 
-    @field_validator("image_size", "image_mean", "image_std", "target_columns", "feature_columns",
+    @field_validator("image_size", "image_mean", "image_std", "classes", "target_columns", "feature_columns",
                      "action_columns", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
-        """Form values are text: accept ``[32, 32]`` or ``32,32``."""
+        """Form values are text: accept ``[32, 32]`` or ``32,32`` (``["setosa", "versicolor"]`` or
+        ``setosa,versicolor``)."""
         if isinstance(value, str):
             value = value.strip()
             return json.loads(value) if value.startswith("[") else [p.strip() for p in value.split(",")]

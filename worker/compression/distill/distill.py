@@ -175,6 +175,7 @@ def distill(
     """
     started = time.perf_counter()
     task = task or teacher.task
+    spec = with_min_steps(spec, len(train), teacher.input_kind)
     _check_data(task, teacher, train, "train")
     _check_data(task, teacher, eval_data, "eval")
     _check_target(spec, task)
@@ -347,3 +348,13 @@ def distill(
         timings=timings,
         notes=notes,
     )
+
+
+def with_min_steps(spec: DistillSpec, rows: int, input_kind: str) -> DistillSpec:
+    """``spec`` with its epochs raised to reach ``spec.min_steps`` on ``rows`` training rows (at most
+    10× the epochs asked for); transformers (token inputs) train the epochs they were given."""
+    if spec.min_steps is None or input_kind == "tokens" or rows <= 0:
+        return spec
+    per_epoch = steps_per_epoch(rows, min(spec.batch_size, rows))
+    epochs = min(max(spec.epochs, -(-spec.min_steps // per_epoch)), 10 * spec.epochs, 10_000)
+    return spec if epochs == spec.epochs else spec.model_copy(update={"epochs": epochs})

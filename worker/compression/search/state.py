@@ -94,6 +94,8 @@ class SearchState:
                  cancel: CancelFn, options: SearchOptions) -> None:
         spec = pipeline.spec
         assert spec.targets is not None and spec.student is not None
+        # The search plans each candidate's steps itself: a single run's minimum does not apply.
+        spec = spec.model_copy(update={"distillation": spec.distillation.model_copy(update={"min_steps": None})})
         self.pipe, self.spec, self.task = pipeline, spec, pipeline.task
         self.teacher, self.train, self.evald = pipeline.teacher, pipeline.train, pipeline.evald
         self.work, self.teacher_onnx = Path(workdir), Path(teacher_onnx)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Metric, SpecModel
 
@@ -21,6 +21,11 @@ class DistillSpec(SpecModel):
     alpha: float = Field(default=0.5, ge=0, le=1)
     """Weight of the distillation (KD) loss; ``1 - alpha`` weighs the hard-label loss."""
     epochs: int = Field(default=20, ge=1, le=10_000)
+    min_steps: int | None = Field(default=2000, ge=1, le=10**8)
+    """Optimizer steps a student of vectors, images or signals trains at least: on a small data set
+    ``epochs`` is raised to reach them (at most 10× ``epochs``; the best evaluation's weights are
+    kept). 20 epochs of 400 rows are 140 steps, far short of what a small student reaches. Left
+    unset while ``epochs`` is given, it is null: exactly ``epochs``. Transformers train ``epochs``."""
     batch_size: int = Field(default=64, ge=1, le=65_536)
     lr: float = Field(default=1e-3, gt=0, le=10)
     weight_decay: float = Field(default=0.01, ge=0, le=10)
@@ -62,3 +67,10 @@ class DistillSpec(SpecModel):
     baseline: bool = True
     """Also train the same student on labels alone (needs labels)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _explicit_epochs(self) -> DistillSpec:
+        """A spec that names its epochs trains exactly those, unless it names ``min_steps`` too."""
+        if "epochs" in self.model_fields_set and "min_steps" not in self.model_fields_set:
+            self.min_steps = None
+        return self

@@ -120,9 +120,15 @@ def _auto_blackbox(teacher: Teacher, budget: int) -> Student:
         return {**base, "channels": [w, 2 * w, 4 * w], "kernel_size": 3 if arch == "cnn" else 5}
 
     width = largest_fitting(widths, lambda w: meta_count(family(w)), budget)
-    if width is None:
-        raise SpecError(f"no {arch} student fits {budget:,} parameters: the smallest has "
-                        f"{meta_count(family(widths[0])):,}; raise the budget")
+    if width is None:  # a small teacher: the smallest student, while it is still smaller than the teacher
+        smallest = meta_count(family(widths[0]))
+        if not teacher.num_parameters or smallest >= teacher.num_parameters:
+            raise SpecError(f"no {arch} student fits {budget:,} parameters: the smallest has {smallest:,}"
+                            + (f" (the teacher {teacher.num_parameters:,})" if teacher.num_parameters else "")
+                            + "; raise the budget")
+        cfg = zoo.validate_config(family(widths[0]))
+        return fresh_zoo_student(cfg, f"auto for a black-box teacher: {describe_config(cfg)}, the smallest of its "
+                                      f"kind ({smallest:,} parameters, over the budget of {budget:,})")
     cfg = zoo.validate_config(family(width))
     return fresh_zoo_student(cfg, f"auto for a black-box teacher: {describe_config(cfg)}, within {budget:,} parameters")
 
