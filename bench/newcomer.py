@@ -255,7 +255,11 @@ def text(root: Path, n: int = 900) -> dict[str, Task]:
     """Templated sentences about three topics (JSON Lines, string labels) and a small BERT teacher
     trained here with its own WordPiece vocabulary, saved as a transformers folder."""
     from tokenizers import BertWordPieceTokenizer
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+    )
 
     folder = root / "text"
     (folder / "teacher").mkdir(parents=True)
