@@ -168,3 +168,20 @@ def test_the_spec_imports_without_torch():
             "bad = [m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_default_run_trains_a_minimum_of_steps_and_named_epochs_are_kept():
+    from worker.compression.distill.distill import with_min_steps
+
+    default = CompressSpec().distillation
+    assert default.epochs == 20 and default.min_steps == 2000
+    assert with_min_steps(default, 400, "vector").epochs == 200  # 7 steps per epoch: capped at 10x the epochs
+    assert with_min_steps(default, 6_400, "vector").epochs == 20  # 100 steps per epoch reach 2,000 in 20
+    assert with_min_steps(default.model_copy(update={"batch_size": 32}), 1_600, "image").epochs == 40
+    assert with_min_steps(default, 400, "tokens").epochs == 20  # transformers train their epochs
+    named = CompressSpec.model_validate({"distillation": {"epochs": 3}}).distillation
+    assert named.min_steps is None and with_min_steps(named, 400, "vector").epochs == 3
+    both = CompressSpec.model_validate({"distillation": {"epochs": 3, "min_steps": 100}}).distillation
+    assert with_min_steps(both, 400, "vector").epochs == 15
+    stored = CompressSpec.model_validate(CompressSpec().model_dump(mode="json")).distillation
+    assert stored.min_steps == 2000  # a stored spec keeps what it was given

@@ -504,3 +504,14 @@ def test_mlp_student_flattens_signal_and_image_teachers():
                                                                                "hidden": [16]}))
         assert student.config["input_dim"] == math.prod(shape[1:])
         assert student.module(x=torch.randn(*shape)).shape == (3, 10)
+
+
+def test_a_small_black_box_teacher_gets_the_smallest_student_under_the_default_budget() -> None:
+    teacher = blackbox_teacher("image", (1, 8, 8), 6_000)  # a quarter of it fits no CNN student
+    student = make_student(teacher, AutoStudent())
+    assert student.config["architecture"] == "cnn" and student.num_parameters < teacher.num_parameters
+    assert "smallest of its kind" in student.description
+    with pytest.raises(SpecError, match=r"smallest .*has \d+"):  # a budget the user gave stays a limit
+        make_student(teacher, AutoStudent(max_params_ratio=0.25))
+    with pytest.raises(SpecError, match="the teacher 900"):  # never a student as large as the teacher
+        make_student(blackbox_teacher("image", (1, 8, 8), 900), AutoStudent())

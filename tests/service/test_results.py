@@ -96,6 +96,12 @@ def test_a_teacher_reversed_against_the_labels_fails_and_names_the_order(api: ht
     assert "malignant, benign" in job["error"]["detail"].replace("'", "")  # the order that fits
     again = run(api, teacher, data, data={"classes": ["malignant", "benign"]})  # ... and given, it runs
     assert again["state"] == "SUCCEEDED", again
+    # ... or given at upload, as a form field holds it: a JSON list, or names with commas
+    named = ready_upload(api, "datasets", cancer["data"], label_column="label", classes='["malignant", "benign"]')
+    assert named["options"]["classes"] == ["malignant", "benign"]
+    assert ready_upload(api, "datasets", cancer["data"], label_column="label",
+                        classes="malignant, benign")["options"]["classes"] == ["malignant", "benign"]  # fmt: skip
+    assert run(api, teacher, named)["state"] == "SUCCEEDED"
 
 
 def test_grayscale_pngs_for_a_default_exported_onnx_teacher_named_image(

@@ -37,12 +37,14 @@ ZOO_RATIOS = [i / 128 for i in range(129)]
 HF_RATIOS = [i / 16 for i in range(1, 17)]
 
 
-def auto_student(teacher: Teacher, budget: int) -> Student:
+def auto_student(teacher: Teacher, budget: int, *, strict: bool = True) -> Student:
+    """The widest student within ``budget``; ``strict=False`` (a default budget, not the user's):
+    when none fits, a black box's smallest student of its kind while it is smaller than the teacher."""
     if teacher.kind == "hf":
         return _auto_hf(teacher, budget)
     if teacher.kind == "zoo" and teacher.module is not None:
         return _auto_zoo(teacher, budget)
-    return _auto_blackbox(teacher, budget)
+    return _auto_blackbox(teacher, budget, strict)
 
 
 def _auto_zoo(teacher: Teacher, budget: int) -> Student:
@@ -103,7 +105,7 @@ def _auto_hf(teacher: Teacher, budget: int) -> Student:
                        "parameters (the embedding table dominates), initialised from teacher")
 
 
-def _auto_blackbox(teacher: Teacher, budget: int) -> Student:
+def _auto_blackbox(teacher: Teacher, budget: int, strict: bool = True) -> Student:
     """A fresh student for a black box: MLP (2 hidden layers) for vectors, 3-block CNN for images,
     3-block 1-D CNN for signals, a small transformer for token ids; widths fitted to the budget."""
     kind = teacher.input_kind
@@ -122,7 +124,7 @@ def _auto_blackbox(teacher: Teacher, budget: int) -> Student:
     width = largest_fitting(widths, lambda w: meta_count(family(w)), budget)
     if width is None:  # a small teacher: the smallest student, while it is still smaller than the teacher
         smallest = meta_count(family(widths[0]))
-        if not teacher.num_parameters or smallest >= teacher.num_parameters:
+        if strict or not teacher.num_parameters or smallest >= teacher.num_parameters:
             raise SpecError(f"no {arch} student fits {budget:,} parameters: the smallest has {smallest:,}"
                             + (f" (the teacher {teacher.num_parameters:,})" if teacher.num_parameters else "")
                             + "; raise the budget")

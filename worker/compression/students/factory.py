@@ -78,7 +78,8 @@ def save_student(student: Student, folder: Path, teacher: Teacher) -> Path:
 
 
 def _auto(teacher: Teacher, spec: AutoStudent) -> Student:
-    return auto_student(teacher, student_budget(teacher, spec.max_params, spec.max_params_ratio))
+    return auto_student(teacher, student_budget(teacher, spec.max_params, spec.max_params_ratio),
+                        strict=spec.max_params is not None or spec.max_params_ratio is not None)
 
 
 def _derived(teacher: Teacher, spec: DerivedStudent) -> Student:
