@@ -27,7 +27,7 @@ REASONS = {
     "slower_than_teacher": DO_NOT_SHIP,
     "larger_than_teacher": DO_NOT_SHIP,
     "metric_drop_large": DO_NOT_SHIP,
-    "metric_drop": CAUTION,
+    "metric_drop": DO_NOT_SHIP,
     "target_missed": CAUTION,
     "below_baseline": CAUTION,
     "int8_slower_than_fp32": CAUTION,
@@ -35,8 +35,9 @@ REASONS = {
     "unlabelled": CAUTION,
     "return_drop": CAUTION,
 }
-"""Reason code → severity. The int8 and baseline reasons are cautions only: the better model was
-delivered instead, and the reason says so."""
+"""Reason code → severity. A metric further from the teacher's than the tolerance is not a replacement
+for it: do not ship (``metric_drop``; ``metric_drop_large`` past 3× the tolerance). The int8 and
+baseline reasons are cautions only: the better model was delivered instead, and the reason says so."""
 DEFAULT_TOLERANCE = {"accuracy": 0.01, "macro_f1": 0.01, "cosine": 0.005, "mse": 0.10, "mae": 0.10, "r2": 0.01}
 """A drop the job accepts without comment: 1 point of accuracy or F1, 10 % more MSE or MAE."""
 RELATIVE = ("mse", "mae")
