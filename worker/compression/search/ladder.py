@@ -4,7 +4,9 @@
   initialised from the teacher) at every depth from the teacher's down to 1 (resnet: one block per
   stage; beyond 4 layers: the teacher's, then halving), each at width ×1, ×1/2, ×1/4, ... until the
   widest layer would fall under ``MIN_LADDER_WIDTH`` units. The full-depth full-width one would be a
-  copy of the teacher and is left out: the teacher is a candidate of its own.
+  copy of the teacher and is left out: the teacher is a candidate of its own. MLP, CNN and 1-D CNN
+  teachers also get fresh narrow, shallow students (``_small_fresh``), so the ladder reaches the
+  bottom whatever the teacher's widths.
 * black-box (ONNX) teachers: fresh zoo students for their input kind (MLP of 2 and 1 hidden layers,
   CNN of 3 and 2 blocks, 1-D CNN of 3, 2 and 1 blocks, transformer of 4, 2 and 1 layers), the widest
   within the teacher's parameter count, halving down to ``MIN_LADDER_WIDTH`` (transformer dim 32).
@@ -43,7 +45,13 @@ from ..students.zoo_layers import (
 from ..types import Teacher, TensorData
 
 MIN_LADDER_WIDTH = 8
-MAX_CANDIDATES = 24
+MAX_CANDIDATES = 40
+SMALL_MLP_WIDTHS = (8, 16, 32, 64, 128)
+"""Fresh plain MLPs of 1, 2 and 3 hidden layers at these widths join a zoo MLP teacher's ladder: halving
+a 700-unit teacher's width never lands on 64, and a narrow, shallow student trained to convergence
+often matches a large teacher (issue 18)."""
+SMALL_CONV_WIDTHS = (4, 8, 16)
+"""First-block widths of the fresh 2- and 3-block (CNN / 1-D CNN) students joining a conv teacher's ladder."""
 TEACHER = "teacher"
 
 
@@ -80,6 +88,8 @@ def build_ladder(teacher: Teacher, train: TensorData, student: StudentConfig) ->
                               int(e.embedding_parameters)) for e in entries]
     elif teacher.kind == "zoo" and teacher.module is not None:
         students = _zoo_ladder(teacher)
+        names = {c.name for c in students}
+        students += [c for c in _small_fresh(teacher) if c.name not in names]
     else:
         students = _blackbox_ladder(teacher)
     if cap is not None:
@@ -173,6 +183,33 @@ def _zoo_ladder(teacher: Teacher) -> list[Candidate]:
                 name, f"derived: {describe_config(cfg)} (width ×{ratio:g}, {d} of {depth} layers), initialised from "
                       "the teacher", meta_count(cfg),
                 lambda spec=spec: make_student(teacher, spec), _meta_embedding(cfg)))
+    return out
+
+
+def _small_fresh(teacher: Teacher) -> list[Candidate]:
+    """Fresh narrow, shallow zoo students for a zoo MLP / CNN / 1-D CNN teacher (``SMALL_MLP_WIDTHS``,
+    ``SMALL_CONV_WIDTHS``), smaller than the teacher; none for other architectures."""
+    arch = teacher.config.get("architecture") if teacher.config else None
+    if arch not in ("mlp", "cnn", "cnn1d"):
+        return []
+    base: dict[str, Any] = {"task": teacher.task, "output_dim": teacher.output_dim, "architecture": arch,
+                            **input_keys(teacher, arch)}
+    if arch == "mlp":
+        cfgs = [{**base, "hidden": [w] * d} for w in SMALL_MLP_WIDTHS for d in (1, 2, 3)]
+    else:
+        k = 3 if arch == "cnn" else 5
+        cfgs = [{**base, "channels": [m * w for m in b], "kernel_size": k}
+                for w in SMALL_CONV_WIDTHS for b in ([1, 2], [1, 2, 4])]
+    n_teacher = teacher.num_parameters or zoo.count_parameters(teacher.module)
+    out = []
+    for cfg in cfgs:
+        cfg = zoo.validate_config(cfg)
+        n = meta_count(cfg)
+        if n >= n_teacher:
+            continue
+        spec = ZooStudent(architecture=cfg)
+        out.append(Candidate(short_name(cfg), f"fresh small zoo student: {describe_config(cfg)}", n,
+                             lambda spec=spec: make_student(teacher, spec)))
     return out
 
 

@@ -27,6 +27,9 @@ from .recipes import recipes_for
 class SearchOptions:
     """Tuning knobs (the defaults are what jobs use; tests and benchmarks may change them)."""
 
+    training: str = "converge"
+    """``converge``: every candidate trained to its own plateau, cheapest first (``converge``);
+    ``halving``: successive halving over ``rung_fractions`` of ``distillation.epochs`` (``rungs``)."""
     rung_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     eta: int = 2
     min_keep: int = 2

@@ -1,0 +1,239 @@
+"""Training the ladder to convergence, cheapest first, until a candidate meets the metric bound.
+
+Why: successive halving trains every candidate to shared fractions of one fixed epoch count, so on a
+small data set a narrow student stops after a few hundred steps, short of what it can reach, and
+loses to a wider one (issue 18: a 64-512 MLP chosen where a plainly trained 64-64 did as well).
+Here each candidate trains to its own plateau:
+
+* **Length from its step cost and the budget.** A probe times a few optimizer steps of the
+  student; it may train for ``MIN_STEPS`` optimizer steps at least (and ``distillation.epochs``),
+  at most ``MAX_EPOCHS``, and no longer than its share of the training time left.
+* **Its own schedule**: warm-up then cosine over that planned length (the trainer's), evaluated
+  ``EVALS_PER_RUN`` times; it stops on a plateau (``PATIENCE`` evaluations without a better eval
+  metric) and keeps its best weights.
+* **KD settings tried on the cheapest rung**: temperature and α at ``KD_GRID`` values (short runs of
+  the cheapest candidate); the best on the eval split is used for every candidate.
+* **Cheapest first, galloping**: candidates in order of their measured fp32 latency at the goal's
+  batch size (then parameters). After a miss the search jumps to the first candidate at least
+  ``GALLOP``× as costly; once one meets the bound, the skipped candidates between the last miss and
+  it are tried, cheapest first, until one meets. Candidates costlier than the cheapest that meets
+  are not trained (they cannot be chosen over it in fp32; int8 twins are measured for finalists).
+
+Finalists: every trained candidate that meets the bound (normally one), else the best two by the
+metric; the teacher when it was kept in ``prepare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..distill.trainer import steps_per_epoch
+from ..types import Progress
+from .rungs import _torch_metric, measure_estimate, threads_for
+from .state import Entry, SearchState
+
+MIN_STEPS = 3000
+"""Optimizer steps a candidate may take at least (when the budget allows): a plain KD script's 150
+epochs of 1,347 digits at batch 32 are 6,300; plateaus usually come well before."""
+MAX_EPOCHS = 400
+EVALS_PER_RUN = 40
+PATIENCE = 10
+"""Evaluations without a better eval metric before a candidate counts as converged."""
+GALLOP = 2.0
+KD_GRID = ((None, None), (2.0, None), (None, 0.9))
+"""(temperature, alpha) pairs tried on the cheapest candidate; None keeps the spec's value."""
+KD_TRIAL_SHARE = 0.34
+"""A KD trial trains for this share of the cheapest candidate's planned steps."""
+PROBE_STEPS = 8
+
+
+def step_seconds(module: torch.nn.Module, batch: dict[str, torch.Tensor], out_dim: int | None = None) -> float:
+    """Seconds of one optimizer step (forward, backward, AdamW) of ``module`` on ``batch``, measured
+    on a copy so the candidate's weights are untouched."""
+    probe = copy.deepcopy(module).train()
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-6)
+    times = []
+    for i in range(PROBE_STEPS + 1):
+        t0 = time.perf_counter()
+        out = probe(**batch)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step pays for allocation
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def planned_epochs(per_epoch: int, step_s: float, share_s: float, base_epochs: int) -> int:
+    """Epochs for one candidate: enough for ``MIN_STEPS`` steps (at least ``base_epochs``), at most
+    ``MAX_EPOCHS``, and within ``share_s`` seconds at ``step_s`` per step (x1.5 for evaluations)."""
+    want = max(base_epochs, math.ceil(MIN_STEPS / max(1, per_epoch)))
+    fits = int(share_s / max(step_s * 1.5 * per_epoch, 1e-9))
+    return max(1, min(want, MAX_EPOCHS, fits))
+
+
+def gallop_order(costs: list[float], met: list[bool | None]) -> int | None:
+    """The index of the next candidate to train (``costs`` ascending; ``met[i]``: None untried, else
+    whether it met the bound), or None when the search is done (module doc)."""
+    tried = [i for i, m in enumerate(met) if m is not None]
+    meeting = [i for i in tried if met[i]]
+    if meeting:
+        first = min(meeting)
+        misses = [i for i in tried if not met[i] and i < first]
+        lo = max(misses) if misses else -1
+        between = [i for i in range(lo + 1, first) if met[i] is None and costs[i] < costs[first]]
+        return between[0] if between else None
+    untried = [i for i, m in enumerate(met) if m is None]
+    if not untried:
+        return None
+    if not tried:
+        return untried[0]
+    last = max(tried)
+    ahead = [i for i in untried if i > last]
+    if not ahead:
+        return None
+    jump = [i for i in ahead if costs[i] >= costs[last] * GALLOP]
+    return jump[0] if jump else ahead[-1]
+
+
+def train_converge(s: SearchState, entries: list[Entry]) -> None:
+    t0 = time.monotonic()
+    base = s.spec.distillation
+    batch = min(base.batch_size, len(s.train))
+    per_epoch = steps_per_epoch(len(s.train), batch)
+    active = sorted((e for e in entries if e.status == "active"),
+                    key=lambda e: (e.cost_ms if e.cost_ms is not None else float("inf"), e.cand.num_parameters))
+    est = sorted((measure_estimate(s, e.fp32_size, e.cost_ms, e.timing_s, e.export_s) for e in active), reverse=True)
+    reserve = sum(est[:s.options.min_keep]) + s.teacher_estimate
+    sample = {k: v[:batch] for k, v in s.train.inputs.items()}
+    info: dict = {"rung": 1, "epochs": None, "entered": [e.cand.name for e in active], "dropped": [],
+                  "order": [], "kd": {}}
+    s.rungs.append(info)
+    kd = {"temperature": base.temperature, "alpha": base.alpha}
+    met: list[bool | None] = [None] * len(active)
+    costs = [e.cost_ms if e.cost_ms is not None else float("inf") for e in active]
+    k = 0
+    while True:
+        i = gallop_order(costs, met)
+        if i is None:
+            break
+        e = active[i]
+        left = s.clock.left() - reserve
+        if left <= 0 and any(m is not None for m in met):
+            s.stopped = s.stopped or "training"
+            break
+        k += 1
+        remaining = max(1, min(3, sum(m is None for m in met)))
+        share = max(left, 0.5) / remaining
+        assert e.student is not None
+        with threads_for(e.cand.num_parameters, s.device):
+            step_s = step_seconds(e.student.module, sample)
+        epochs = planned_epochs(per_epoch, step_s, share, base.epochs)
+        if k == 1 and s.train.y is not None and s.task == "classification":
+            kd = _pick_kd(s, e, epochs, per_epoch, share * KD_TRIAL_SHARE, info)
+        _fit(s, e, epochs, per_epoch, share, kd, k)
+        met[i] = s.goal.metric_ok(e.metric)
+        info["order"].append({"name": e.cand.name, "epochs": round(e.epochs, 2), "planned_epochs": epochs,
+                              "metric": e.metric, "met": met[i], "step_ms": round(step_s * 1000, 4),
+                              "train_s": round(e.train_s, 3)})
+    meeting = [e for e, m in zip(active, met) if m]
+    trained = [e for e, m in zip(active, met) if m is not None]
+    if meeting:
+        finalists = meeting[:s.options.min_keep]
+    else:
+        sign = -1.0 if s.goal.higher_is_better else 1.0
+        finalists = sorted((e for e in trained if e.metric is not None), key=lambda e: sign * e.metric)
+        finalists = finalists[:s.options.min_keep]
+    cheapest_meeting = meeting[0] if meeting else None
+    for e, m in zip(active, met):
+        if e in finalists:
+            e.status = "finalist"
+            if e.cut_by_budget:
+                e.reason = "training stopped by the time budget"
+        elif m is None:
+            e.status = "dropped" if cheapest_meeting is not None else "not trained"
+            e.reason = (f"not trained: {cheapest_meeting.cand.name}, no costlier, meets the bound"
+                        if cheapest_meeting is not None and (e.cost_ms or 0) >= (cheapest_meeting.cost_ms or 0)
+                        else "not trained: skipped by the cheapest-first search")
+            info["dropped"].append(e.cand.name)
+        else:
+            e.status = "dropped"
+            e.reason = (f"trained to convergence: {s.goal.metric} {e.metric:.4f}, bound {s.goal.bound:.4f}"
+                        + ("" if m else " (missed)") + ("; a cheaper candidate meets it" if m else ""))
+            info["dropped"].append(e.cand.name)
+    info["kept"] = [e.cand.name for e in finalists]
+    s.phase_s["train"] = time.monotonic() - t0
+
+
+def _dspec(s: SearchState, epochs: int, per_epoch: int, budget_s: float, kd: dict):
+    base = s.spec.distillation
+    total = epochs * per_epoch
+    return base.model_copy(update={
+        "epochs": epochs, "baseline": False, "target": None, "checkpoint_every": None,
+        "eval_every": max(1, total // EVALS_PER_RUN), "patience": PATIENCE,
+        "time_budget_s": min(budget_s, base.time_budget_s or budget_s), **kd})
+
+
+def _pick_kd(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float, info: dict) -> dict:
+    """Short runs of the cheapest candidate at each ``KD_GRID`` setting; the best eval metric wins
+    (ties keep the spec's)."""
+    assert e.student is not None
+    base = s.spec.distillation
+    trial_epochs = max(1, round(epochs * KD_TRIAL_SHARE))
+    best, best_kd = None, {"temperature": base.temperature, "alpha": base.alpha}
+    tried = []
+    for temp, alpha in KD_GRID:
+        kd = {"temperature": temp or base.temperature, "alpha": alpha if alpha is not None else base.alpha}
+        if kd in tried:
+            continue
+        tried.append(kd)
+        module = copy.deepcopy(e.student.module)
+        s.tick(0, 1, f"rung 1: KD setting T={kd['temperature']:g}, α={kd['alpha']:g} on {e.cand.name}")
+        t0 = time.monotonic()
+        with threads_for(e.cand.num_parameters, s.device):
+            result = s.pipe.distil(module, spec=_dspec(s, trial_epochs, per_epoch, budget_s / len(KD_GRID), kd),
+                                   workdir=s.work / "candidates" / e.cand.name / "kd", teacher_cache=s.cache,
+                                   teacher_eval=s.teacher_eval, checkpoints=False)
+        e.train_s += time.monotonic() - t0
+        value = (result.metrics["student"] or {}).get(s.goal.metric)
+        info["kd"][f"T={kd['temperature']:g},alpha={kd['alpha']:g}"] = value
+        if value is not None and (best is None or (value > best if s.goal.higher_is_better else value < best)):
+            best, best_kd = value, kd
+    info["kd"]["chosen"] = best_kd
+    return best_kd
+
+
+def _fit(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float, kd: dict, k: int) -> None:
+    assert e.student is not None
+    label = f"rung {k}: training {e.cand.name} to convergence (≤ {epochs} epochs)"
+
+    def inner(p: Progress) -> None:
+        s.tick(0, 1, f"{label}, step {p.step}/{p.total}", loss=p.loss, metric=p.metric)
+
+    s.tick(0, 1, label)
+    e.initial_metric = _torch_metric(s, e.student.module)
+    e.curve.append({"rung": 0, "epochs": 0.0, "metric": e.initial_metric})
+    t0 = time.monotonic()
+    with threads_for(e.cand.num_parameters, s.device):
+        result = s.pipe.distil(e.student.module, spec=_dspec(s, epochs, per_epoch, budget_s, kd),
+                               workdir=s.work / "candidates" / e.cand.name / "converge", progress=inner,
+                               teacher_cache=s.cache, teacher_eval=s.teacher_eval, checkpoints=False)
+    e.train_s += time.monotonic() - t0
+    run = result.train["student"]
+    e.history.extend(dict(h) for h in (result.history["student"] or []))
+    e.steps = int(run["steps"])
+    e.epochs = e.steps / per_epoch
+    e.rung = 0
+    e.metric = (result.metrics["student"] or {}).get(s.goal.metric)
+    e.predicted = e.metric
+    e.curve.append({"rung": 1, "epochs": round(e.epochs, 3), "metric": e.metric, "train_s": round(e.train_s, 3),
+                    "stopped": run["stopped_reason"], "planned_epochs": epochs, **kd})
+    if run["stopped_reason"] == "time_budget":
+        e.cut_by_budget = True
