@@ -39,20 +39,20 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.distill import as_teacher, warm_up  # noqa: E402
-from bench.search import time_models  # noqa: E402
-from worker.compression.measure.evaluate import onnx_outputs  # noqa: E402
-from worker.compression.measure.export import export_onnx, onnx_size_bytes  # noqa: E402
-from worker.compression.search.run import SearchOptions, search  # noqa: E402
-from worker.compression.spec import CompressSpec  # noqa: E402
-from worker.compression.students import zoo  # noqa: E402
-from worker.compression.types import TensorData  # noqa: E402
+from bench.distill import as_teacher, warm_up
+from bench.search import time_models
+from worker.compression.measure.evaluate import onnx_outputs
+from worker.compression.measure.export import export_onnx, onnx_size_bytes
+from worker.compression.search.run import SearchOptions, search
+from worker.compression.spec import CompressSpec
+from worker.compression.students import zoo
+from worker.compression.types import TensorData
 
 OUT = Path(__file__).resolve().parent / "out"
 BATCH = 64
@@ -118,8 +118,8 @@ def shapes(classes: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 # --- one case -------------------------------------------------------------------------------------
 
 
-def draw_case(rng: random.Random, i: int) -> dict[str, Any]:
-    name = DATASETS[i % len(DATASETS)] if i < len(DATASETS) else rng.choice(DATASETS)
+def draw_case(rng: random.Random, i: int, order: list[str]) -> dict[str, Any]:
+    name = order[i % len(order)]
     x, y, task, desc = make_data(name, rng)
     out = int(y.max()) + 1 if task == "classification" else 1
     if x.ndim == 4:
@@ -207,25 +207,26 @@ def metric(path: Path, test: TensorData, task: str) -> float:
     return float(((out.reshape(-1) - test.y.numpy().reshape(-1)) ** 2).mean())
 
 
-def run_case(i: int, case: dict[str, Any], folder: Path, max_budget: float) -> dict[str, Any]:
+def run_case(i: int, case: dict[str, Any], folder: Path, max_budget: float, peer_data: str) -> dict[str, Any]:
     task, cfg = case["task"], case["cfg"]
     data = to_data(case["x"], case["y"], task)
     job, test = data.split(0.25, seed=case["seed"])
     train, evald = job.split(0.2, seed=case["seed"] + 1)
     t0 = time.perf_counter()
-    module = train_teacher(cfg, job, task, case["seed"])
+    module = train_teacher(cfg, train, task, case["seed"])  # the eval split stays unseen by the teacher too
     teacher = as_teacher(module, cfg, folder / "teacher")
     teacher_s = time.perf_counter() - t0
     sample = {"x": test.inputs["x"][:8]}
     teacher_onnx = export_onnx(teacher.module, sample, folder / "teacher.onnx", task=task)
 
     t0 = time.perf_counter()
-    peer_model = peer(teacher.module, cfg, job.inputs["x"], job.y, task)
+    fit = job if peer_data == "job" else train
+    peer_model = peer(teacher.module, cfg, fit.inputs["x"], fit.y, task)
     peer_s = time.perf_counter() - t0
     peer_onnx = export_onnx(peer_model, sample, folder / "peer.onnx", task=task)
 
     budget = min(max_budget, max(20.0, 8 * peer_s))
-    targets = ({"max_drop": 0.005} if task == "classification" else {"max_drop": 0.05, "drop_mode": "relative"})
+    targets = {"max_drop": 0.0}
     spec = CompressSpec.model_validate({
         "student": {"kind": "search"},
         "targets": {**targets, "latency_batch_size": BATCH, "time_budget_s": budget},
@@ -251,7 +252,7 @@ def run_case(i: int, case: dict[str, Any], folder: Path, max_budget: float) -> d
             "budget_s": budget, "checks": checks, "won": all(checks.values()),
             "candidates": [{k: c.get(k) for k in ("name", "status", "metric", "epochs", "train_s")}
                            for c in result.candidates if c["status"] not in ("not trained", "candidate")],
-            "search_phases_s": result.budget["phases_s"]}
+            "search_phases_s": result.budget["phases_s"], "rungs": result.rungs}
 
 
 def describe(cfg: dict[str, Any]) -> str:
@@ -300,6 +301,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--quick", action="store_true", help="4 cases, a smoke run")
     parser.add_argument("--max-budget", type=float, default=90.0, help="cap of a search's time budget, s")
+    parser.add_argument("--peer-data", choices=("train", "job"), default="train",
+                        help="the peer trains on the service's training split (equal data, default) or on all the "
+                             "job's data (train + the service's eval split)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     n = 4 if args.quick else args.cases
@@ -307,14 +311,15 @@ def main() -> None:
     torch.set_num_threads(1)
     warm_up()
     rng = random.Random(seed)
+    order = rng.sample(DATASETS, len(DATASETS))
     results = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
-            case = draw_case(rng, i)
+            case = draw_case(rng, i, order)
             folder = Path(tmp) / f"case{i:02d}"
             folder.mkdir()
-            r = run_case(i, case, folder, args.max_budget)
+            r = run_case(i, case, folder, args.max_budget, args.peer_data)
             results.append(r)
             print_case(r)
             sys.stdout.flush()

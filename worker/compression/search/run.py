@@ -55,9 +55,9 @@ from ..pipeline import CandidatePipeline
 from ..spec import CompressSpec
 from ..students.student import Student
 from ..types import CancelFn, ProgressFn, Teacher, TensorData, never_cancel, no_progress
+from .converge import train_converge
 from .finalists import measure_finalists
 from .goal import Choice, Goal, choose, describe_check, front
-from .converge import train_converge
 from .ladder import Candidate, build_ladder
 from .measure import Measured
 from .prepare import measure_teacher, prepare
