@@ -275,5 +275,6 @@ def _fit(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float,
     e.predicted = e.metric
     e.curve.append({"rung": 1, "epochs": round(e.epochs, 3), "metric": e.metric, "train_s": round(e.train_s, 3),
                     "stopped": run["stopped_reason"], "planned_epochs": epochs, **kd})
-    if run["stopped_reason"] == "time_budget":
+    if run["stopped_reason"] == "time_budget":  # its share of the budget ran out before a plateau
         e.cut_by_budget = True
+        s.stopped = s.stopped or f"training {e.cand.name}"

@@ -1,0 +1,92 @@
+"""The search's convergence training (``search.converge``): lengths, plateaus, the cheapest-first
+order and the ladder's bottom rungs (issue 18)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.compression.distill.trainer import train
+from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.search import converge
+from worker.compression.search.converge import gallop_order, planned_epochs, settled_metric, step_seconds
+from worker.compression.search.ladder import build_ladder
+from worker.compression.spec import DistillSpec, SearchStudent
+from worker.compression.students import zoo
+from worker.compression.types import TensorData
+
+
+def test_planned_epochs_reach_the_minimum_steps_within_the_cap_and_the_time_share():
+    # 10 steps an epoch: MIN_STEPS wants 300 epochs; plenty of time
+    assert planned_epochs(10, 1e-4, 1e6, 20) == min(converge.MAX_EPOCHS, converge.MIN_STEPS // 10)
+    # a big data set: the spec's epochs are the floor
+    assert planned_epochs(10_000, 1e-6, 1e6, 20) == 20
+    # a tight share: 1 s at 10 ms a step (×1.5 for evaluations), 10 steps an epoch -> 6 epochs
+    assert planned_epochs(10, 0.01, 1.0, 20) == 6
+    assert planned_epochs(10, 10.0, 0.1, 20) == 1
+
+
+def test_early_stop_stops_on_a_plateau_of_the_eval_metric():
+    """A run whose eval metric never improves after its first evaluation stops ``patience``
+    evaluations later, well before its planned length, and says why."""
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    model = torch.nn.Linear(4, 2)
+    spec = DistillSpec(epochs=100, batch_size=16, eval_every=4, patience=3, baseline=False, device="cpu")
+    result = train(model, None, TensorData({"x": x}, y),
+                   lambda inputs, by, idx: torch.nn.functional.cross_entropy(model(inputs["x"]), by),
+                   spec, stage="student", evaluate_fn=lambda: {"accuracy": 0.5}, metric="accuracy")
+    assert result.stopped_reason == "no_improvement"
+    assert result.steps == 4 * (1 + 3) < 100 * 4
+
+
+def test_settled_metric_discounts_a_single_lucky_evaluation():
+    history = [{"metric": m} for m in (0.80, 0.90, 0.99, 0.91, 0.92)]
+    assert settled_metric(history, True, 0.99) == pytest.approx((0.99 + 0.92 + 0.91) / 3)
+    assert settled_metric(history, False, 0.80) == pytest.approx(max((0.80 + 0.90 + 0.91) / 3, 0.80))
+    assert settled_metric([], True, 0.7) == 0.7
+
+
+def test_gallop_goes_up_the_ladder_then_back_to_the_cheapest_that_meets():
+    costs = [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0]
+    meets_from = 3  # candidates 3.. meet the bound
+    met: list[bool | None] = [None] * len(costs)
+    order = []
+    while (i := gallop_order(costs, met)) is not None:
+        order.append(i)
+        met[i] = i >= meets_from
+    assert order == [0, 2, 4, 3]  # 0 misses, jump ≥ 2×: 2 misses, ≥ 4: 4 meets; back: 3 meets
+    assert min(i for i, m in enumerate(met) if m) == meets_from
+    assert met[5] is None and met[6] is None  # costlier than one that meets: never trained
+
+
+def test_gallop_stops_at_the_top_when_nothing_meets():
+    costs = [1.0, 2.0, 4.0]
+    met: list[bool | None] = [None] * 3
+    seen = []
+    while (i := gallop_order(costs, met)) is not None:
+        seen.append(i)
+        met[i] = False
+    assert seen == [0, 1, 2]
+
+
+def test_step_seconds_leaves_the_weights_alone():
+    model = torch.nn.Linear(8, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert step_seconds(model, {"input": torch.randn(16, 8)}) > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_ladder_of_a_large_mlp_teacher_reaches_narrow_shallow_students(tmp_path):
+    cfg = {"architecture": "mlp", "task": "classification", "input_dim": 64, "hidden": [700, 700, 300],
+           "output_dim": 10}
+    save_zoo_model(zoo.build(cfg).eval(), cfg, tmp_path / "t")
+    teacher = load_teacher(tmp_path / "t")
+    data = TensorData({"x": torch.randn(8, 64)}, torch.zeros(8, dtype=torch.long))
+    ladder = build_ladder(teacher, data, SearchStudent())
+    names = {c.name for c in ladder}
+    assert {"mlp-16", "mlp-32", "mlp-64", "mlp-64-64", "mlp-32-32-32"} <= names  # 700 never halves to 64
+    one_layer = [c for c in ladder if c.name.count("-") == 1 and c.name != "teacher"]
+    assert any(int(c.name.split("-")[1]) <= 64 for c in one_layer)
+    assert all(c.num_parameters < teacher.num_parameters for c in ladder if c.name != "teacher")
+    small = next(c for c in ladder if c.name == "mlp-32")
+    assert small.build().num_parameters == small.num_parameters
