@@ -147,11 +147,13 @@ def loss_of(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def train_teacher(cfg: dict[str, Any], data: TensorData, task: str, seed: int, seconds: float = 8.0) -> torch.nn.Module:
-    """Supervised training, one-cycle AdamW, up to 60 epochs or ``seconds``."""
+    """Supervised training, one-cycle AdamW, 60 epochs and at least 2,000 steps (a tiny data set's
+    teacher is trained properly too), stopping early at ``seconds``."""
     torch.manual_seed(seed)
     model = zoo.build(cfg)
     x, y = data.inputs["x"], data.y
-    epochs, batch = 60, 64
+    batch = 64
+    epochs = max(60, math.ceil(2000 / math.ceil(len(x) / batch)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=epochs * math.ceil(len(x) / batch))
     t0 = time.perf_counter()

@@ -39,11 +39,32 @@ def test_early_stop_stops_on_a_plateau_of_the_eval_metric():
     assert result.steps == 4 * (1 + 3) < 100 * 4
 
 
-def test_settled_metric_discounts_a_single_lucky_evaluation():
-    history = [{"metric": m} for m in (0.80, 0.90, 0.99, 0.91, 0.92)]
-    assert settled_metric(history, True, 0.99) == pytest.approx((0.99 + 0.92 + 0.91) / 3)
-    assert settled_metric(history, False, 0.80) == pytest.approx(max((0.80 + 0.90 + 0.91) / 3, 0.80))
-    assert settled_metric([], True, 0.7) == 0.7
+def test_settled_metric_is_the_plateau_level_not_a_lucky_evaluation():
+    history = [{"metric": m} for m in (0.80, 0.99, 0.90, 0.91, 0.95)]
+    assert settled_metric(history, True, 0.95) == pytest.approx((0.90 + 0.91 + 0.95) / 3)  # not the 0.99
+    assert settled_metric(history, True, 0.90) == 0.90  # never better than the returned weights
+    assert settled_metric(history, False, 0.80) == pytest.approx((0.90 + 0.91 + 0.95) / 3)  # mse: never lower
+    assert settled_metric([{"loss": 1.0}], True, 0.7) == 0.7
+
+
+def test_a_run_can_keep_its_last_weights_instead_of_its_best():
+    """``keep: last`` returns the weights the run ended with even when an earlier evaluation scored
+    higher (the search's convergence runs); ``best`` (the default) restores that evaluation's."""
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    scores = iter([0.9] + [0.5] * 100)
+    out = {}
+    for keep in ("best", "last"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        first = {k: v.clone() for k, v in model.state_dict().items()}
+        scores = iter([0.9] + [0.5] * 100)
+        spec = DistillSpec(epochs=3, batch_size=16, eval_every=1, keep=keep, baseline=False, device="cpu", lr=0.1)
+        train(model, None, TensorData({"x": x}, y),
+              lambda inputs, by, idx, m=model: torch.nn.functional.cross_entropy(m(inputs["x"]), by),
+              spec, stage="student", evaluate_fn=lambda: {"accuracy": next(scores)}, metric="accuracy")
+        out[keep] = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not torch.equal(out["best"]["weight"], out["last"]["weight"])
+    assert not torch.equal(out["last"]["weight"], first["weight"])
 
 
 def test_gallop_goes_up_the_ladder_then_back_to_the_cheapest_that_meets():

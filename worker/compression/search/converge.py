@@ -10,7 +10,8 @@ Here each candidate trains to its own plateau:
   at most ``MAX_EPOCHS``, and no longer than its share of the training time left.
 * **Its own schedule**: warm-up then cosine over that planned length (the trainer's), evaluated
   ``EVALS_PER_RUN`` times; it stops on a plateau (``PATIENCE`` evaluations without a better eval
-  metric) and keeps its best weights.
+  metric) and keeps its last weights (``DistillSpec.keep``), judged by its plateau's level
+  (``settled_metric``), not by its luckiest evaluation.
 * **KD settings tried on the cheapest rung**: temperature, α and the learning rate at ``KD_GRID``
   values (short runs of the cheapest candidate); the best on the eval split is used for every
   candidate.
@@ -116,16 +117,16 @@ def cost_key(e: Entry) -> tuple[float, int]:
     return float(math.floor(math.log(e.cost_ms) / math.log(COST_BUCKET))), e.cand.num_parameters
 
 
-def settled_metric(history: list[dict], higher: bool, best: float | None) -> float | None:
-    """The level a run settled at: the mean of its ``SETTLE_TOP`` best evaluations, never better than
-    ``best``. The best single evaluation of forty on a small eval split is an optimistic pick; the
-    mean of the top few is what the candidate can be relied on to reach."""
-    values = sorted((float(h["metric"]) for h in history if isinstance(h.get("metric"), (int, float))),
-                    reverse=higher)[:SETTLE_TOP]
-    if not values or best is None:
-        return best
+def settled_metric(history: list[dict], higher: bool, final: float | None) -> float | None:
+    """The level a run settled at: the mean of its last ``SETTLE_TOP`` evaluations (the final weights'
+    among them), never better than ``final``. The best single evaluation of forty on a small eval
+    split is an optimistic pick; the plateau's level is what the returned weights can be relied on
+    to reach."""
+    values = [float(h["metric"]) for h in history if isinstance(h.get("metric"), (int, float))][-SETTLE_TOP:]
+    if not values or final is None:
+        return final
     mean = sum(values) / len(values)
-    return min(mean, best) if higher else max(mean, best)
+    return min(mean, final) if higher else max(mean, final)
 
 
 def train_converge(s: SearchState, entries: list[Entry]) -> None:
@@ -201,7 +202,7 @@ def _dspec(s: SearchState, epochs: int, per_epoch: int, budget_s: float, kd: dic
     total = epochs * per_epoch
     return base.model_copy(update={
         "epochs": epochs, "baseline": False, "target": None, "checkpoint_every": None,
-        "eval_every": max(1, total // EVALS_PER_RUN), "patience": PATIENCE,
+        "eval_every": max(1, total // EVALS_PER_RUN), "patience": PATIENCE, "keep": "last",
         "time_budget_s": min(budget_s, base.time_budget_s or budget_s), **kd})
 
 
