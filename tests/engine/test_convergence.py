@@ -9,7 +9,12 @@ import torch
 from worker.compression.distill.trainer import train
 from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.search import converge
-from worker.compression.search.converge import gallop_order, planned_epochs, settled_metric, step_seconds
+from worker.compression.search.converge import (
+    gallop_order,
+    planned_epochs,
+    settled_metric,
+    step_seconds,
+)
 from worker.compression.search.ladder import build_ladder
 from worker.compression.spec import DistillSpec, SearchStudent
 from worker.compression.students import zoo
@@ -51,7 +56,6 @@ def test_a_run_can_keep_its_last_weights_instead_of_its_best():
     """``keep: last`` returns the weights the run ended with even when an earlier evaluation scored
     higher (the search's convergence runs); ``best`` (the default) restores that evaluation's."""
     x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
-    scores = iter([0.9] + [0.5] * 100)
     out = {}
     for keep in ("best", "last"):
         torch.manual_seed(0)
@@ -61,33 +65,36 @@ def test_a_run_can_keep_its_last_weights_instead_of_its_best():
         spec = DistillSpec(epochs=3, batch_size=16, eval_every=1, keep=keep, baseline=False, device="cpu", lr=0.1)
         train(model, None, TensorData({"x": x}, y),
               lambda inputs, by, idx, m=model: torch.nn.functional.cross_entropy(m(inputs["x"]), by),
-              spec, stage="student", evaluate_fn=lambda: {"accuracy": next(scores)}, metric="accuracy")
+              spec, stage="student", evaluate_fn=lambda s=scores: {"accuracy": next(s)}, metric="accuracy")
         out[keep] = {k: v.clone() for k, v in model.state_dict().items()}
     assert not torch.equal(out["best"]["weight"], out["last"]["weight"])
     assert not torch.equal(out["last"]["weight"], first["weight"])
 
 
-def test_gallop_goes_up_the_ladder_then_back_to_the_cheapest_that_meets():
-    costs = [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0]
-    meets_from = 3  # candidates 3.. meet the bound
-    met: list[bool | None] = [None] * len(costs)
+def _gallop(n: int, meets_from: int) -> tuple[list[int], list[bool | None]]:
+    costs = [float(i + 1) for i in range(n)]
+    met: list[bool | None] = [None] * n
     order = []
     while (i := gallop_order(costs, met)) is not None:
         order.append(i)
         met[i] = i >= meets_from
-    assert order == [0, 2, 4, 3]  # 0 misses, jump ≥ 2×: 2 misses, ≥ 4: 4 meets; back: 3 meets
-    assert min(i for i, m in enumerate(met) if m) == meets_from
-    assert met[5] is None and met[6] is None  # costlier than one that meets: never trained
+    return order, met
+
+
+def test_gallop_goes_up_the_ladder_then_back_to_the_cheapest_that_meets():
+    order, met = _gallop(7, 3)
+    assert order == [0, 1, 3, 2]  # offsets 1, 2: 0 and 1 miss, 3 meets; back: 2 meets
+    assert min(i for i, m in enumerate(met) if m) == 3
+    assert met[4:] == [None, None, None]  # costlier than one that meets: never trained
+    order, met = _gallop(7, 5)
+    assert order == [0, 1, 3, 6, 4, 5]  # 0, 1, 3 miss, capped at the last (6); back: 4 misses, 5 meets
+    assert _gallop(40, 0)[0] == [0]
 
 
 def test_gallop_stops_at_the_top_when_nothing_meets():
-    costs = [1.0, 2.0, 4.0]
-    met: list[bool | None] = [None] * 3
-    seen = []
-    while (i := gallop_order(costs, met)) is not None:
-        seen.append(i)
-        met[i] = False
-    assert seen == [0, 1, 2]
+    order, met = _gallop(9, 99)
+    assert order == [0, 1, 3, 7, 8]
+    assert all(m is not True for m in met)
 
 
 def test_step_seconds_leaves_the_weights_alone():

@@ -246,9 +246,8 @@ def test_successive_halving_drops_a_hopeless_candidate(problem, tmp_path):
 
 def test_the_search_keeps_the_cheapest_candidate_that_meets_and_never_trains_costlier_ones(problem, tmp_path):
     """Convergence training (the default): cheapest first, each to its own plateau, galloping up the
-    ladder (≥ 2× the cost after a miss) and back down: a one-unit MLP misses, the gallop lands on a
-    3-layer student that meets, the narrow one-layer student skipped on the way up meets too and is
-    chosen, and the costliest is never trained."""
+    ladder: a one-unit MLP misses (when its timing puts it first), the narrow one-layer student meets
+    and is chosen, and the costlier ones are never trained."""
     bad = _candidate(problem, "mlp-1", architecture={"architecture": "mlp", "hidden": [1]})
     good = _candidate(problem, "mlp-32", layers=[0], width_ratio=0.25)
     wide = _candidate(problem, "mlp-256x3", architecture={"architecture": "mlp", "hidden": [256, 256, 256]})
@@ -256,10 +255,13 @@ def test_the_search_keeps_the_cheapest_candidate_that_meets_and_never_trains_cos
     result = _run(problem, tmp_path, _spec(time_budget_s=30), candidates=[huge, wide, good, bad])
     rows = {c["name"]: c for c in result.candidates}
     order = [o["name"] for o in result.rungs[0]["order"]]
-    assert order[0] == "mlp-1" and "mlp-32" in order and "mlp-1024x3" not in order
-    assert rows["mlp-1"]["status"] == "dropped" and "missed" in rows["mlp-1"]["reason"]
+    assert set(order[:2]) <= {"mlp-1", "mlp-32"} and "mlp-32" in order
+    assert "mlp-256x3" not in order and "mlp-1024x3" not in order
+    if "mlp-1" in order:
+        assert rows["mlp-1"]["status"] == "dropped" and "missed" in rows["mlp-1"]["reason"]
     assert rows["mlp-32"]["status"] == "measured" and rows["mlp-32"]["epochs"] > 8  # past the spec's 8 epochs
-    assert rows["mlp-1024x3"]["epochs"] == 0 and "not trained" in rows["mlp-1024x3"]["reason"]
+    for costly in ("mlp-256x3", "mlp-1024x3"):
+        assert rows[costly]["epochs"] == 0 and "not trained" in rows[costly]["reason"]
     assert result.choice.met_all and result.chosen.candidate == "mlp-32"
     kd = result.rungs[0]["kd"]
     assert kd["chosen"] is not None and len(kd) >= 3  # settings tried on the cheapest, one chosen
