@@ -8,8 +8,9 @@
   teachers also get fresh narrow, shallow students (``_small_fresh``), so the ladder reaches the
   bottom whatever the teacher's widths.
 * black-box (ONNX) teachers: fresh zoo students for their input kind (MLP of 2 and 1 hidden layers,
-  CNN of 3 and 2 blocks, 1-D CNN of 3, 2 and 1 blocks, transformer of 4, 2 and 1 layers), the widest
-  within the teacher's parameter count, halving down to ``MIN_LADDER_WIDTH`` (transformer dim 32).
+  and 3 up to 128 units; CNN of 3 and 2 blocks; 1-D CNN of 3, 2 and 1 blocks; transformer of 4, 2
+  and 1 layers), the widest within the teacher's parameter count, halving down to
+  ``MIN_LADDER_WIDTH`` (transformer dim 32).
 * Hugging Face teachers: ``students.hf_ladder.hf_ladder`` (4, 3 and 2 layers, narrower hidden sizes,
   vocabulary trimmed to the tokens the training data uses).
 * the teacher itself (``TEACHER``), never trained: its fp32 and int8 graphs may already meet the
@@ -231,7 +232,8 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
         base.update(architecture=arch, **input_keys(teacher, arch))
         widths = [2 ** p for p in range(10 if arch == "mlp" else 7, 2, -1) if 2 ** p >= MIN_LADDER_WIDTH]
         if arch == "mlp":
-            families = [lambda w: {**base, "hidden": [w, w]}, lambda w: {**base, "hidden": [w]}]
+            families = [lambda w: {**base, "hidden": [w, w]}, lambda w: {**base, "hidden": [w]},
+                        lambda w: {**base, "hidden": [w, w, w]} if w <= max(SMALL_MLP_WIDTHS) else None]
         else:
             k = 3 if arch == "cnn" else 5
             blocks = ([1, 2, 4], [1, 2]) if arch == "cnn" else ([1, 2, 4], [1, 2], [1])
@@ -240,7 +242,10 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
     out: list[Candidate] = []
     for family in families:
         for w in widths:
-            cfg = zoo.validate_config(family(w))
+            raw = family(w)
+            if raw is None:
+                continue
+            cfg = zoo.validate_config(raw)
             n = meta_count(cfg)
             if budget is not None and n > budget:
                 continue
