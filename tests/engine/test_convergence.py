@@ -14,6 +14,7 @@ from worker.compression.search.converge import (
     planned_epochs,
     settled_metric,
     step_seconds,
+    with_margin,
 )
 from worker.compression.search.ladder import build_ladder
 from worker.compression.spec import DistillSpec, SearchStudent
@@ -118,3 +119,12 @@ def test_the_ladder_of_a_large_mlp_teacher_reaches_narrow_shallow_students(tmp_p
     assert all(c.num_parameters < teacher.num_parameters for c in ladder if c.name != "teacher")
     small = next(c for c in ladder if c.name == "mlp-32")
     assert small.build().num_parameters == small.num_parameters
+
+
+def test_an_accuracy_meets_the_bound_only_by_a_margin_that_shrinks_with_the_eval_split():
+    small, large = with_margin(0.97, "accuracy", 270, 1.0), with_margin(0.97, "accuracy", 27_000, 1.0)
+    assert small < 0.962 < large < 0.97  # about one standard error: 0.0107 on 270 samples, 0.001 on 27,000
+    assert with_margin(1.0, "accuracy", 22, 1.0) < 1.0  # a perfect score on 22 samples is not certain
+    assert with_margin(0.97, "accuracy", 270, 0.0) == 0.97
+    assert with_margin(0.12, "mse", 100, 1.0) == 0.12  # only proportions get an error bar here
+    assert with_margin(None, "accuracy", 100, 1.0) is None

@@ -30,6 +30,9 @@ class SearchOptions:
     training: str = "converge"
     """``converge``: every candidate trained to its own plateau, cheapest first (``converge``);
     ``halving``: successive halving over ``rung_fractions`` of ``distillation.epochs`` (``rungs``)."""
+    confidence_z: float = 1.0
+    """Convergence training: a candidate meets an accuracy bound only by this many standard errors
+    of its eval-split accuracy (``converge.with_margin``); 0 compares the raw value."""
     rung_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     eta: int = 2
     min_keep: int = 2
