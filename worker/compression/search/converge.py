@@ -21,8 +21,8 @@ Here each candidate trains to its own plateau:
   tried, cheapest first, until one meets. Candidates costlier than the cheapest that meets
   are not trained (they cannot be chosen over it in fp32; int8 twins are measured for finalists).
 
-A candidate meets the bound when its plateau level, less ``SearchOptions.confidence_z`` standard
-errors for accuracy (``with_margin``), reaches it: small eval splits make lucky passes common.
+A candidate meets the bound when its plateau level reaches it (less ``SearchOptions.confidence_z``
+standard errors for accuracy when asked, ``with_margin``; off by default: no measured gain).
 
 Finalists: every trained candidate that meets the bound (normally one), else the best two by the
 metric; the teacher when it was kept in ``prepare``.
