@@ -53,6 +53,8 @@ PATIENCE = 20
 KD_GRID: tuple[dict[str, float], ...] = ({}, {"temperature": 2.0}, {"alpha": 0.9}, {"lr_scale": 3.0})
 """Settings tried on the cheapest candidate, each a change to the spec's: temperature, α (the KD
 loss's weight) and the learning rate (× ``lr_scale``). Temperature only for classification."""
+KD_MIN_SHARE_S = 2.0
+"""No KD trials when the cheapest candidate's share of the budget is under this many seconds."""
 KD_TRIAL_SHARE = 0.34
 """A KD trial trains for this share of the cheapest candidate's planned steps."""
 PROBE_STEPS = 8
@@ -173,7 +175,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         with threads_for(e.cand.num_parameters, s.device):
             step_s = step_seconds(e.student.module, sample)
         epochs = planned_epochs(per_epoch, step_s, share, base.epochs)
-        if k == 1:
+        if k == 1 and share >= KD_MIN_SHARE_S:  # trials only when the budget leaves room for them
             kd = _pick_kd(s, e, epochs, per_epoch, share * KD_TRIAL_SHARE, info)
         _fit(s, e, epochs, per_epoch, share, kd, k)
         settled = settled_metric(e.history, s.goal.higher_is_better, e.metric)
