@@ -298,7 +298,8 @@ def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(prob
     assert not result.choice.met_all and "metric" in result.choice.unmet
     assert any("time budget" in n for n in result.notes)
     statuses = {c["name"]: c["status"] for c in result.candidates}
-    assert "not trained" in statuses.values() or "not measured" in statuses.values()
+    cut = [c for c in result.candidates if "time budget" in c["reason"]]  # convergence: shares cut short
+    assert "not trained" in statuses.values() or "not measured" in statuses.values() or cut
     assert any("NOT met" in line for line in result.to_dict()["chosen_checks"])
 
 
