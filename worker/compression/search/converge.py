@@ -183,6 +183,8 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         info["order"].append({"name": e.cand.name, "epochs": round(e.epochs, 2), "planned_epochs": epochs,
                               "metric": e.metric, "met": met[i], "step_ms": round(step_s * 1000, 4),
                               "train_s": round(e.train_s, 3)})
+    if s.clock.left() - reserve <= 0 and any(m is not None for m in met):
+        s.stopped = s.stopped or "training"  # the training time the budget allows is used up
     meeting = [e for e, m in zip(active, met) if m]
     trained = [e for e, m in zip(active, met) if m is not None]
     if meeting:
