@@ -233,7 +233,8 @@ def test_size_cap_prunes_candidates_before_training(problem, tmp_path):
 def test_successive_halving_drops_a_hopeless_candidate(problem, tmp_path):
     good = _candidate(problem, "mlp-64-64", layers=[0, 1], width_ratio=0.5)
     bad = _candidate(problem, "mlp-1", architecture={"architecture": "mlp", "hidden": [1]})
-    result = _run(problem, tmp_path, _spec(), candidates=[good, bad])
+    result = _run(problem, tmp_path, _spec(), candidates=[good, bad],
+                  options=SearchOptions(training="halving", rounds=1, min_timed_s=0.02))
     rows = {c["name"]: c for c in result.candidates}
     assert rows["mlp-1"]["status"] == "dropped" and rows["mlp-1"]["reason"].startswith("hopeless after rung 1")
     assert rows["mlp-1"]["epochs"] == 2  # a quarter of the 8 epochs, then it stopped
@@ -241,6 +242,29 @@ def test_successive_halving_drops_a_hopeless_candidate(problem, tmp_path):
     assert {m.candidate for m in result.measured} == {"mlp-64-64"}
     assert result.rungs[0]["dropped"] == ["mlp-1"]
     assert result.choice.name == "mlp-64-64-fp32" and result.choice.met_all
+
+
+def test_the_search_keeps_the_cheapest_candidate_that_meets_and_never_trains_costlier_ones(problem, tmp_path):
+    """Convergence training (the default): cheapest first, each to its own plateau, galloping up the
+    ladder: a one-unit MLP misses (when its timing puts it first), the narrow one-layer student meets
+    and is chosen, and the costlier ones are never trained."""
+    bad = _candidate(problem, "mlp-1", architecture={"architecture": "mlp", "hidden": [1]})
+    good = _candidate(problem, "mlp-32", layers=[0], width_ratio=0.25)
+    wide = _candidate(problem, "mlp-256x3", architecture={"architecture": "mlp", "hidden": [256, 256, 256]})
+    huge = _candidate(problem, "mlp-1024x3", architecture={"architecture": "mlp", "hidden": [1024, 1024, 1024]})
+    result = _run(problem, tmp_path, _spec(time_budget_s=30), candidates=[huge, wide, good, bad])
+    rows = {c["name"]: c for c in result.candidates}
+    order = [o["name"] for o in result.rungs[0]["order"]]
+    assert set(order[:2]) <= {"mlp-1", "mlp-32"} and "mlp-32" in order
+    assert "mlp-256x3" not in order and "mlp-1024x3" not in order
+    if "mlp-1" in order:
+        assert rows["mlp-1"]["status"] == "dropped" and "missed" in rows["mlp-1"]["reason"]
+    assert rows["mlp-32"]["status"] == "measured" and rows["mlp-32"]["epochs"] > 8  # past the spec's 8 epochs
+    for costly in ("mlp-256x3", "mlp-1024x3"):
+        assert rows[costly]["epochs"] == 0 and "not trained" in rows[costly]["reason"]
+    assert result.choice.met_all and result.chosen.candidate == "mlp-32"
+    kd = result.rungs[0]["kd"]
+    assert kd["chosen"] is not None and len(kd) >= 3  # settings tried on the cheapest, one chosen
 
 
 def test_an_int8_twin_slower_than_fp32_is_reported_and_fp32_kept(problem, tmp_path):
@@ -263,7 +287,9 @@ def test_an_int8_twin_slower_than_fp32_is_reported_and_fp32_kept(problem, tmp_pa
 def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(problem, tmp_path):
     small = _candidate(problem, "mlp-2", architecture={"architecture": "mlp", "hidden": [2]})
     big = _candidate(problem, "mlp-64-64", layers=[0, 1], width_ratio=0.5)
-    spec = _spec(min=1.01, time_budget_s=1.0)  # unreachable: however fast the machine, "metric" stays unmet
+    # unreachable: however fast the machine, "metric" stays unmet; 0.5 s: convergence runs stop on a
+    # plateau so soon on this tiny problem that two candidates could both finish within 1 s
+    spec = _spec(min=1.01, time_budget_s=0.5)
     spec = spec.model_copy(update={"distillation": spec.distillation.model_copy(update={"epochs": 400})})
     t0 = time.monotonic()
     result = _run(problem, tmp_path, spec, candidates=[small, big])
@@ -274,7 +300,8 @@ def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(prob
     assert not result.choice.met_all and "metric" in result.choice.unmet
     assert any("time budget" in n for n in result.notes)
     statuses = {c["name"]: c["status"] for c in result.candidates}
-    assert "not trained" in statuses.values() or "not measured" in statuses.values()
+    cut = [c for c in result.candidates if "time budget" in c["reason"]]  # convergence: shares cut short
+    assert "not trained" in statuses.values() or "not measured" in statuses.values() or cut
     assert any("NOT met" in line for line in result.to_dict()["chosen_checks"])
 
 

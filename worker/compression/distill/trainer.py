@@ -372,7 +372,7 @@ class _Loop:
             s.stopped = "completed"
         if self.evaluate_fn is not None and s.evaluated_at != s.step:
             self._evaluate(None)
-        if self.best_weights is not None and s.best_step != s.step:
+        if self.best_weights is not None and s.best_step != s.step and self.spec.keep == "best":
             self.model.load_state_dict(self.best_weights)
         if self.checkpoints is not None:  # a finished checkpoint: a rerun returns at once
             self._save()

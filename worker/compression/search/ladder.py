@@ -4,10 +4,13 @@
   initialised from the teacher) at every depth from the teacher's down to 1 (resnet: one block per
   stage; beyond 4 layers: the teacher's, then halving), each at width ×1, ×1/2, ×1/4, ... until the
   widest layer would fall under ``MIN_LADDER_WIDTH`` units. The full-depth full-width one would be a
-  copy of the teacher and is left out: the teacher is a candidate of its own.
+  copy of the teacher and is left out: the teacher is a candidate of its own. MLP, CNN and 1-D CNN
+  teachers also get fresh narrow, shallow students (``_small_fresh``), so the ladder reaches the
+  bottom whatever the teacher's widths.
 * black-box (ONNX) teachers: fresh zoo students for their input kind (MLP of 2 and 1 hidden layers,
-  CNN of 3 and 2 blocks, 1-D CNN of 3, 2 and 1 blocks, transformer of 4, 2 and 1 layers), the widest
-  within the teacher's parameter count, halving down to ``MIN_LADDER_WIDTH`` (transformer dim 32).
+  and 3 up to 128 units; CNN of 3 and 2 blocks; 1-D CNN of 3, 2 and 1 blocks; transformer of 4, 2
+  and 1 layers), the widest within the teacher's parameter count, halving down to
+  ``MIN_LADDER_WIDTH`` (transformer dim 32).
 * Hugging Face teachers: ``students.hf_ladder.hf_ladder`` (4, 3 and 2 layers, narrower hidden sizes,
   vocabulary trimmed to the tokens the training data uses).
 * the teacher itself (``TEACHER``), never trained: its fp32 and int8 graphs may already meet the
@@ -43,7 +46,13 @@ from ..students.zoo_layers import (
 from ..types import Teacher, TensorData
 
 MIN_LADDER_WIDTH = 8
-MAX_CANDIDATES = 24
+MAX_CANDIDATES = 40
+SMALL_MLP_WIDTHS = (8, 16, 32, 64, 128)
+"""Fresh plain MLPs of 1, 2 and 3 hidden layers at these widths join a zoo MLP teacher's ladder: halving
+a 700-unit teacher's width never lands on 64, and a narrow, shallow student trained to convergence
+often matches a large teacher (issue 18)."""
+SMALL_CONV_WIDTHS = (4, 8, 16)
+"""First-block widths of the fresh 2- and 3-block (CNN / 1-D CNN) students joining a conv teacher's ladder."""
 TEACHER = "teacher"
 
 
@@ -80,6 +89,8 @@ def build_ladder(teacher: Teacher, train: TensorData, student: StudentConfig) ->
                               int(e.embedding_parameters)) for e in entries]
     elif teacher.kind == "zoo" and teacher.module is not None:
         students = _zoo_ladder(teacher)
+        names = {c.name for c in students}
+        students += [c for c in _small_fresh(teacher) if c.name not in names]
     else:
         students = _blackbox_ladder(teacher)
     if cap is not None:
@@ -176,6 +187,33 @@ def _zoo_ladder(teacher: Teacher) -> list[Candidate]:
     return out
 
 
+def _small_fresh(teacher: Teacher) -> list[Candidate]:
+    """Fresh narrow, shallow zoo students for a zoo MLP / CNN / 1-D CNN teacher (``SMALL_MLP_WIDTHS``,
+    ``SMALL_CONV_WIDTHS``), smaller than the teacher; none for other architectures."""
+    arch = teacher.config.get("architecture") if teacher.config else None
+    if arch not in ("mlp", "cnn", "cnn1d"):
+        return []
+    base: dict[str, Any] = {"task": teacher.task, "output_dim": teacher.output_dim, "architecture": arch,
+                            **input_keys(teacher, arch)}
+    if arch == "mlp":
+        cfgs = [{**base, "hidden": [w] * d} for w in SMALL_MLP_WIDTHS for d in (1, 2, 3)]
+    else:
+        k = 3 if arch == "cnn" else 5
+        cfgs = [{**base, "channels": [m * w for m in b], "kernel_size": k}
+                for w in SMALL_CONV_WIDTHS for b in ([1, 2], [1, 2, 4])]
+    n_teacher = teacher.num_parameters or zoo.count_parameters(teacher.module)
+    out = []
+    for cfg in cfgs:
+        cfg = zoo.validate_config(cfg)
+        n = meta_count(cfg)
+        if n >= n_teacher:
+            continue
+        spec = ZooStudent(architecture=cfg)
+        out.append(Candidate(short_name(cfg), f"fresh small zoo student: {describe_config(cfg)}", n,
+                             lambda spec=spec: make_student(teacher, spec)))
+    return out
+
+
 def _meta_embedding(cfg: dict[str, Any]) -> int | None:
     if cfg["architecture"] != "transformer":
         return None
@@ -194,7 +232,8 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
         base.update(architecture=arch, **input_keys(teacher, arch))
         widths = [2 ** p for p in range(10 if arch == "mlp" else 7, 2, -1) if 2 ** p >= MIN_LADDER_WIDTH]
         if arch == "mlp":
-            families = [lambda w: {**base, "hidden": [w, w]}, lambda w: {**base, "hidden": [w]}]
+            families = [lambda w: {**base, "hidden": [w, w]}, lambda w: {**base, "hidden": [w]},
+                        lambda w: {**base, "hidden": [w, w, w]} if w <= max(SMALL_MLP_WIDTHS) else None]
         else:
             k = 3 if arch == "cnn" else 5
             blocks = ([1, 2, 4], [1, 2]) if arch == "cnn" else ([1, 2, 4], [1, 2], [1])
@@ -203,7 +242,10 @@ def _blackbox_ladder(teacher: Teacher) -> list[Candidate]:
     out: list[Candidate] = []
     for family in families:
         for w in widths:
-            cfg = zoo.validate_config(family(w))
+            raw = family(w)
+            if raw is None:
+                continue
+            cfg = zoo.validate_config(raw)
             n = meta_count(cfg)
             if budget is not None and n > budget:
                 continue

@@ -10,8 +10,12 @@ Steps (``search``), all inside ``targets.time_budget_s``:
    an architecture's latency and size do not depend on its weights. A candidate that would break
    the size or latency cap even after the best int8 gain seen on this CPU (``INT8_SIZE_BOUND``,
    ``INT8_SPEED_BOUND``) is pruned before any training.
-3. **Successive halving.** Rungs train the candidates (cheapest first) to ``rung_fractions`` of
-   ``distillation.epochs`` (each rung continues from the last one's weights with a fresh warm-up
+3. **Training** (``SearchOptions.training``). By default (``converge``, module ``converge``) each
+   candidate, cheapest first, trains to its own plateau (length from its measured step cost and the
+   budget, its own warm-up and cosine schedule, early stop on the eval metric; temperature and α
+   tried on the cheapest) until the cheapest that meets the metric bound is found (galloping up the
+   ladder, then back down). ``halving`` is the earlier successive halving: rungs train the
+   candidates (cheapest first) to ``rung_fractions`` of ``distillation.epochs`` (each rung continues from the last one's weights with a fresh warm-up
    and cosine schedule, so every rung ends annealed). After each rung but the last, a candidate
    is *hopeless* when even twice the log-linear trend of its eval metric (metric against log
    training steps, from the end of the previous rung, or the untrained student, to the end of
@@ -51,6 +55,7 @@ from ..pipeline import CandidatePipeline
 from ..spec import CompressSpec
 from ..students.student import Student
 from ..types import CancelFn, ProgressFn, Teacher, TensorData, never_cancel, no_progress
+from .converge import train_converge
 from .finalists import measure_finalists
 from .goal import Choice, Goal, choose, describe_check, front
 from .ladder import Candidate, build_ladder
@@ -129,7 +134,7 @@ def search(
     measure_teacher(run)
     ladder = candidates if candidates is not None else build_ladder(teacher, train, spec.student)
     entries = prepare(run, ladder)
-    train_rungs(run, entries)
+    (train_rungs if run.options.training == "halving" else train_converge)(run, entries)
     measure_finalists(run, entries)
 
     goal = run.goal

@@ -44,6 +44,11 @@ class DistillSpec(SpecModel):
     target: TargetSpec | None = None
     patience: int | None = Field(default=None, ge=1, le=100_000)
     """Early stop after this many evaluations without improvement."""
+    keep: Literal["best", "last"] = "best"
+    """The weights a run returns: its best evaluation's, or its last ones. On a small eval split the
+    best of many evaluations is often an early, lucky checkpoint that generalises worse than the
+    weights the run ended with (digits: best at step 272 of 5,100, 0.951 on unseen data against
+    0.969 for the last); the search's convergence runs keep the last."""
     time_budget_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
     eval_every: int | None = Field(default=None, ge=1, le=10**9)
     """Evaluate every N steps (default: once per epoch)."""

@@ -1,0 +1,298 @@
+"""Training the ladder to convergence, cheapest first, until a candidate meets the metric bound.
+
+Why: successive halving trains every candidate to shared fractions of one fixed epoch count, so on a
+small data set a narrow student stops after a few hundred steps, short of what it can reach, and
+loses to a wider one (issue 18: a 64-512 MLP chosen where a plainly trained 64-64 did as well).
+Here each candidate trains to its own plateau:
+
+* **Length from its step cost and the budget.** A probe times a few optimizer steps of the
+  student; it may train for ``MIN_STEPS`` optimizer steps at least (and ``distillation.epochs``),
+  at most ``MAX_EPOCHS``, and no longer than its share of the training time left.
+* **Its own schedule**: warm-up then cosine over that planned length (the trainer's), evaluated
+  ``EVALS_PER_RUN`` times; it stops on a plateau (``PATIENCE`` evaluations without a better eval
+  metric) and keeps its last weights (``DistillSpec.keep``), judged by its plateau's level
+  (``settled_metric``), not by its luckiest evaluation.
+* **KD settings tried on the cheapest rung**: temperature, α and the learning rate at ``KD_GRID``
+  values (short runs of the cheapest candidate); the best on the eval split is used for every
+  candidate.
+* **Cheapest first, galloping**: candidates in order of their measured fp32 latency at the goal's
+  batch size (then parameters). While none meets the bound the search goes up the ladder at
+  offsets 1, 2, 4, ...; once one meets, the skipped candidates between the last miss and it are
+  tried, cheapest first, until one meets. Candidates costlier than the cheapest that meets
+  are not trained (they cannot be chosen over it in fp32; int8 twins are measured for finalists).
+
+A candidate meets the bound when its plateau level reaches it (less ``SearchOptions.confidence_z``
+standard errors for accuracy when asked, ``with_margin``; off by default: no measured gain).
+
+Finalists: every trained candidate that meets the bound (normally one), else the best two by the
+metric; the teacher when it was kept in ``prepare``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..distill.trainer import steps_per_epoch
+from ..spec import DistillSpec
+from ..types import Progress
+from .rungs import _torch_metric, measure_estimate, threads_for
+from .state import Entry, SearchState
+
+MIN_STEPS = 3000
+"""Optimizer steps a candidate may take at least (when the budget allows): a plain KD script's 150
+epochs of 1,347 digits at batch 32 are 6,300; plateaus usually come well before."""
+MAX_EPOCHS = 400
+EVALS_PER_RUN = 40
+PATIENCE = 20
+"""Evaluations without a better eval metric before a candidate counts as converged."""
+KD_GRID: tuple[dict[str, float], ...] = ({}, {"temperature": 2.0}, {"alpha": 0.9}, {"lr_scale": 3.0})
+"""Settings tried on the cheapest candidate, each a change to the spec's: temperature, α (the KD
+loss's weight) and the learning rate (× ``lr_scale``). Temperature only for classification."""
+KD_MIN_SHARE_S = 2.0
+"""No KD trials when the cheapest candidate's share of the budget is under this many seconds."""
+KD_TRIAL_SHARE = 0.34
+"""A KD trial trains for this share of the cheapest candidate's planned steps."""
+PROBE_STEPS = 8
+COST_BUCKET = 1.1
+SETTLE_TOP = 3
+
+
+def step_seconds(module: torch.nn.Module, batch: dict[str, torch.Tensor], out_dim: int | None = None) -> float:
+    """Seconds of one optimizer step (forward, backward, AdamW) of ``module`` on ``batch``, measured
+    on a copy so the candidate's weights are untouched."""
+    probe = copy.deepcopy(module).train()
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-6)
+    times = []
+    for i in range(PROBE_STEPS + 1):
+        t0 = time.perf_counter()
+        out = probe(**batch)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        loss = F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:  # the first step pays for allocation
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def planned_epochs(per_epoch: int, step_s: float, share_s: float, base_epochs: int) -> int:
+    """Epochs for one candidate: enough for ``MIN_STEPS`` steps (at least ``base_epochs``), at most
+    ``MAX_EPOCHS``, and within ``share_s`` seconds at ``step_s`` per step (x1.5 for evaluations)."""
+    want = max(base_epochs, math.ceil(MIN_STEPS / max(1, per_epoch)))
+    fits = int(share_s / max(step_s * 1.5 * per_epoch, 1e-9))
+    return max(1, min(want, MAX_EPOCHS, fits))
+
+
+def gallop_order(costs: list[float], met: list[bool | None]) -> int | None:
+    """The index of the next candidate to train (``costs`` ascending; ``met[i]``: None untried, else
+    whether it met the bound), or None when the search is done (module doc): up the ladder at
+    offsets 1, 2, 4, ... from the cheapest while nothing meets (by position, not by the measured
+    cost: sub-0.1 ms timings are too noisy to jump by), capped at the last; then back down, cheapest
+    first, through the untried candidates between the last miss and the cheapest that meets."""
+    tried = [i for i, m in enumerate(met) if m is not None]
+    meeting = [i for i in tried if met[i]]
+    if meeting:
+        first = min(meeting)
+        misses = [i for i in tried if not met[i] and i < first]
+        lo = max(misses) if misses else -1
+        between = [i for i in range(lo + 1, first) if met[i] is None and costs[i] <= costs[first]]
+        return between[0] if between else None
+    if not tried:
+        return 0 if met else None
+    last = max(tried)
+    if last >= len(met) - 1:
+        return None
+    return min(len(met) - 1, last + 2 ** (len(tried) - 1))
+
+
+def cost_key(e: Entry) -> tuple[float, int]:
+    """Cheapest first: fp32 latency in ``COST_BUCKET`` steps (sub-0.1 ms timings of tiny graphs differ
+    by noise), then parameters."""
+    if e.cost_ms is None or e.cost_ms <= 0:
+        return float("inf"), e.cand.num_parameters
+    return float(math.floor(math.log(e.cost_ms) / math.log(COST_BUCKET))), e.cand.num_parameters
+
+
+def settled_metric(history: list[dict], higher: bool, final: float | None) -> float | None:
+    """The level a run settled at: the mean of its last ``SETTLE_TOP`` evaluations (the final weights'
+    among them), never better than ``final``. The best single evaluation of forty on a small eval
+    split is an optimistic pick; the plateau's level is what the returned weights can be relied on
+    to reach."""
+    values = [float(h["metric"]) for h in history if isinstance(h.get("metric"), (int, float))][-SETTLE_TOP:]
+    if not values or final is None:
+        return final
+    mean = sum(values) / len(values)
+    return min(mean, final) if higher else max(mean, final)
+
+
+def with_margin(value: float | None, metric: str, n: int, z: float) -> float | None:
+    """``value`` less ``z`` standard errors when ``metric`` is a proportion (accuracy) measured on ``n``
+    samples (add-one smoothed, so a perfect score still has an error bar); other metrics as they are.
+    A candidate "meets" the bound only by this margin: on a 270-sample eval split a digits student
+    at exactly the bound scored 1.5 points lower on unseen data, and trying many candidates makes a
+    lucky pass likelier still."""
+    if value is None or metric != "accuracy" or n <= 0 or z <= 0:
+        return value
+    p = (value * n + 1) / (n + 2)
+    return value - z * math.sqrt(p * (1 - p) / n)
+
+
+def train_converge(s: SearchState, entries: list[Entry]) -> None:
+    t0 = time.monotonic()
+    base = s.spec.distillation
+    batch = min(base.batch_size, len(s.train))
+    per_epoch = steps_per_epoch(len(s.train), batch)
+    active = sorted((e for e in entries if e.status == "active"), key=cost_key)
+    est = sorted((measure_estimate(s, e.fp32_size, e.cost_ms, e.timing_s, e.export_s) for e in active), reverse=True)
+    reserve = sum(est[:s.options.min_keep]) + s.teacher_estimate
+    sample = {k: v[:batch] for k, v in s.train.inputs.items()}
+    info: dict = {"rung": 1, "epochs": None, "entered": [e.cand.name for e in active], "dropped": [],
+                  "order": [], "kd": {}}
+    s.rungs.append(info)
+    kd: dict[str, float] = {}
+    met: list[bool | None] = [None] * len(active)
+    costs = [e.cost_ms if e.cost_ms is not None else float("inf") for e in active]
+    k = 0
+    while True:
+        i = gallop_order(costs, met)
+        if i is None:
+            break
+        e = active[i]
+        left = s.clock.left() - reserve
+        if left <= 0 and any(m is not None for m in met):
+            s.stopped = s.stopped or "training"
+            break
+        k += 1
+        remaining = max(1, min(3, sum(m is None for m in met)))
+        share = max(left, 0.5) / remaining
+        assert e.student is not None
+        with threads_for(e.cand.num_parameters, s.device):
+            step_s = step_seconds(e.student.module, sample)
+        epochs = planned_epochs(per_epoch, step_s, share, base.epochs)
+        if k == 1 and share >= KD_MIN_SHARE_S:  # trials only when the budget leaves room for them
+            kd = _pick_kd(s, e, epochs, per_epoch, share * KD_TRIAL_SHARE, info)
+        _fit(s, e, epochs, per_epoch, share, kd, k)
+        settled = settled_metric(e.history, s.goal.higher_is_better, e.metric)
+        met[i] = s.goal.metric_ok(with_margin(settled, s.goal.metric, len(s.evald), s.options.confidence_z))
+        info["order"].append({"name": e.cand.name, "epochs": round(e.epochs, 2), "planned_epochs": epochs,
+                              "metric": e.metric, "met": met[i], "step_ms": round(step_s * 1000, 4),
+                              "train_s": round(e.train_s, 3)})
+    if s.clock.left() - reserve <= 0 and any(m is not None for m in met):
+        s.stopped = s.stopped or "training"  # the training time the budget allows is used up
+    meeting = [e for e, m in zip(active, met) if m]
+    trained = [e for e, m in zip(active, met) if m is not None]
+    if meeting:
+        finalists = meeting[:s.options.min_keep]
+    else:
+        sign = -1.0 if s.goal.higher_is_better else 1.0
+        finalists = sorted((e for e in trained if e.metric is not None), key=lambda e: sign * e.metric)
+        finalists = finalists[:s.options.min_keep]
+    cheapest_meeting = meeting[0] if meeting else None
+    for e, m in zip(active, met):
+        if e in finalists:
+            e.status = "finalist"
+            if e.cut_by_budget:
+                e.reason = "training stopped by the time budget"
+        elif m is None:
+            e.status = "dropped" if cheapest_meeting is not None else "not trained"
+            e.reason = (f"not trained: {cheapest_meeting.cand.name}, no costlier, meets the bound"
+                        if cheapest_meeting is not None and (e.cost_ms or 0) >= (cheapest_meeting.cost_ms or 0)
+                        else "not trained: skipped by the cheapest-first search")
+            info["dropped"].append(e.cand.name)
+        else:
+            e.status = "dropped"
+            e.reason = (f"trained to convergence: {s.goal.metric} {e.metric:.4f}, bound {s.goal.bound:.4f}"
+                        + ("" if m else " (missed)") + ("; a cheaper candidate meets it" if m else ""))
+            info["dropped"].append(e.cand.name)
+    info["kept"] = [e.cand.name for e in finalists]
+    s.phase_s["train"] = time.monotonic() - t0
+
+
+def _dspec(s: SearchState, epochs: int, per_epoch: int, budget_s: float, kd: dict[str, float]) -> DistillSpec:
+    base = s.spec.distillation
+    total = epochs * per_epoch
+    return base.model_copy(update={
+        "epochs": epochs, "baseline": False, "target": None, "checkpoint_every": None,
+        "eval_every": max(1, total // EVALS_PER_RUN), "patience": PATIENCE, "keep": "last",
+        "time_budget_s": min(budget_s, base.time_budget_s or budget_s), **kd})
+
+
+def _grid(s: SearchState) -> list[dict[str, float]]:
+    """The ``KD_GRID`` settings that matter for this job, as updates to the distillation spec."""
+    base = s.spec.distillation
+    out: list[dict[str, float]] = []
+    for change in KD_GRID:
+        if "temperature" in change and s.task != "classification":
+            continue
+        if "alpha" in change and s.train.y is None:
+            continue  # no labels: the KD loss is all there is
+        update = {k: v for k, v in change.items() if k != "lr_scale"}
+        if "lr_scale" in change:
+            update["lr"] = min(base.lr * change["lr_scale"], 1.0)
+        if update not in out:
+            out.append(update)
+    return out
+
+
+def _pick_kd(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float, info: dict) -> dict:
+    """Short runs of the cheapest candidate at each ``KD_GRID`` setting; the best settled eval metric
+    wins (ties keep the spec's)."""
+    assert e.student is not None
+    grid = _grid(s)
+    if len(grid) < 2:
+        return {}
+    trial_epochs = max(1, round(epochs * KD_TRIAL_SHARE))
+    best, best_kd = None, grid[0]
+    for kd in grid:
+        label = ", ".join(f"{k}={v:g}" for k, v in kd.items()) or "the spec's settings"
+        module = copy.deepcopy(e.student.module)
+        s.tick(0, 1, f"rung 1: KD setting {label} on {e.cand.name}")
+        t0 = time.monotonic()
+        with threads_for(e.cand.num_parameters, s.device):
+            result = s.pipe.distil(module, spec=_dspec(s, trial_epochs, per_epoch, budget_s / len(grid), kd),
+                                   workdir=s.work / "candidates" / e.cand.name / "kd", teacher_cache=s.cache,
+                                   teacher_eval=s.teacher_eval, checkpoints=False)
+        e.train_s += time.monotonic() - t0
+        value = settled_metric(result.history["student"] or [], s.goal.higher_is_better,
+                               (result.metrics["student"] or {}).get(s.goal.metric))
+        info["kd"][label] = value
+        if value is not None and (best is None or (value > best if s.goal.higher_is_better else value < best)):
+            best, best_kd = value, kd
+    info["kd"]["chosen"] = best_kd
+    return best_kd
+
+
+def _fit(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float, kd: dict, k: int) -> None:
+    assert e.student is not None
+    label = f"rung {k}: training {e.cand.name} to convergence (≤ {epochs} epochs)"
+
+    def inner(p: Progress) -> None:
+        s.tick(0, 1, f"{label}, step {p.step}/{p.total}", loss=p.loss, metric=p.metric)
+
+    s.tick(0, 1, label)
+    e.initial_metric = _torch_metric(s, e.student.module)
+    e.curve.append({"rung": 0, "epochs": 0.0, "metric": e.initial_metric})
+    t0 = time.monotonic()
+    with threads_for(e.cand.num_parameters, s.device):
+        result = s.pipe.distil(e.student.module, spec=_dspec(s, epochs, per_epoch, budget_s, kd),
+                               workdir=s.work / "candidates" / e.cand.name / "converge", progress=inner,
+                               teacher_cache=s.cache, teacher_eval=s.teacher_eval, checkpoints=False)
+    e.train_s += time.monotonic() - t0
+    run = result.train["student"]
+    e.history.extend(dict(h) for h in (result.history["student"] or []))
+    e.steps = int(run["steps"])
+    e.epochs = e.steps / per_epoch
+    e.rung = 0
+    e.metric = (result.metrics["student"] or {}).get(s.goal.metric)
+    e.predicted = e.metric
+    e.curve.append({"rung": 1, "epochs": round(e.epochs, 3), "metric": e.metric, "train_s": round(e.train_s, 3),
+                    "stopped": run["stopped_reason"], "planned_epochs": epochs, **kd})
+    if run["stopped_reason"] == "time_budget":  # its share of the budget ran out before a plateau
+        e.cut_by_budget = True
+        s.stopped = s.stopped or f"training {e.cand.name}"
