@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..distill.trainer import steps_per_epoch
 from ..spec import DistillSpec
 from ..types import Progress
-from .rungs import _torch_metric, measure_estimate, threads_for
+from .rungs import torch_metric, measure_estimate, threads_for
 from .state import Entry, SearchState
 
 MIN_STEPS = 3000
@@ -276,7 +276,7 @@ def _fit(s: SearchState, e: Entry, epochs: int, per_epoch: int, budget_s: float,
         s.tick(0, 1, f"{label}, step {p.step}/{p.total}", loss=p.loss, metric=p.metric)
 
     s.tick(0, 1, label)
-    e.initial_metric = _torch_metric(s, e.student.module)
+    e.initial_metric = torch_metric(s, e.student.module)
     e.curve.append({"rung": 0, "epochs": 0.0, "metric": e.initial_metric})
     t0 = time.monotonic()
     with threads_for(e.cand.num_parameters, s.device):

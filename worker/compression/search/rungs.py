@@ -131,7 +131,7 @@ def _train(s: SearchState, e: Entry, r: int, rung_epochs: int, budget_s: float, 
 
     s.tick(i, n, label)
     if r == 0:
-        e.initial_metric = _torch_metric(s, e.student.module)
+        e.initial_metric = torch_metric(s, e.student.module)
         e.curve.append({"rung": 0, "epochs": 0.0, "metric": e.initial_metric})
     before = (max(e.steps, 1), e.initial_metric if r == 0 else e.metric)
     t0 = time.monotonic()
@@ -159,7 +159,7 @@ def _train(s: SearchState, e: Entry, r: int, rung_epochs: int, budget_s: float, 
 
 
 @torch.no_grad()
-def _torch_metric(s: SearchState, module: torch.nn.Module) -> float | None:
+def torch_metric(s: SearchState, module: torch.nn.Module) -> float | None:
     """The goal metric of a torch model on the eval split (the untrained student, before rung 1)."""
     was_training = module.training
     module.eval()
