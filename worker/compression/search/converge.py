@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from ..distill.trainer import steps_per_epoch
 from ..spec import DistillSpec
 from ..types import Progress
-from .rungs import torch_metric, measure_estimate, threads_for
+from .rungs import measure_estimate, threads_for, torch_metric
 from .state import Entry, SearchState
 
 MIN_STEPS = 3000
