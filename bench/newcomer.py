@@ -402,6 +402,8 @@ def main() -> None:
         root = Path(tmp)
         tasks: dict[str, Task] = {}
         for make in MAKERS:
+            if only and not any(t.startswith(make.__name__.split("_")[0]) for t in only):
+                continue  # (a task's name starts with its maker's)
             tasks.update(make(root / make.__name__))
         tasks = {k: v for k, v in tasks.items() if not only or k in only}
         svc = Service(args.stack, root / "svc")
