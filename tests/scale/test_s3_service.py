@@ -168,8 +168,12 @@ def test_store_unreachable_during_an_upload_is_a_503_and_nothing_half_written_is
     store.client = s3_client(s3_stack.endpoint)
     store.sweep_staging(older_than_s=0)
     assert multipart_uploads(s3_stack.endpoint, s3_stack.bucket) == []
-    with s3_stack.client() as c:  # and the next upload goes through
-        r = upload(c, "datasets", data, format="npz")
+    with s3_stack.client() as c:  # and once the store answers again, uploads go through (a client honours Retry-After)
+        for _ in range(10):
+            r = upload(c, "datasets", data, format="npz")
+            if r.status_code != 503:
+                break
+            time.sleep(min(2.0, float(r.headers["retry-after"])))
         assert r.status_code == 201, r.text
 
 
