@@ -222,6 +222,12 @@ def test_the_last_reports_are_written_with_the_final_state(db: Database, tmp_pat
     job_id = add_job(db, JobState.RUNNING, attempts=1)
     record = ProgressRecorder(db, job_id, interval=60)  # one write, then none for a minute
     record(Progress("distill", 1, 2))
+    deadline = time.monotonic() + 10  # that write made (were the writer thread late, it would take the next too)
+    while time.monotonic() < deadline:
+        with db.read() as s:
+            if s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).first() is not None:
+                break
+        time.sleep(0.01)
     record(Progress("distill", 2, 2))
     record.log("the engine finished")
     rows = record.take()
