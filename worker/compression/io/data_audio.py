@@ -16,7 +16,7 @@ import torch
 from ..errors import DatasetError, UnsafeFileError, UnsupportedFormatError
 from ..types import TensorData
 from .archives import safe_extract
-from .data_common import ReadContext, too_large
+from .data_common import ReadContext, class_folders, too_large
 from .sniff import AUDIO_SUFFIXES
 
 MAX_SECONDS = 600.0
@@ -44,7 +44,7 @@ def load_audio(path: Path, ctx: ReadContext) -> TensorData:
             root = safe_extract(path, tmp, limits.archive)
         except (UnsafeFileError, UnsupportedFormatError) as exc:
             raise DatasetError(f"{path.name}: {exc}") from exc
-        samples, classes = _class_folders(root)
+        samples, classes = class_folders(root, AUDIO_SUFFIXES, example="class_name/clip.wav", noun="audio files")
         if spec.classes is not None:
             index = {c: i for i, c in enumerate(spec.classes)}
             unknown = [c for c in classes if c not in index]
@@ -62,36 +62,6 @@ def load_audio(path: Path, ctx: ReadContext) -> TensorData:
     y = torch.tensor([label for _, label in samples], dtype=torch.long)
     meta = {"sample_rate": rate, "audio_length": length, "seconds": round(length / rate, 4)}
     return TensorData({"x": torch.from_numpy(x)}, y, "signal", classes, meta=meta)
-
-
-def _class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Audio files with their class index, and the class names (sorted folder names); one wrapper
-    folder around the class folders is allowed."""
-    def visible(p: Path) -> bool:
-        return not p.name.startswith(".") and p.name != "__MACOSX"
-
-    entries = sorted(p for p in root.iterdir() if visible(p))
-    if len(entries) == 1 and entries[0].is_dir() and any(c.is_dir() for c in entries[0].iterdir()):
-        entries = sorted(p for p in entries[0].iterdir() if visible(p))
-    loose = [p for p in entries if p.is_file()]
-    if loose:
-        raise DatasetError(f"{loose[0].relative_to(root).as_posix()} is not inside a class folder; "
-                           "expected class_name/clip.wav")
-    folders = [p for p in entries if p.is_dir()]
-    if not folders:
-        raise DatasetError("no class folders found; expected a zip of class_name/clip.wav")
-    samples: list[tuple[Path, int]] = []
-    for label, folder in enumerate(folders):
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and all(
-            visible(Path(part)) for part in f.relative_to(folder).parts))
-        for f in files:
-            if f.suffix.lower() not in AUDIO_SUFFIXES:
-                raise DatasetError(f"{f.relative_to(root).as_posix()}: unsupported file type; accepted: "
-                                   f"{', '.join(AUDIO_SUFFIXES)}")
-        if not files:
-            raise DatasetError(f"class folder {folder.relative_to(root).as_posix()!r} has no audio files")
-        samples += [(f, label) for f in files]
-    return samples, [p.name for p in folders]
 
 
 def _clip(sf: object, file: Path, root: Path, rate: int, length: int) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -176,3 +177,39 @@ def label_column(columns: list[str], spec: DataSpec, defaults: tuple[str, ...], 
                                f"columns: {', '.join(columns)}")
         return spec.label_column
     return next((c for c in defaults if c in columns), None)
+
+
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".") and p.name != "__MACOSX"
+
+
+def class_folders(root: Path, suffixes: tuple[str, ...], *, example: str, noun: str,
+                  loose_suffixes: tuple[str, ...] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Files in class folders (an image or audio zip, extracted at ``root``) with their class index, and
+    the class names (sorted folder names); one wrapper folder around the class folders is allowed.
+    A file beside the class folders is refused when its suffix is in ``loose_suffixes`` (None: any file);
+    a file of another type inside them is refused. ``example``: ``class_name/image.png``."""
+    top = root
+    entries = sorted(p for p in top.iterdir() if _visible(p))
+    wrapper = entries[0] if len(entries) == 1 and entries[0].is_dir() else None
+    if wrapper is not None and any(c.is_dir() and _visible(c) for c in wrapper.iterdir()):
+        top = wrapper
+        entries = sorted(p for p in top.iterdir() if _visible(p))
+    loose = [p for p in entries if p.is_file() and (loose_suffixes is None or p.suffix.lower() in loose_suffixes)]
+    if loose:
+        raise DatasetError(f"{loose[0].relative_to(root).as_posix()} is not inside a class folder; expected {example}")
+    folders = [p for p in entries if p.is_dir()]
+    if not folders:
+        raise DatasetError(f"no class folders found; expected a zip of {example}")
+    samples: list[tuple[Path, int]] = []
+    for label, folder in enumerate(folders):
+        files = sorted(f for f in folder.rglob("*")
+                       if f.is_file() and all(_visible(Path(part)) for part in f.relative_to(folder).parts))
+        for f in files:
+            if f.suffix.lower() not in suffixes:
+                raise DatasetError(f"{f.relative_to(root).as_posix()}: unsupported file type; "
+                                   f"accepted: {', '.join(suffixes)}")
+        if not files:
+            raise DatasetError(f"class folder {folder.relative_to(root).as_posix()!r} has no {noun}")
+        samples += [(f, label) for f in files]
+    return samples, [p.name for p in folders]

@@ -15,7 +15,7 @@ from ..errors import DatasetError, SpecError, UnsafeFileError, UnsupportedFormat
 from ..spec import DataSpec
 from ..types import TensorData
 from .archives import safe_extract
-from .data_common import DataLimits, ReadContext, target_shape, too_large
+from .data_common import DataLimits, ReadContext, class_folders, target_shape, too_large
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_SCALES: dict[str, tuple[list[float], list[float]]] = {
@@ -36,7 +36,8 @@ def load_images(path: Path, ctx: ReadContext) -> TensorData:
             root = safe_extract(path, tmp, limits.archive)
         except (UnsafeFileError, UnsupportedFormatError) as exc:
             raise DatasetError(f"{path.name}: {exc}") from exc
-        samples, classes = _class_folders(root)
+        samples, classes = class_folders(root, IMAGE_SUFFIXES, example="class_name/image.png", noun="images",
+                                         loose_suffixes=IMAGE_SUFFIXES)
         if spec.classes is not None:  # folders named as the teacher's classes, numbered in its order
             samples, classes = _in_order(samples, classes, spec.classes)
         want = ctx.input_shape if ctx.input_shape is not None and len(ctx.input_shape) == 3 else None
@@ -61,40 +62,6 @@ def load_images(path: Path, ctx: ReadContext) -> TensorData:
     meta = {"image_size": list(size), "channels": channels, "image_mean": mean.ravel().tolist(),
             "image_std": std.ravel().tolist(), "image_scale": scale}
     return TensorData({"x": torch.from_numpy(x)}, y, "image", classes, meta=meta)
-
-
-def _visible(p: Path) -> bool:
-    return not p.name.startswith(".") and p.name != "__MACOSX"
-
-
-def _class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """Image files with their class index, and the class names (sorted folder names).
-    One wrapper folder around the class folders is allowed."""
-    top = root
-    entries = sorted(p for p in top.iterdir() if _visible(p))
-    wrapper = entries[0] if len(entries) == 1 and entries[0].is_dir() else None
-    if wrapper is not None and any(c.is_dir() and _visible(c) for c in wrapper.iterdir()):
-        top = wrapper
-        entries = sorted(p for p in top.iterdir() if _visible(p))
-    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    if loose:
-        raise DatasetError(f"image {loose[0].relative_to(root).as_posix()} is not inside a class folder; "
-                           "expected class_name/image.png")
-    folders = [p for p in entries if p.is_dir()]
-    if not folders:
-        raise DatasetError("no class folders found; expected a zip of class_name/image.png (or .jpg)")
-    samples: list[tuple[Path, int]] = []
-    for label, folder in enumerate(folders):
-        files = sorted(f for f in folder.rglob("*")
-                       if f.is_file() and all(_visible(Path(part)) for part in f.relative_to(folder).parts))
-        for f in files:
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                raise DatasetError(f"{f.relative_to(root).as_posix()}: unsupported file type; "
-                                   f"accepted: {', '.join(IMAGE_SUFFIXES)}")
-        if not files:
-            raise DatasetError(f"class folder {folder.relative_to(root).as_posix()!r} has no images")
-        samples += [(f, label) for f in files]
-    return samples, [p.name for p in folders]
 
 
 def _header_size(file: Path, root: Path, limits: DataLimits) -> tuple[int, int]:
