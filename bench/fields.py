@@ -97,10 +97,7 @@ def plain_kd(x: torch.Tensor, targets: torch.Tensor, budget: int, *, discrete: b
             opt.zero_grad()
             loss.backward()
             opt.step()
-    net.eval()
-    torch.onnx.export(net, (x[:1],), str(out), input_names=["x"], output_names=["y"],
-                      dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
-    return out
+    return export(net, x[:1], out)
 
 
 def plain_audio_kd(teacher_cfg: dict[str, Any], x: torch.Tensor, targets: torch.Tensor, epochs: int,
@@ -125,8 +122,12 @@ def plain_audio_kd(teacher_cfg: dict[str, Any], x: torch.Tensor, targets: torch.
             opt.zero_grad()
             loss.backward()
             opt.step()
-    net.eval()
-    torch.onnx.export(net, (x[:1],), str(out), input_names=["x"], output_names=["y"],
+    return export(net, x[:1], out)
+
+
+def export(net: torch.nn.Module, sample: torch.Tensor, out: Path) -> Path:
+    """A peer's model as one ONNX file with a dynamic batch, judged like the service's."""
+    torch.onnx.export(net.eval(), (sample,), str(out), input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
     return out
 
