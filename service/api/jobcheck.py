@@ -126,8 +126,9 @@ def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
                                                                f"{task} model"))
     horizon, targets = dataset.get("horizon"), dataset.get("target_columns")
     outputs = teacher.get("output_dim")
-    if field == "forecasting" and horizon and targets and outputs and int(horizon) * len(str(targets).split(",")) != outputs:
-        want = int(horizon) * len(str(targets).split(","))
+    columns = targets if isinstance(targets, list) else str(targets or "").split(",")
+    want = int(horizon or 0) * len(columns)
+    if field == "forecasting" and horizon and targets and outputs and want != outputs:
         errors.append(FieldError(pointer="#/dataset_id", detail=f"the teacher has {outputs} outputs, but a forecast of "
                                  f"{horizon} steps of {targets} has {want}"))
     shape = teacher.get("input_shape") or []
