@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import math
@@ -113,13 +114,18 @@ def pointer(loc: Sequence[Any]) -> str:
 
 
 def field_errors(
-    errors: Sequence[dict[str, Any]], body_prefix: tuple[str, ...] = ("body",)
+    errors: Sequence[dict[str, Any]], body_prefix: tuple[str, ...] = ("body",), known: Sequence[str] = ()
 ) -> list[FieldError]:
-    """Pydantic / FastAPI error dicts → `FieldError`s (body → pointer, others → parameter)."""
+    """Pydantic / FastAPI error dicts → `FieldError`s (body → pointer, others → parameter). An unknown
+    field close to one of the ``known`` names says which it may be meant as (``distilation``)."""
     out = []
     for err in errors:
         loc = tuple(err.get("loc", ()))
         msg = str(err.get("msg", "invalid value"))
+        if err.get("type") == "extra_forbidden" and loc and known:
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
         if loc[: len(body_prefix)] == body_prefix:
             out.append(FieldError(detail=msg, pointer=pointer(loc[len(body_prefix) :])))
         elif loc and loc[0] in ("query", "path", "header", "cookie"):
@@ -129,9 +135,10 @@ def field_errors(
     return out
 
 
-def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = ()) -> ProblemError:
-    """A pydantic error raised on data that came from the client (form fields, JSON)."""
-    return unprocessable(field_errors([{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors()], ()))
+def validation_problem(exc: ValidationError, prefix: tuple[str, ...] = (), known: Sequence[str] = ()) -> ProblemError:
+    """A pydantic error raised on data that came from the client (form fields, JSON); ``known``: the
+    fields it takes, for a typo's hint."""
+    return unprocessable(field_errors([{**e, "loc": (*prefix, *e["loc"])} for e in exc.errors()], (), known))
 
 
 def _unstorable_text(text: str) -> str | None:
@@ -188,7 +195,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = field_errors(exc.errors())
+        errors = field_errors(exc.errors(), known=_field_names(request.app))
         return problem_response(
             Problem(
                 title="Unprocessable Content",
@@ -264,3 +271,9 @@ def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 AUTH_RESPONSES = problem_responses(401)
 """What every route behind an API key may answer (on its router)."""
+
+
+def _field_names(app: FastAPI) -> list[str]:
+    """Every property name the published schemas know (FastAPI caches the schema after its first build)."""
+    schemas = app.openapi().get("components", {}).get("schemas", {})
+    return sorted({name for schema in schemas.values() for name in schema.get("properties", {})})

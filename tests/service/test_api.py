@@ -113,6 +113,11 @@ def test_invalid_job_specs_are_422_with_pointers(
         submit(api, {**ids, "distillation": {"epochs": 0, "temperature": -1}, "colour": 1}), 422
     )
     assert pointers(body) == {"#/distillation/epochs", "#/distillation/temperature", "#/colour"}
+    assert "did you mean" not in body["errors"][-1]["detail"]  # nothing close to "colour"
+    body = assert_problem(submit(api, {**ids, "distilation": {"epochs": 3}}), 422)  # a typo names the field meant
+    assert [e["detail"] for e in body["errors"]] == ["Extra inputs are not permitted; did you mean 'distillation'?"]
+    body = assert_problem(upload(api, "datasets", assets["data"], lable_column="y"), 422)
+    assert "did you mean 'label_column'?" in body["errors"][0]["detail"], body
     body = assert_problem(submit(api, {**ids, "student": {"kind": "zoo"}}), 422)
     assert pointers(body) == {"#/student/architecture"}
     body = assert_problem(submit(api, {"dataset_id": ids["dataset_id"]}), 422)

@@ -167,7 +167,7 @@ def make_router(k: UploadKind) -> APIRouter:
             try:
                 form = k.form.model_validate(received.fields)
             except ValidationError as exc:
-                raise validation_problem(exc) from None
+                raise validation_problem(exc, known=[*k.form.model_fields, "file"]) from None
             reject_unstorable(form.model_dump())
             values = _row_values(k, form)
             await anyio.to_thread.run_sync(_inspect, ctx, k.kind, values["format"], received)
