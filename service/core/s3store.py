@@ -102,6 +102,9 @@ class S3Store:
         self.part_bytes = part_bytes
         self.presign_min_bytes, self.presign_ttl_s = presign_min_bytes, presign_ttl_s
         self.scan_bytes, self.max_entries = scan_bytes, max_entries
+        self.writing: set[str] = set()
+        """Staging keys this process is writing: the staging sweep leaves them alone whatever the
+        store says of their age (moto dates every multipart upload 2010-11-10)."""
         config = Config(
             retries={"max_attempts": 3, "mode": "standard"},
             connect_timeout=timeout_s,
@@ -255,10 +258,11 @@ class S3Store:
         )
         uploads = [u for page in calling("LIST", lambda: list(pages)) for u in page.get("Uploads", [])]
         for u in uploads:
-            if u["Initiated"] <= cutoff:
+            if u["Initiated"] <= cutoff and u["Key"] not in self.writing:
                 self.abort_upload(u["Key"], u["UploadId"])
                 done += 1
-        stale = [o["Key"] for o in self.list_keys(self.staging_prefix()) if o["LastModified"] <= cutoff]
+        stale = [o["Key"] for o in self.list_keys(self.staging_prefix())
+                 if o["LastModified"] <= cutoff and o["Key"] not in self.writing]
         self.delete_keys(stale)
         return done + len(stale)
 
@@ -284,6 +288,7 @@ class S3Writer:
         self._buf = bytearray()
         self._mirror = Mirror(store.tmp_dir, keep=store.part_bytes)
         self._staging = store.staging_prefix() + uuid.uuid4().hex
+        store.writing.add(self._staging)
         self._upload_id: str | None = None
         self._parts: list[Future[dict[str, Any]]] = []
         self._slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
@@ -425,6 +430,7 @@ class S3Writer:
             log.warning("could not remove the staged upload %s (%s); the staging sweep will", self._staging, exc)
         finally:
             self._mirror.close()
+            s.writing.discard(self._staging)
 
 
 def _chunks(body: Any) -> Iterator[bytes]:

@@ -95,6 +95,18 @@ def test_same_bytes_twice_is_one_object_and_abort_leaves_nothing(store: S3Store,
     assert list((tmp_path / "staging").iterdir()) == []
 
 
+def test_the_staging_sweep_leaves_an_upload_in_progress_alone(store: S3Store) -> None:
+    """moto dates every multipart upload 2010-11-10: by its date alone, a sweep would abort one still
+    being written (the API sweeps every retention interval)."""
+    endpoint = store.client.meta.endpoint_url
+    w = store.writer()
+    w.write(b"z" * (2 * PART + 1))  # two parts sent: a multipart upload under staging/
+    assert len(multipart_uploads(endpoint, store.bucket)) == 1
+    assert store.sweep_staging(older_than_s=0) == 0
+    ref = w.commit()
+    assert keys(endpoint, store.bucket, "p/") == [store.key(ref.sha256)]
+
+
 def test_an_unreachable_store_raises_store_unavailable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.service.conftest import free_port
 
