@@ -58,7 +58,6 @@ from .types import (
     Progress,
     ProgressFn,
     Teacher,
-    TensorData,
     never_cancel,
     no_progress,
 )
@@ -100,6 +99,7 @@ class _Run:
     sandbox: SandboxLimits | None = None
     teacher: Teacher | None = None
     teacher_check: TeacherCheck | None = None
+    teacher_graph: Path | None = None
     class_order: dict[str, Any] | None = None
     inputs_sha256: dict[str, str] = {}
     """Where the class numbering came from: ``teacher`` (its names), ``given``, ``sorted`` or ``indices``."""
@@ -142,7 +142,8 @@ class _Run:
             teacher_path, task=spec.task, allow_code=self.allow_code, sandbox=self.sandbox))
         task = spec.task or teacher.task
         self._stage("load", 1, 2, "reading the data")
-        train, evald = self._timed("load_data", lambda: self._load_data(teacher, task, dataset_path, eval_path))
+        train, evald, self.class_order = self._timed("load_data", lambda: load_for_teacher(
+            dataset_path, eval_path, spec.data, teacher, task))
         self._stage("load", 2, 2, "checking the teacher against the labels")
         check, train, evald = self._timed("teacher_check", lambda: check_teacher(
             teacher, train, evald, task, spec.data.image_scale))
@@ -166,8 +167,8 @@ class _Run:
         distilled: DistillResult | None = None
         deploy: torch.nn.Module | None = teacher.module
         student: Student | None = None
-        if spec.student is not None:
-            student = pipe.make_student()
+        if spec.student is not None:  # an auto student may be timed against the teacher's graph first
+            student = pipe.make_student(faster_than=self._teacher_onnx(teacher, teacher_path, pipe.sample))
             distilled = self._timed("distill", lambda: pipe.distil(
                 student.module, workdir=self.work / "distill", baseline=lambda: pipe.make_student().module))
             deploy = distilled.student
@@ -317,11 +318,6 @@ class _Run:
         self._stage("report", 1, 1)
         return CompressResult(artifacts=self.artifacts, metrics=report)
 
-    def _load_data(self, teacher: Teacher, task: str, path: Path, eval_path: Path | None
-                   ) -> tuple[TensorData, TensorData]:
-        train, evald, self.class_order = load_for_teacher(path, eval_path, self.spec.data, teacher, task)
-        return train, evald
-
     def _save_student(self, student: Student, trained: torch.nn.Module, teacher: Teacher) -> None:
         student.module = trained
         folder = save_student(student, self.work / "student", teacher)
@@ -335,7 +331,8 @@ class _Run:
                   + (" + tokenizer" if teacher.tokenizer is not None else "") + "; loadable as a teacher")
 
     def _teacher_onnx(self, teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor]) -> Path:
-        return teacher_onnx(teacher, teacher_path, sample, self.work)
+        self.teacher_graph = self.teacher_graph or teacher_onnx(teacher, teacher_path, sample, self.work)
+        return self.teacher_graph
 
     def _quantize(self, pipe: CandidatePipeline, fp32: Path, module: torch.nn.Module | None) -> QuantizationResult:
         """The pipeline's quantize stage with the spec's method (``qat`` fine-tunes ``module``)."""
@@ -374,7 +371,8 @@ class _Run:
             "teacher": teacher.summary(),
             "student": None if student is None else {
                 "description": student.description, "how": student.how, "kind": student.kind,
-                "num_parameters": count_parameters(distilled.student), "config": student.config},
+                "num_parameters": count_parameters(distilled.student), "config": student.config,
+                "chosen_by_speed": pipe.student_timing},
             "spec": self.spec.model_dump(mode="json"),
             "data": {"train": pipe.train.summary(), "eval": pipe.evald.summary()},
             "models": table,

@@ -23,7 +23,7 @@ from .io.onnx_teacher import load_onnx_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
 from .measure.export import export_onnx
 from .measure.verdict import Candidate, choose, tolerance_for, verdict
-from .pipeline import CandidatePipeline, Measurement
+from .pipeline import CandidatePipeline, Measurement, evaluation_batch
 from .quantize.registry import QuantizationResult
 from .spec import CompressSpec, QatConfig, QuantizationConfig, StaticInt8Config
 from .types import Teacher
@@ -54,13 +54,6 @@ def quantize_baseline(pipe: CandidatePipeline, spec: CompressSpec, fp32: Path, o
     elif isinstance(config, QuantizationConfig) and config.max_metric_drop is not None:
         config = config.model_copy(update={"max_metric_drop": None})  # (its tolerance is the student's)
     return pipe.quantize(fp32, out, config, score=False)
-
-
-def evaluation_batch(spec: CompressSpec) -> int:
-    """The batch size the verdict compares speeds at: the search's target batch, else the largest measured."""
-    if spec.targets is not None:
-        return spec.targets.latency_batch_size
-    return max(spec.evaluation.latency_batch_sizes)
 
 
 def measure_all(pipe: CandidatePipeline, made: Made, teacher_out: torch.Tensor,

@@ -5,7 +5,8 @@ the search (`search.run`) walks it for every candidate of its ladder (distilling
 quantization recipe. Each stage is one method, so both measure, export and quantize the same way:
 
 1. `make_student`: the student a student config asks for (``students.factory``); a fresh MLP on
-   vector inputs learns on standardised values (``students.standardize``).
+   vector inputs learns on standardised values (``students.standardize``); an auto student for an
+   image, signal or token teacher is first timed against the teacher's graph (``students.speed_fit``).
 2. `distil`: knowledge distillation from the teacher (``distill.distill``); the standardisation is
    then folded into the student's own first and last layers.
 3. `export`: the float model as an fp32 ONNX graph, traced on a few eval rows.
@@ -19,6 +20,8 @@ quantization recipe. Each stage is one method, so both measure, export and quant
 
 from __future__ import annotations
 
+import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from torch import nn
 from .distill.distill import DistillResult, distill
 from .distill.teacher_cache import TeacherCache
 from .fields import primary_metric as field_metric
+from .measure.evaluate import measure_onnx_latency
 from .measure.export import export_onnx, onnx_size_bytes
 from .measure.meter import Meter
 from .measure.metrics import higher_is_better, primary_metric
@@ -38,6 +42,7 @@ from .quantize.calibration import calibration_sample
 from .quantize.handlers import resolve_method
 from .quantize.registry import QuantizationResult, TrainingInputs
 from .spec import (
+    AutoStudent,
     CompressSpec,
     DistillSpec,
     QatConfig,
@@ -47,12 +52,24 @@ from .spec import (
     StudentKind,
 )
 from .students import standardize
+from .students.derive import student_budget
 from .students.factory import make_student
+from .students.speed_fit import fit_speed, needs_timing
 from .students.student import Student
 from .types import CancelFn, ProgressFn, Task, Teacher, TensorData
 
 SAMPLE_ROWS = 8
 """Eval rows the fp32 graphs are traced on."""
+TIMING_S = 0.3
+TIMING_ROUNDS = 3
+"""Seconds of runs per graph, and alternating rounds, behind each timing that picks an auto student."""
+
+
+def evaluation_batch(spec: CompressSpec) -> int:
+    """The batch size the verdict compares speeds at: the search's target batch, else the largest measured."""
+    if spec.targets is not None:
+        return spec.targets.latency_batch_size
+    return max(spec.evaluation.latency_batch_sizes)
 
 
 @dataclass
@@ -82,18 +99,49 @@ class CandidatePipeline:
         """What the student's graph inputs are called: as the teacher's (``x`` → ``image``)."""
         self.preprocessing: dict[str, Any] = {}
         """What was done to the data on its way to the student (`students.standardize`), for the record."""
+        self.auto_budget: int | None = None
+        """The budget the timed auto student was built for: the labels-only baseline gets the same student."""
+        self.student_timing: dict[str, Any] | None = None
+        """Why the auto student has its size (`students.speed_fit`), for the report."""
 
     # --- 1. student ------------------------------------------------------------------------
 
-    def make_student(self, student: StudentKind | None = None) -> Student:
-        """The student ``student`` (default: the spec's) asks for, seeded by the distillation seed."""
+    def make_student(self, student: StudentKind | None = None, *, faster_than: Path | None = None) -> Student:
+        """The student ``student`` (default: the spec's) asks for, seeded by the distillation seed; an auto
+        student is timed against the teacher's graph ``faster_than`` where its kind needs it."""
         config = student if student is not None else self.spec.student
         assert config is not None, "a spec without a student distils nothing"
-        made = make_student(self.teacher, config, seed=self.spec.distillation.seed)
+        seed = self.spec.distillation.seed
+        if isinstance(config, AutoStudent) and faster_than is not None and needs_timing(self.teacher):
+            batch = evaluation_batch(self.spec)
+            fit = fit_speed(lambda b: make_student(self.teacher, config, seed=seed, budget=b),
+                            student_budget(self.teacher, config.max_params, config.max_params_ratio),
+                            lambda s: self.time_against(s.module, faster_than, batch), batch)
+            made, self.auto_budget, self.student_timing = fit.student, fit.budget, fit.record
+        else:
+            made = make_student(self.teacher, config, seed=seed,
+                                budget=self.auto_budget if isinstance(config, AutoStudent) else None)
         record = standardize.wrap(made, self.train, self.task)
         if record:
             self.preprocessing["student"] = record
         return made
+
+    def time_against(self, module: nn.Module, reference: Path, batch: int) -> tuple[float, float]:
+        """p50 (ms) at ``batch`` rows of ``module`` exported as fp32 ONNX and of the graph ``reference``,
+        timed in `TIMING_ROUNDS` alternating rounds of about `TIMING_S` / rounds seconds each (medians)."""
+        with tempfile.TemporaryDirectory(prefix="kdq-timing-") as tmp:
+            paths = [self.export(module, Path(tmp) / "timed.onnx"), reference]
+
+            def p50(path: Path, repeats: int) -> float:
+                lat = measure_onnx_latency(path, self.meter.sample, batch_sizes=[batch],
+                                           threads=self.meter.threads, warmup=1, repeats=repeats)
+                return float(lat["batches"][0]["p50_ms"])
+
+            share = TIMING_S * 1000 / TIMING_ROUNDS
+            repeats = [max(3, min(100, int(share / max(p50(p, 3), 1e-3)))) for p in paths]
+            rounds = [[p50(p, r) for p, r in zip(paths, repeats, strict=True)] for _ in range(TIMING_ROUNDS)]
+        student, reference_ms = (statistics.median(col) for col in zip(*rounds, strict=True))
+        return student, reference_ms
 
     # --- 2. distil -------------------------------------------------------------------------
 

@@ -332,6 +332,11 @@ def render_html(report: Mapping[str, Any]) -> str:
     if report.get("delivery", {}).get("candidates"):
         parts.append("<h2>Every candidate (delivered: the best within tolerance, then the fastest)</h2>"
                      + _table(report["delivery"]["candidates"]))
+    timing = (report.get("student") or {}).get("chosen_by_speed")
+    if timing:  # students.speed_fit: the auto student timed against the teacher before training
+        parts.append(f"<h2>The student's size, chosen by speed at batch {_e(timing['batch'])}</h2>"
+                     f"<p>teacher {_e(timing['teacher_p50_ms'])} ms; chosen: {_e(timing['why'])}</p>"
+                     + _table(timing["tried"]))
     for key, heading in (("preprocessing", "Preprocessing (shipped as preprocessing.json)"),
                          ("teacher_check", "The teacher against the labels"), ("class_order", "Class order")):
         if report.get(key):

@@ -114,7 +114,9 @@ def _auto_blackbox(teacher: Teacher, budget: int, strict: bool = True) -> Studen
         return _auto_tokens(teacher, budget, base)
     arch = {"vector": "mlp", "image": "cnn", "signal": "cnn1d"}[kind]
     base.update(architecture=arch, **input_keys(teacher, arch))
-    widths = list(range(MIN_WIDTH, 1025 if arch == "mlp" else 129))
+    # onnxruntime's CPU convolutions work in blocks of 8 channels: measured at batch 64 on 1×28×28
+    # images, channels [16, 32, 64] ran in 2.6 ms and [11, 22, 44] in 3.5 ms (students.speed_fit)
+    widths = list(range(MIN_WIDTH, 1025)) if arch == "mlp" else [MIN_WIDTH, *range(8, 129, 8)]
 
     def family(w: int) -> dict[str, Any]:
         if arch == "mlp":

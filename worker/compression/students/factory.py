@@ -18,6 +18,7 @@ The student config's kind (``spec.student``) picks the way:
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +45,14 @@ from .zoo_layers import describe_config, kept_layers
 # --- public API ---------------------------------------------------------------------------
 
 
-def make_student(teacher: Teacher, spec: StudentKind, *, seed: int = 0) -> Student:
-    """Build the student ``spec`` asks for; fresh weights are seeded by ``seed`` (global RNG untouched)."""
+def make_student(teacher: Teacher, spec: StudentKind, *, seed: int = 0, budget: int | None = None) -> Student:
+    """Build the student ``spec`` asks for; fresh weights are seeded by ``seed`` (global RNG untouched).
+    ``budget`` replaces an auto student's parameter budget (``students.speed_fit`` shrinks it)."""
     build = BUILDERS.get(type(spec))
+    if budget is not None:
+        if not isinstance(spec, AutoStudent):
+            raise ValueError(f"a budget replaces only an auto student's, not a {spec.kind!r} one's")
+        build = partial(_auto, budget=budget)
     if build is None:
         raise SpecError(f"student kind {spec.kind!r} is a search over many students: run it through compress() "
                         "(worker.compression.search), not make_student")
@@ -77,9 +83,10 @@ def save_student(student: Student, folder: Path, teacher: Teacher) -> Path:
 # --- the four ways ------------------------------------------------------------------------
 
 
-def _auto(teacher: Teacher, spec: AutoStudent) -> Student:
-    return auto_student(teacher, student_budget(teacher, spec.max_params, spec.max_params_ratio),
-                        strict=spec.max_params is not None or spec.max_params_ratio is not None)
+def _auto(teacher: Teacher, spec: AutoStudent, budget: int | None = None) -> Student:
+    if budget is None:
+        budget = student_budget(teacher, spec.max_params, spec.max_params_ratio)
+    return auto_student(teacher, budget, strict=spec.max_params is not None or spec.max_params_ratio is not None)
 
 
 def _derived(teacher: Teacher, spec: DerivedStudent) -> Student:
