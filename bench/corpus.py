@@ -49,6 +49,47 @@ def sentences(min_words: int = 5, max_words: int = 40, seed: int = 0) -> list[st
     return out
 
 
+AREAS = {
+    "network": ("socket", "http.client", "ftplib", "imaplib", "smtplib", "ssl", "urllib.request", "email"),
+    "files": ("os", "pathlib", "shutil", "tarfile", "zipfile", "gzip", "tempfile", "mailbox"),
+    "concurrency": ("asyncio", "threading", "queue", "sched", "subprocess"),
+    "text": ("re", "string", "textwrap", "difflib", "json", "csv", "pprint", "configparser", "xml.dom.minidom"),
+    "numbers_and_time": ("decimal", "fractions", "statistics", "random", "datetime", "calendar", "heapq",
+                         "timeit"),
+}
+"""Library areas and their modules: which area a docstring sentence comes from is a text task."""
+
+
+def labelled_sentences(min_words: int = 5, max_words: int = 40, seed: int = 0) -> list[tuple[str, str]]:
+    """(sentence, area) for the docstrings of the modules of each area in `AREAS` and of the classes,
+    functions and methods they define (not those they import); a sentence found in two areas is dropped."""
+    by_area: dict[str, list[str]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for area, modules in AREAS.items():
+            seen: set[str] = set()
+            out: list[str] = []
+            for name in modules:
+                mod = importlib.import_module(name)
+                root = name.split(".")[0]
+                docs = [inspect.getdoc(mod) or ""]
+                for _, obj in inspect.getmembers(mod):
+                    own = str(getattr(obj, "__module__", "") or "").split(".")[0] in (root, "_" + root)
+                    if (inspect.isfunction(obj) or inspect.isclass(obj)) and own:
+                        docs.append(inspect.getdoc(obj) or "")
+                        if inspect.isclass(obj):
+                            docs.extend(_method_docs(obj))
+                _add(docs, seen, out, min_words, max_words)
+            by_area[area] = out
+    counts: dict[str, int] = {}
+    for out in by_area.values():
+        for s in out:
+            counts[s] = counts.get(s, 0) + 1
+    rows = [(s, area) for area, out in by_area.items() for s in out if counts[s] == 1]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
 def _method_docs(cls: type) -> list[str]:
     docs = []
     for _, member in inspect.getmembers(cls):

@@ -169,3 +169,36 @@ def test_portal_assets_ship_in_the_package_and_refuse_other_files(pg_stack: Stac
         assert httpx.get(pg_stack.url + src).status_code == 200
     missing: Any = httpx.get(pg_stack.url + "/portal/../../settings.py")
     assert missing.status_code == 404
+
+
+def test_a_forecasting_series_is_uploaded_with_the_data_options_of_the_form(pg_stack: Stack, tmp_path: Path) -> None:
+    """The dataset form's folded options come from the published DataSpec: a series CSV becomes a
+    forecasting dataset with its time column, targets, window and horizon, as over the API."""
+    from bench.field_cases import sine_series
+
+    csv = tmp_path / "series.csv"
+    sine_series(400).to_csv(csv, index=False)
+    with browser_page() as page:
+        errors: list[str] = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        sign_in(page, pg_stack.url, pg_stack.key or "")
+        page.click("nav >> text=Uploads")
+        page.wait_for_selector("#d-options")
+        page.click("#d-options summary")
+        unlabelled = page.evaluate("""[...document.querySelectorAll('#d-options input, #d-options select, #d-options textarea')]
+            .filter(e => !(e.labels && e.labels.length)).map(e => e.id)""")
+        assert unlabelled == []
+        page.select_option("#f-data-task", "forecasting")
+        page.fill("#f-data-time_column", "ts")
+        page.fill("#f-data-target_columns", "load")
+        page.fill("#f-data-feature_columns", "temp")
+        page.fill("#f-data-window", "24")
+        page.fill("#f-data-horizon", "6")
+        shot(page, "upload-options")
+        dataset = upload(page, "d", csv, "csv", "portal-series")
+        assert page.is_visible("#d-status [data-state=ready]"), page.inner_text("#d-status")
+        with pg_stack.client() as api:
+            body = api.get(f"/v1/datasets/{dataset}").json()
+        assert body["summary"]["field"] == "forecasting" and body["summary"]["inputs"]["x"] == [2, 24]
+        assert body["summary"]["target_shape"] == [6] and body["summary"]["samples"] == 400 - 30 + 1
+        assert errors == [], errors

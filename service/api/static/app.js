@@ -102,8 +102,21 @@ App.routes.signin = function (main) {
 };
 
 // --- uploads ---------------------------------------------------------------------------------
-function uploadForm(kind, formats, onDone) {
+// A dataset's other options (images, text, audio, forecasting, policies), from the published DataSpec
+// schema: every field with its help, folded; only the ones changed from their defaults are sent.
+function dataOptions(all) {
+  const spec = Forms.resolve(all.DataSpec, all);
+  const shown = Object.fromEntries(Object.entries(spec.properties || {}).filter(([k]) => !["format", "label_column"].includes(k)));
+  const form = new Forms.JobForm(all);
+  const box = h("details", { id: "d-options" }, h("summary", {}, "More options: images, text, audio, forecasting, policies"));
+  form.fill(box, { properties: shown }, ["data"], {});
+  const values = () => Object.entries(form.collect(box, []).data || {}).map(([k, v]) => [k, typeof v === "object" ? JSON.stringify(v) : String(v)]);
+  return { box, values };
+}
+
+function uploadForm(kind, formats, onDone, all) {
   const p = kind === "model" ? "m" : "d";
+  const options = kind === "dataset" && all ? dataOptions(all) : null;
   const file = h("input", { id: p + "-file", type: "file", required: true });
   const fmt = h("select", { id: p + "-format" }, formats.map((f) => h("option", { value: f }, f)));
   const name = h("input", { id: p + "-name", type: "text" });
@@ -119,6 +132,7 @@ function uploadForm(kind, formats, onDone) {
     if (name.value.trim()) data.append("name", name.value.trim());
     if (tags.value.trim()) data.append("tags", tags.value.trim());
     if (labelCol && labelCol.value.trim()) data.append("label_column", labelCol.value.trim());
+    if (options) for (const [k, v] of options.values()) data.append(k, v);
     const xhr = new XMLHttpRequest();  // (fetch reports no upload progress)
     xhr.open("POST", `/v1/${kind}s`);
     for (const [k, v] of Object.entries(headers())) xhr.setRequestHeader(k, v);
@@ -148,6 +162,7 @@ function uploadForm(kind, formats, onDone) {
   h("div", { class: "field" }, h("label", { for: p + "-name" }, "Name"), name),
   h("div", { class: "field" }, h("label", { for: p + "-tags" }, "Tags"), tags, h("span", { class: "help", id: p + "-tags-help" }, "comma-separated")),
   labelCol ? h("div", { class: "field" }, h("label", { for: p + "-label" }, "Label column (CSV, Parquet)"), labelCol) : null,
+  options ? options.box : null,
   h("button", { type: "submit" }, kind === "model" ? "Upload teacher" : "Upload dataset"), bar, status);
   return form;
 }
@@ -164,7 +179,7 @@ App.routes.uploads = async function (main) {
         h("td", {}, badge(u.state), u.error ? h("div", { class: "help" }, u.error.detail) : null), h("td", { class: "num" }, fmtBytes(u.size_bytes)),
         h("td", {}, (u.tags || []).join(", ")), h("td", {}, fmtTime(u.created_at)))))));
   };
-  main.append(h("h1", {}, "Uploads"), h("div", { class: "grid2" }, uploadForm("model", modelFormats, refresh), uploadForm("dataset", dataFormats, refresh)),
+  main.append(h("h1", {}, "Uploads"), h("div", { class: "grid2" }, uploadForm("model", modelFormats, refresh), uploadForm("dataset", dataFormats, refresh, all)),
     h("h2", {}, "Recent uploads"), list);
   await refresh();
 };

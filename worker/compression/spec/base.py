@@ -15,4 +15,5 @@ LOWER_IS_BETTER = ("mse", "mae", "action_mae")
 
 
 class SpecModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+    """Each field's docstring is its description in the published schema (the portal's help text)."""
