@@ -78,24 +78,27 @@ def vit_config(size: int, **over: Any) -> Any:
 
 def vit_problem(folder: Path, *, size: int = 32, per_class: int = 120, steps: int = 300, seed: int = 0,
                 **config: Any) -> dict[str, Path]:
-    """``images.zip`` and a ViT teacher folder (``teacher/``) trained on the same images for ``steps``
-    Adam steps of batch 32 (the job holds out its own evaluation split of them)."""
+    """``images.zip`` (``per_class`` images per class) and a ViT teacher folder (``teacher/``) trained on as
+    many other images of the same classes for ``steps`` AdamW steps of batch 32, one-cycle learning rate up
+    to 1e-3: the job's evaluation split is new to the teacher too."""
     from transformers import ViTForImageClassification
 
     folder.mkdir(parents=True, exist_ok=True)
-    images, labels = pattern_images(per_class, size, seed)
-    archive = image_zip(folder / "images.zip", images, labels)
+    archive = image_zip(folder / "images.zip", *pattern_images(per_class, size, seed))
+    images, labels = pattern_images(per_class, size, seed + 1000)  # the teacher's own, other images
     x, y = as_inputs(images), torch.from_numpy(labels).long()
     torch.manual_seed(seed)
     model = ViTForImageClassification(vit_config(size, **config))
-    opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=0.01)
-    for step in range(steps):
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 1e-3, total_steps=steps)
+    for _ in range(steps):
         model.train()
         idx = torch.randint(0, len(x), (32,))
         loss = F.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        schedule.step()
     teacher = folder / "teacher"
     model.eval().save_pretrained(teacher)
     (teacher / "preprocessor_config.json").write_text(json.dumps({

@@ -121,8 +121,8 @@ def test_what_vision_teachers_do_not_support_is_refused_by_name(problem):
 
 def test_a_compression_job_distils_exports_quantizes_and_delivers(problem, tmp_path):
     spec = CompressSpec.model_validate({
-        "student": {"kind": "derived", "num_layers": 2},
-        "distillation": {"epochs": 2, "batch_size": 16, "lr": 1e-3},
+        "student": {"kind": "derived", "num_layers": 2},  # hidden-state and attention KD on the layer map, too
+        "distillation": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "feature_loss": "mse", "attention_weight": 0.5},
         "quantization": {"method": "static_int8", "calibration_samples": 32},
         "evaluation": {"latency_batch_sizes": [1, 16], "repeats": 2, "warmup": 1}})
     res = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"], output_dir=tmp_path / "out")
