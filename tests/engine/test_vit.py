@@ -111,6 +111,30 @@ def test_derived_students_keep_evenly_spaced_layers_initialised_from_the_teacher
     assert isinstance(auto.module, HFVisionEncoder)
 
 
+def test_a_grayscale_vit_reads_rgb_pngs_as_one_channel(problem, tmp_path):
+    """A 1-channel ViT whose processor repeats ViT's default mean and std for three channels."""
+    from bench.field_vit import vit_config
+
+    folder = tmp_path / "gray"
+    ViTForImageClassification(vit_config(SIZE, num_channels=1, **TINY)).eval().save_pretrained(folder)
+    shutil.copyfile(problem["teacher"] / "preprocessor_config.json", folder / "preprocessor_config.json")
+    teacher = load_teacher(folder)
+    assert teacher.input_shape == (1, SIZE, SIZE) and teacher.preprocessing["image_mean"] == [0.5]
+    train, _, _ = load_for_teacher(problem["data"], None, DataSpec(), teacher, "classification")
+    assert tuple(train.inputs["x"].shape[1:]) == (1, SIZE, SIZE) and float(train.inputs["x"].min()) < 0
+
+
+def test_a_vit_backbone_without_a_classifier_is_refused(tmp_path):
+    from transformers import ViTModel
+
+    from bench.field_vit import vit_config
+    from worker.compression.errors import MissingTensorError
+
+    ViTModel(vit_config(SIZE, **TINY)).save_pretrained(tmp_path / "bare")
+    with pytest.raises(MissingTensorError, match="no classification head; use a ViTForImageClassification"):
+        load_teacher(tmp_path / "bare")
+
+
 def test_what_vision_teachers_do_not_support_is_refused_by_name(problem):
     teacher = load_teacher(problem["teacher"])
     with pytest.raises(ModelFileError, match="embedding"):

@@ -247,7 +247,8 @@ def _load_backbone(folder: Path, config: Any, task: str) -> nn.Module:
     missing = sorted(k for k in info.get("missing_keys", ()) if not _POSITION_IDS.search(k))
     if missing:
         no_head = task != "embedding" and any("classifier" in k for k in missing)
-        hint = " (the checkpoint has no classification head; use task 'embedding')" if no_head else ""
+        use = "a ViTForImageClassification checkpoint" if is_vision(config.model_type) else "task 'embedding'"
+        hint = f" (the checkpoint has no classification head; use {use})" if no_head else ""
         raise MissingTensorError(
             f"{WEIGHTS_FILE} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}{hint}")
     unexpected = sorted(

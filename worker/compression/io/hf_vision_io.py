@@ -24,7 +24,10 @@ SOURCE = "teacher (preprocessor_config.json)"
 
 
 def _floats(value: Any, key: str, channels: int) -> list[float]:
+    """1 or ``channels`` numbers; a 1-channel model's processor may repeat one number thrice (the default)."""
     values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    if channels == 1 and isinstance(values, list) and len(values) == 3 and len(set(values)) == 1:
+        values = values[:1]
     if (not isinstance(values, list) or len(values) not in (1, channels)
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
         raise ModelFileError(f"{PREPROCESSOR_FILE}: {key} must be 1 or {channels} finite numbers, not {value!r}")
