@@ -31,7 +31,7 @@ class QuantizationConfig(SpecModel):
 class AutoQuantizationConfig(QuantizationConfig):
     """Dynamic int8 for transformers — token models, and graphs with attention (a ViT on images) — whose
     activations static calibration handles badly (MiniLM: cosine 0.81 static vs 0.99 dynamic; a ViT student:
-    same accuracy, static slower than its fp32 graph), static int8 (its defaults) for everything else."""
+    same accuracy, static larger and slower than dynamic), static int8 (its defaults) for everything else."""
 
     method: Literal["auto"] = "auto"
 
