@@ -11,6 +11,9 @@ Cases (generated data, teachers trained here in seconds; `bench.field_cases`)
                   11.025 kHz, mono and stereo, 0.4–0.7 s); a cnn1d teacher with a log-mel front end (its
                   graph takes 0.5 s waveforms). The plain script trains a narrower cnn1d with the same
                   front end on KL to the teacher (an MLP on raw samples would be no fair baseline).
+  vit             a Hugging Face ViT (6 layers, hidden 64) on 32×32 pattern images; the plain script distils
+                  a ViT of as many full-width teacher layers as fit the budget, and the engine's student
+                  graph is also quantized both ways (dynamic and static int8): `bench.fields_vit`.
 
 For each: the engine's job (`compress`: auto student at ≤ 25 % of the teacher's parameters, its default
 recipe, the model it delivers as model.onnx) and a plain script (an MLP of the same parameter budget
@@ -19,7 +22,7 @@ the same held-out split the engine uses (for the series: the last 20 % of the wi
 the field's metric (MAE, MAPE, sMAPE / agreement and return), file size, p50 latency at batch 1 and 64
 (onnxruntime, 1 thread, interleaved), and ratios to the teacher.
 
-Usage: python bench/fields.py [--cases forecast-mlp,cartpole] [--quick]
+Usage: python bench/fields.py [--cases forecast-mlp,cartpole,vit] [--quick]
 """
 
 from __future__ import annotations
@@ -161,9 +164,10 @@ def p50s(paths: dict[str, Path], x: np.ndarray, batches: tuple[int, ...] = (1, 6
     return {k: {b: statistics.median(v) for b, v in per.items()} for k, per in times.items()}
 
 
-def engine_job(teacher: Path, data: Path, data_spec: dict[str, Any], out: Path, epochs: int) -> tuple[Path, dict]:
+def engine_job(teacher: Path, data: Path, data_spec: dict[str, Any], out: Path, epochs: int,
+               student: dict[str, Any] | None = None) -> tuple[Path, dict]:
     spec = CompressSpec.model_validate({
-        "data": data_spec, "student": {"kind": "auto"},
+        "data": data_spec, "student": student or {"kind": "auto"},
         "distillation": {"epochs": epochs, "batch_size": 64, "lr": 3e-3},
         "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 20, "warmup": 2}})
     t0 = time.perf_counter()
@@ -173,6 +177,10 @@ def engine_job(teacher: Path, data: Path, data_spec: dict[str, Any], out: Path, 
 
 
 def case(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+    if name == "vit":  # imported here: bench.fields_vit takes this module's helpers as arguments
+        from bench.fields_vit import vit_case
+
+        return vit_case(quick, tmp, engine_job=engine_job, p50s=p50s, run_onnx=run_onnx)
     epochs = 10 if quick else 30
     if name.startswith("forecast"):
         arch = name.split("-")[1]
@@ -251,7 +259,7 @@ def fmt(v: Any) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     cols = ["case", "model", "mae", "mape", "smape", "accuracy", "agreement", "return", "size_bytes", "p50_ms_b1", "p50_ms_b64",
-            "size_ratio", "speedup_b64", "mae_vs_teacher", "wall_s", "delivered", "verdict"]
+            "size_ratio", "speedup_b1", "speedup_b64", "mae_vs_teacher", "accuracy_vs_teacher", "wall_s", "delivered", "verdict"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -284,3 +284,21 @@ def test_auto_method_is_dynamic_for_token_graphs_and_static_otherwise(tmp_path):
     assert resolve_method(AutoQuantizationConfig(), vec).method == "static_int8"
     assert resolve_method(AutoQuantizationConfig(), tok).method == "dynamic_int8"
     assert resolve_method(Int4Config(), tok).method == "int4"
+    cnn = zoo.build({"architecture": "cnn", "in_channels": 1, "input_size": [8, 8], "channels": [4], "output_dim": 2})
+    img = export_onnx(cnn, {"x": torch.randn(2, 1, 8, 8)}, tmp_path / "c.onnx")
+    assert resolve_method(AutoQuantizationConfig(), img).method == "static_int8"
+
+
+def test_auto_method_is_dynamic_for_a_vision_transformer(tmp_path):
+    """Float image input, but attention inside: a transformer, quantized as one."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from worker.compression.quantize.handlers import resolve_method
+    from worker.compression.students.hf_vision import HFVisionEncoder
+
+    config = ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=16, num_labels=2, attn_implementation="eager")
+    vit = HFVisionEncoder(ViTForImageClassification(config), "classification").eval()
+    path = export_onnx(vit, {"x": torch.randn(2, 3, 8, 8)}, tmp_path / "vit.onnx")
+    assert resolve_method(AutoQuantizationConfig(max_metric_drop=0.02), path).method == "dynamic_int8"
+    assert resolve_method(AutoQuantizationConfig(max_metric_drop=0.02), path).max_metric_drop == 0.02

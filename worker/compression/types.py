@@ -70,6 +70,9 @@ class Teacher:
     otherwise)."""
     input_names: tuple[str, ...] = ("x",)
     """What its input(s) are called (an ONNX graph's own names; the student takes the same)."""
+    preprocessing: dict[str, Any] | None = None
+    """How its images are normalised, from its own files (a transformers ``preprocessor_config.json``):
+    ``image_mean`` / ``image_std`` for pixels in [0, 1]; a job that gives none uses these."""
 
     @torch.no_grad()
     def predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -204,19 +204,36 @@ def _pad_tokens(data: TensorData, length: int) -> TensorData:
     return replace(data, inputs={k: F.pad(v, (0, pad), value=0) for k, v in data.inputs.items()})
 
 
+def teacher_normalisation(data_spec: DataSpec, teacher: Any) -> dict[str, Any]:
+    """The teacher's own image mean and std (`types.Teacher.preprocessing`), for a job that names no scale,
+    mean or std; {} otherwise (what the job says wins)."""
+    pre = getattr(teacher, "preprocessing", None)
+    if not pre or data_spec.image_scale != "auto" or data_spec.image_mean is not None \
+            or data_spec.image_std is not None:
+        return {}
+    return {"image_mean": list(pre["image_mean"]), "image_std": list(pre["image_std"])}
+
+
 def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, teacher: Any, task: str
                      ) -> tuple[TensorData, TensorData, dict[str, Any] | None]:  # fmt: skip
     """The job's data read for ``teacher`` (a `types.Teacher`) and split: (train, eval, class order).
     Class labels are numbered in the teacher's order — its own names, else those given, else sorted
     — and the class order says which (``teacher``, ``given``, ``sorted``, or ``indices`` when the labels
-    were integers already)."""
+    were integers already). Images are normalised as the teacher's own files say when the job does not
+    say (`teacher_normalisation`)."""
     source = "given" if data_spec.classes is not None else "sorted"
     if data_spec.classes is None and teacher.classes and task == "classification":
         data_spec, source = data_spec.model_copy(update={"classes": list(teacher.classes)}), "teacher"
+    norm = teacher_normalisation(data_spec, teacher)
+    if norm:
+        data_spec = data_spec.model_copy(update=norm)
     kw: dict[str, Any] = {"tokenizer": teacher.tokenizer, "input_shape": teacher.input_shape,
                           "input_kind": teacher.input_kind, "task": task}  # fmt: skip
     data = load_dataset(path, data_spec, **kw)
     eval_data = load_dataset(eval_path, data_spec, **kw) if eval_path else None
+    for d in (data, eval_data) if norm else ():
+        if d is not None and d.input_kind == "image":
+            d.meta["image_scale"] = teacher.preprocessing.get("source", "teacher")
     train, evald = train_eval_split(data, eval_data, data_spec)
     if train.classes is None:
         return train, evald, None

@@ -48,8 +48,10 @@ from ..students.hf_model import (
     HFEncoder,
     init_kwargs,
 )
+from ..students.hf_vision import HFVisionEncoder, image_shape, is_vision, vision_types
 from ..types import TOKEN_KEYS, Task, Teacher
 from .archives import safe_extract_zip
+from .hf_vision_io import read_image_preprocessing
 from .teacher_meta import class_names
 
 WEIGHTS_FILE = "model.safetensors"
@@ -97,10 +99,10 @@ def _check_model_type(folder: Path) -> str:
     if not (folder / "config.json").is_file():
         raise ModelFileError("the model folder has no config.json")
     model_type = _read_json(folder / "config.json").get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES + vision_types():
         raise UnsupportedFormatError(
             f"transformers model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES + vision_types())}")
     return str(model_type)
 
 
@@ -149,7 +151,7 @@ def _check_config_size(config: Any, task: str, stored: int) -> None:
     ``vocab_size: 40000000`` asks for gigabytes). Counted on the meta device, which allocates nothing."""
     try:
         with torch.device("meta"):
-            model = _auto_class(task).from_config(config, attn_implementation="eager", trust_remote_code=False,
+            model = _auto_class(task, config.model_type).from_config(config, attn_implementation="eager", trust_remote_code=False,
                                                   **init_kwargs(config.model_type, task))  # fmt: skip
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelFileError(f"config.json does not describe a buildable model: {exc}") from exc
@@ -196,7 +198,7 @@ def _resolve_head(config: Any, folder: Path, task: str | None) -> tuple[Task, st
     task = task or getattr(config, "kdq_task", None)
     if task is None:
         archs = getattr(config, "architectures", None) or []
-        if any(str(a).endswith("ForSequenceClassification") for a in archs):
+        if is_vision(config.model_type) or any(str(a).endswith("ForSequenceClassification") for a in archs):
             task = "regression" if getattr(config, "problem_type", None) == "regression" else "classification"
         else:
             task = "embedding"
@@ -212,18 +214,24 @@ def _resolve_head(config: Any, folder: Path, task: str | None) -> tuple[Task, st
     return task, str(pooling), bool(normalize)
 
 
-def _auto_class(task: str) -> Any:
+def _auto_class(task: str, model_type: str) -> Any:
     from transformers import (  # heavy: only HF models need it
         AutoModel,
+        AutoModelForImageClassification,
         AutoModelForSequenceClassification,
     )
 
+    if is_vision(model_type):
+        if task == "embedding":
+            raise UnsupportedFormatError(f"a {model_type} teacher is an image classifier: task 'embedding' is "
+                                         "not supported for it (use classification or regression)")
+        return AutoModelForImageClassification
     return AutoModel if task == "embedding" else AutoModelForSequenceClassification
 
 
 def _load_backbone(folder: Path, config: Any, task: str) -> nn.Module:
     try:
-        backbone, info = _auto_class(task).from_pretrained(
+        backbone, info = _auto_class(task, config.model_type).from_pretrained(
             folder, config=config, local_files_only=True, use_safetensors=True, trust_remote_code=False,
             output_loading_info=True, attn_implementation="eager", ignore_mismatched_sizes=True,
             **init_kwargs(config.model_type, task))
@@ -239,7 +247,8 @@ def _load_backbone(folder: Path, config: Any, task: str) -> nn.Module:
     missing = sorted(k for k in info.get("missing_keys", ()) if not _POSITION_IDS.search(k))
     if missing:
         no_head = task != "embedding" and any("classifier" in k for k in missing)
-        hint = " (the checkpoint has no classification head; use task 'embedding')" if no_head else ""
+        use = "a ViTForImageClassification checkpoint" if is_vision(config.model_type) else "task 'embedding'"
+        hint = f" (the checkpoint has no classification head; use {use})" if no_head else ""
         raise MissingTensorError(
             f"{WEIGHTS_FILE} lacks {len(missing)} tensor(s): {', '.join(missing[:5])}{hint}")
     unexpected = sorted(
@@ -362,8 +371,11 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
     token_map, project = _load_extras(folder, config)
     if project is not None and task_ != "embedding":
         raise ModelFileError(f"config.json: kdq_output_dim is for embedding models, this one is {task_}")
-    module = HFEncoder(_load_backbone(folder, config, task_), task_, pooling, normalize,
-                       token_map=token_map, project=project).eval()
+    model_class = HFVisionEncoder if is_vision(config.model_type) else HFEncoder
+    module = model_class(_load_backbone(folder, config, task_), task_, pooling, normalize,
+                         token_map=token_map, project=project).eval()
+    if isinstance(module, HFVisionEncoder):
+        return _vision_teacher(module, folder, weights)
     tokenizer = _load_tokenizer(folder, config)
     extra_bytes = (folder / EXTRA_FILE).stat().st_size if token_map is not None or project is not None else 0
     return Teacher(
@@ -381,6 +393,18 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
         classes=class_names(getattr(config, "id2label", None), module.output_dim, "config.json id2label")
         if task_ == "classification" else None,
     )
+
+
+def _vision_teacher(module: HFVisionEncoder, folder: Path, weights: Path) -> Teacher:
+    """A ViT image classifier: images (C, H, W) in, normalised as its preprocessor_config.json says."""
+    shape = image_shape(module.config)
+    return Teacher(
+        kind="hf", task=module.task, input_kind="image", input_shape=shape, output_dim=module.output_dim,
+        config=module.config.to_dict(), module=module, source_dir=folder,
+        num_parameters=sum(p.numel() for p in module.parameters()), size_bytes=weights.stat().st_size,
+        classes=class_names(getattr(module.config, "id2label", None), module.output_dim, "config.json id2label")
+        if module.task == "classification" else None,
+        preprocessing=read_image_preprocessing(folder, shape))
 
 
 def tokenize(tokenizer: Any, texts: list[str], pairs: list[str] | None = None,

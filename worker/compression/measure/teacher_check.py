@@ -82,7 +82,8 @@ def check_teacher(teacher: Teacher, train: TensorData, evald: TensorData, task: 
         return None, train, evald
     sample = _sample(evald)
     scales: dict[str, float] = {}
-    if task == "classification" and evald.input_kind == "image" and image_scale == "auto":
+    decoded = evald.meta.get("image_scale", "0-1") == "0-1"  # not normalised yet (no mean/std given or known)
+    if task == "classification" and evald.input_kind == "image" and image_scale == "auto" and decoded:
         channels = sample.inputs["x"].shape[1]
         for name, (mean, std) in IMAGE_SCALES.items():
             if name == "imagenet" and channels != 3:

@@ -14,7 +14,7 @@ registered for its class (`registry`):
 * ``weight_only_int8`` / ``int4``: MatMul weights in blocks of ``block_size`` as onnxruntime
   ``MatMulNBits`` (8 or 4 bits); embedding tables (Gather) as int8 + DequantizeLinear, or as
   int4 ``GatherBlockQuantized``. Activations stay float in the graph.
-* ``auto``: dynamic int8 for graphs fed token ids, static int8 for the rest.
+* ``auto``: dynamic int8 for graphs fed token ids or with attention (ViT), static int8 for the rest.
 * ``qat``: quantization-aware distillation of the float model the graph came from (``training``),
   then static int8 (`qat`).
 * ``none``: a copy.

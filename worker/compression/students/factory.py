@@ -17,6 +17,7 @@ The student config's kind (``spec.student``) picks the way:
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 
 from ..errors import SpecError
 from ..io.hf_folder import save_hf_model
+from ..io.hf_vision_io import PREPROCESSOR_FILE
 from ..io.teachers import save_zoo_model
 from ..spec import AutoStudent, DerivedStudent, HFConfigStudent, StudentKind, ZooStudent
 from ..types import Teacher
@@ -69,10 +71,14 @@ def make_student(teacher: Teacher, spec: StudentKind, *, seed: int = 0, budget: 
 
 
 def save_student(student: Student, folder: Path, teacher: Teacher) -> Path:
-    """Write the student as config.json + model.safetensors (+ tokenizer), loadable by ``load_teacher``."""
+    """Write the student as config.json + model.safetensors (+ tokenizer or image preprocessor config),
+    loadable by ``load_teacher``."""
     folder = Path(folder)
     if student.kind == "hf":
         save_hf_model(student.module, folder, teacher.tokenizer)
+        processor = teacher.source_dir / PREPROCESSOR_FILE if teacher.source_dir is not None else None
+        if processor is not None and processor.is_file():  # a ViT's image preprocessing, the same for the student
+            shutil.copyfile(processor, folder / PREPROCESSOR_FILE)
         return folder
     save_zoo_model(student.module, student.config, folder)
     if teacher.input_kind == "tokens" and hasattr(teacher.tokenizer, "save_pretrained"):

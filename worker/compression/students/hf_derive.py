@@ -22,7 +22,9 @@ from .hf_model import (
 )
 from .hf_narrow import narrow_hidden
 
-_LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?(?:encoder|transformer)\.layer\.)(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_KEY = re.compile(
+    r"^(?P<pre>(?:.*\.)?(?:(?:encoder|transformer)\.layer|vit\.layers)\.)(?P<idx>\d+)\.(?P<rest>.+)$")
+"""One encoder layer's tensor: BERT family ``bert.encoder.layer.3.…``, ViT (in memory) ``vit.layers.3.…``."""
 
 
 def same_token_map(enc: HFEncoder, config: Any) -> torch.Tensor | None:
@@ -70,6 +72,8 @@ def derive_hf_student(teacher: Teacher, *, layers: list[int] | None = None, num_
     """
     enc = encoder_of(teacher)
     kept = choose_layers(hf_layer_count(teacher), layers, num_layers)
+    if hidden_size is not None and enc.input_names == ("x",):
+        raise SpecError("narrowing the hidden size of a vision transformer is not supported; use width_ratio")
     if width_ratio is not None and not 0.0 < width_ratio <= 1.0:
         raise SpecError(f"width_ratio {width_ratio} must be in (0, 1]")
     ffn_in, ffn_out, ffn_key = FFN.get(enc.config.model_type, FFN_DEFAULT)

@@ -90,6 +90,9 @@ def hf_ladder(teacher: Teacher, data: TensorData, *, layer_counts: Sequence[int]
     entry's ``build()`` is called (layers evenly spaced, last kept; hidden dimensions and heads
     ranked on `CALIBRATION_SAMPLES` texts of ``data``; see `narrow_hidden`)."""
     enc = encoder_of(teacher)
+    if teacher.input_kind != "tokens":
+        raise SpecError(f"a search over {enc.config.model_type} students is not supported yet (its ladder narrows "
+                        "text encoders); use student kind 'derived' or 'auto'")
     total_layers = hf_layer_count(teacher)
     counts = sorted({int(n) for n in layer_counts if 1 <= int(n) <= total_layers}, reverse=True)
     if not counts:

@@ -29,7 +29,7 @@ NO_TOKEN_TYPES = frozenset({"distilbert", "mpnet"})
 HAS_POOLER = frozenset({"bert", "roberta", "xlm-roberta", "mpnet"})
 PADDING_OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "mpnet"})
 """Position ids of these models start at ``pad_token_id + 1``."""
-FFN = {"distilbert": ("ffn.lin1", "ffn.lin2", "hidden_dim")}
+FFN = {"distilbert": ("ffn.lin1", "ffn.lin2", "hidden_dim"), "vit": ("mlp.fc1", "mlp.fc2", "intermediate_size")}
 FFN_DEFAULT = ("intermediate.dense", "output.dense", "intermediate_size")
 """(FFN input linear, FFN output linear, config key of the FFN width) inside one encoder layer."""
 
@@ -142,10 +142,10 @@ def hf_layer_count(teacher: Teacher) -> int:
 
 def build_like(enc: HFEncoder, config: Any, *, token_map: torch.Tensor | None = None,
                 project: nn.Linear | None = None) -> HFEncoder:
-    """A freshly initialised HFEncoder of the same class, task and pooling for ``config``."""
+    """A freshly initialised model of the same classes (HFEncoder or a subclass), task and pooling for ``config``."""
     config._attn_implementation = "eager"
     try:
         backbone = type(enc.backbone)(config, **init_kwargs(config.model_type, enc.task))
     except (ValueError, TypeError, KeyError) as exc:
         raise SpecError(f"bad transformers config for the student: {exc}") from exc
-    return HFEncoder(backbone, enc.task, enc.pooling, enc.normalize, token_map=token_map, project=project).eval()
+    return type(enc)(backbone, enc.task, enc.pooling, enc.normalize, token_map=token_map, project=project).eval()
