@@ -52,6 +52,7 @@ from ..students.hf_vision import HFVisionEncoder, image_shape, is_vision, vision
 from ..types import TOKEN_KEYS, Task, Teacher
 from .archives import safe_extract_zip
 from .hf_vision_io import read_image_preprocessing
+from .json_file import read_json
 from .teacher_meta import class_names
 
 WEIGHTS_FILE = "model.safetensors"
@@ -85,20 +86,10 @@ def _as_folder(path: Path) -> Path:
     return path
 
 
-def _read_json(path: Path, expected: type = dict) -> Any:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{path.name} is not readable JSON: {exc}") from exc
-    if not isinstance(data, expected):
-        raise ModelFileError(f"{path.name} must hold a JSON {'object' if expected is dict else 'list'}")
-    return data
-
-
 def _check_model_type(folder: Path) -> str:
     if not (folder / "config.json").is_file():
         raise ModelFileError("the model folder has no config.json")
-    model_type = _read_json(folder / "config.json").get("model_type")
+    model_type = read_json(folder / "config.json").get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES + vision_types():
         raise UnsupportedFormatError(
             f"transformers model_type {model_type!r} is not supported; "
@@ -168,7 +159,7 @@ def _sentence_transformers_head(folder: Path) -> tuple[str, bool]:
     pooling_dir = folder / "1_Pooling"
     normalize = False
     if (folder / "modules.json").is_file():
-        for mod in _read_json(folder / "modules.json", list):
+        for mod in read_json(folder / "modules.json", list):
             kind = str(mod.get("type", "")).rsplit(".", 1)[-1] if isinstance(mod, dict) else repr(mod)
             if kind == "Pooling":
                 pooling_dir = folder / str(mod.get("path", ""))
@@ -182,7 +173,7 @@ def _sentence_transformers_head(folder: Path) -> tuple[str, bool]:
                                              "(supported: Transformer, Pooling, Normalize)")
     if not (pooling_dir / "config.json").is_file():
         return "mean", normalize
-    cfg = _read_json(pooling_dir / "config.json")
+    cfg = read_json(pooling_dir / "config.json")
     modes = sorted(k.removeprefix("pooling_mode_") for k, v in cfg.items()
                    if k.startswith("pooling_mode_") and v)
     if modes == ["mean_tokens"]:
@@ -345,7 +336,7 @@ def _max_seq_len(config: Any, folder: Path) -> int:
         limit -= int(config.pad_token_id or 0) + 1
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():  # the length a sentence-transformers model was trained for
-        limit = min(limit, int(_read_json(st_config).get("max_seq_length") or limit))
+        limit = min(limit, int(read_json(st_config).get("max_seq_length") or limit))
     return max(1, min(limit, MAX_SEQ_LEN))
 
 

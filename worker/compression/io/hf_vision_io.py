@@ -11,12 +11,12 @@ is recorded in the bundle's preprocessing.json like any other scale.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
+from .json_file import read_json
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SOURCE = "teacher (preprocessor_config.json)"
@@ -50,12 +50,7 @@ def read_image_preprocessing(folder: Path, shape: tuple[int, int, int]) -> dict[
     path = Path(folder) / PREPROCESSOR_FILE
     if not path.is_file():
         return None
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelFileError(f"{PREPROCESSOR_FILE} is not readable JSON: {exc}") from exc
-    if not isinstance(cfg, dict):
-        raise ModelFileError(f"{PREPROCESSOR_FILE} must hold a JSON object")
+    cfg = read_json(path)
     channels, h, w = shape
     size = _size(cfg.get("size"))
     if size is not None and size != (h, w):
