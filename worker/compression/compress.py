@@ -168,6 +168,8 @@ class _Run:
         deploy: torch.nn.Module | None = teacher.module
         student: Student | None = None
         if spec.student is not None:  # an auto student may be timed against the teacher's graph first
+            self._stage("load", 2, 2, "exporting the teacher" + (", timing students against it"
+                                                                  if spec.student.kind == "auto" else ""))
             student = pipe.make_student(faster_than=self._teacher_onnx(teacher, teacher_path, pipe.sample))
             distilled = self._timed("distill", lambda: pipe.distil(
                 student.module, workdir=self.work / "distill", baseline=lambda: pipe.make_student().module))
