@@ -8,6 +8,7 @@ import torch
 
 from worker.compression.distill.trainer import train
 from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.measure.export import export_onnx
 from worker.compression.search import converge
 from worker.compression.search.converge import (
     gallop_order,
@@ -17,7 +18,9 @@ from worker.compression.search.converge import (
     with_margin,
 )
 from worker.compression.search.ladder import build_ladder
-from worker.compression.spec import DistillSpec, SearchStudent
+from worker.compression.search.prepare import count_macs
+from worker.compression.search.run import SearchOptions, search
+from worker.compression.spec import CompressSpec, DistillSpec, SearchStudent
 from worker.compression.students import zoo
 from worker.compression.types import TensorData
 
@@ -128,3 +131,38 @@ def test_an_accuracy_meets_the_bound_only_by_a_margin_that_shrinks_with_the_eval
     assert with_margin(0.97, "accuracy", 270, 0.0) == 0.97
     assert with_margin(0.12, "mse", 100, 1.0) == 0.12  # only proportions get an error bar here
     assert with_margin(None, "accuracy", 100, 1.0) is None
+
+
+def test_count_macs_counts_linear_and_convolution_layers():
+    mlp = zoo.build({"architecture": "mlp", "task": "classification", "input_dim": 10, "hidden": [16, 8],
+                     "output_dim": 3})
+    assert count_macs(mlp, {"x": torch.randn(1, 10)}) == 10 * 16 + 16 * 8 + 8 * 3
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2))
+    assert count_macs(conv, {"input": torch.randn(1, 1, 6, 6)}) == 36 * 4 * 9 + 4 * 36 * 2
+    assert mlp.training  # left in the mode it was in
+
+
+def test_lazy_preparation_exports_and_times_only_the_candidates_the_training_reaches(tmp_path):
+    """The convergence search builds the whole ladder but exports and times a candidate only when it
+    trains it: on an easy problem the cheapest meets at once and the other forty are never exported."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = {"architecture": "mlp", "task": "classification", "input_dim": 12, "hidden": [256, 256], "output_dim": 2}
+    save_zoo_model(zoo.build(cfg).eval(), cfg, tmp_path / "t")
+    teacher = load_teacher(tmp_path / "t")
+    train_d, eval_d = TensorData({"x": x}, y).split(0.25, 0)
+    onnx = export_onnx(teacher.module, {"x": x[:8]}, tmp_path / "t.onnx", task="classification")
+    spec = CompressSpec.model_validate({
+        "student": {"kind": "search"}, "targets": {"min": 0.5, "time_budget_s": 60},
+        "quantization": {"method": "none"}, "evaluation": {"latency_batch_sizes": [1], "repeats": 3, "warmup": 1}})
+    result = search(teacher, train_d, eval_d, spec, teacher_onnx=onnx, workdir=tmp_path / "w",
+                    options=SearchOptions(rounds=1, min_timed_s=0.02))
+    students = [c for c in result.candidates if c["name"] != "teacher"]
+    trained = [o["name"] for o in result.rungs[0]["order"]]
+    assert len(students) > 10 and trained  # a chance-level bound: the first one trained meets it
+    for row in students:
+        assert (row["fp32_size_bytes"] is not None) == (row["name"] in trained), row
+    macs = sorted((c["macs"], c["num_parameters"], c["name"]) for c in students)
+    assert trained[0] == macs[0][2]  # cheapest by multiply-accumulates first
+    assert result.chosen.candidate == trained[0] and result.choice.met_all

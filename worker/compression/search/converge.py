@@ -15,8 +15,10 @@ Here each candidate trains to its own plateau:
 * **KD settings tried on the cheapest rung**: temperature, α and the learning rate at ``KD_GRID``
   values (short runs of the cheapest candidate); the best on the eval split is used for every
   candidate.
-* **Cheapest first, galloping**: candidates in order of their measured fp32 latency at the goal's
-  batch size (then parameters). While none meets the bound the search goes up the ladder at
+* **Cheapest first, galloping**: candidates in order of their multiply-accumulates per sample
+  (lazy preparation: each is exported and timed only when reached, ``prepare.ready``; one over a
+  cap then leaves the ladder), else of their measured fp32 latency at the goal's batch size (then
+  parameters). While none meets the bound the search goes up the ladder at
   offsets 1, 2, 4, ...; once one meets, the skipped candidates between the last miss and it are
   tried, cheapest first, until one meets. Candidates costlier than the cheapest that meets
   are not trained (they cannot be chosen over it in fp32; int8 twins are measured for finalists).
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from ..distill.trainer import steps_per_epoch
 from ..spec import DistillSpec
 from ..types import Progress
+from .prepare import ready
 from .rungs import measure_estimate, threads_for, torch_metric
 from .state import Entry, SearchState
 
@@ -112,8 +115,11 @@ def gallop_order(costs: list[float], met: list[bool | None]) -> int | None:
 
 
 def cost_key(e: Entry) -> tuple[float, int]:
-    """Cheapest first: fp32 latency in ``COST_BUCKET`` steps (sub-0.1 ms timings of tiny graphs differ
-    by noise), then parameters."""
+    """Cheapest first: multiply-accumulates per sample when counted (lazy preparation), else fp32
+    latency in ``COST_BUCKET`` steps (sub-0.1 ms timings of tiny graphs differ by noise); then
+    parameters."""
+    if e.macs is not None:
+        return float(e.macs), e.cand.num_parameters
     if e.cost_ms is None or e.cost_ms <= 0:
         return float("inf"), e.cand.num_parameters
     return float(math.floor(math.log(e.cost_ms) / math.log(COST_BUCKET))), e.cand.num_parameters
@@ -149,7 +155,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
     batch = min(base.batch_size, len(s.train))
     per_epoch = steps_per_epoch(len(s.train), batch)
     active = sorted((e for e in entries if e.status == "active"), key=cost_key)
-    est = sorted((measure_estimate(s, e.fp32_size, e.cost_ms, e.timing_s, e.export_s) for e in active), reverse=True)
+    est = sorted((_estimate(s, e) for e in active), reverse=True)
     reserve = sum(est[:s.options.min_keep]) + s.teacher_estimate
     sample = {k: v[:batch] for k, v in s.train.inputs.items()}
     info: dict = {"rung": 1, "epochs": None, "entered": [e.cand.name for e in active], "dropped": [],
@@ -157,7 +163,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
     s.rungs.append(info)
     kd: dict[str, float] = {}
     met: list[bool | None] = [None] * len(active)
-    costs = [e.cost_ms if e.cost_ms is not None else float("inf") for e in active]
+    costs = [cost_key(e)[0] for e in active]
     k = 0
     while True:
         i = gallop_order(costs, met)
@@ -168,6 +174,10 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         if left <= 0 and any(m is not None for m in met):
             s.stopped = s.stopped or "training"
             break
+        if e.cost_ms is None and e.fp32_size is None and not ready(s, e):  # lazily prepared: over a cap
+            info["dropped"].append(e.cand.name)
+            del active[i], met[i], costs[i]
+            continue
         k += 1
         remaining = max(1, min(3, sum(m is None for m in met)))
         share = max(left, 0.5) / remaining
@@ -202,7 +212,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         elif m is None:
             e.status = "dropped" if cheapest_meeting is not None else "not trained"
             e.reason = (f"not trained: {cheapest_meeting.cand.name}, no costlier, meets the bound"
-                        if cheapest_meeting is not None and (e.cost_ms or 0) >= (cheapest_meeting.cost_ms or 0)
+                        if cheapest_meeting is not None and cost_key(e) >= cost_key(cheapest_meeting)
                         else "not trained: skipped by the cheapest-first search")
             info["dropped"].append(e.cand.name)
         else:
@@ -212,6 +222,13 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
             info["dropped"].append(e.cand.name)
     info["kept"] = [e.cand.name for e in finalists]
     s.phase_s["train"] = time.monotonic() - t0
+
+
+def _estimate(s: SearchState, e: Entry) -> float:
+    """Seconds to measure ``e`` as a finalist; before it is exported (lazy preparation) its fp32 graph
+    is taken as 4 bytes a parameter, timed in the minimum time."""
+    size = e.fp32_size if e.fp32_size is not None else 4 * e.cand.num_parameters
+    return measure_estimate(s, size, e.cost_ms, e.timing_s, e.export_s)
 
 
 def _dspec(s: SearchState, epochs: int, per_epoch: int, budget_s: float, kd: dict[str, float]) -> DistillSpec:

@@ -7,7 +7,9 @@ Steps (``search``), all inside ``targets.time_budget_s``:
    split are computed once (``TeacherCache``) and every candidate distils from them.
 2. **Ladder** (``ladder``): student sizes from the teacher's down, plus the teacher itself.
    Each student is built and its untrained fp32 ONNX exported and timed at the goal's batch size:
-   an architecture's latency and size do not depend on its weights. A candidate that would break
+   an architecture's latency and size do not depend on its weights. The convergence search does
+   this lazily, when its training reaches a candidate (ordered meanwhile by multiply-accumulates
+   per sample): a search that stops early prepares only what it trained. A candidate that would break
    the size or latency cap even after the best int8 gain seen on this CPU (``INT8_SIZE_BOUND``,
    ``INT8_SPEED_BOUND``) is pruned before any training.
 3. **Training** (``SearchOptions.training``). By default (``converge``, module ``converge``) each
@@ -133,7 +135,7 @@ def search(
                       cancel=cancel, options=options or SearchOptions())
     measure_teacher(run)
     ladder = candidates if candidates is not None else build_ladder(teacher, train, spec.student)
-    entries = prepare(run, ladder)
+    entries = prepare(run, ladder, lazy=run.options.training != "halving")
     (train_rungs if run.options.training == "halving" else train_converge)(run, entries)
     measure_finalists(run, entries)
 

@@ -50,7 +50,9 @@ class Entry:
     student: Student | None = None
     fp32_size: int | None = None
     cost_ms: float | None = None
-    """Untrained fp32 ONNX latency at the goal's batch size (the architecture's)."""
+    """Untrained fp32 ONNX latency at the goal's batch size (the architecture's); None until timed."""
+    macs: int | None = None
+    """Multiply-accumulates per sample (lazy preparation orders the candidates by them)."""
     export_s: float = 0.0
     timing_s: float = 0.0
     """Seconds one round of timing took at the goal's batch size."""
@@ -70,7 +72,7 @@ class Entry:
     def row(self) -> dict[str, Any]:
         out = self.cand.summary()
         out.update(status=self.status, reason=self.reason, fp32_size_bytes=self.fp32_size,
-                   fp32_latency_ms=self.cost_ms, rung=self.rung + 1, epochs=round(self.epochs, 3),
+                   fp32_latency_ms=self.cost_ms, macs=self.macs, rung=self.rung + 1, epochs=round(self.epochs, 3),
                    train_s=round(self.train_s, 3), metric=self.metric, predicted=self.predicted, curve=self.curve)
         return out
 
