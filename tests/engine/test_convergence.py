@@ -3,6 +3,8 @@ order and the ladder's bottom rungs (issue 18)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,14 +14,17 @@ from worker.compression.measure.export import export_onnx
 from worker.compression.search import converge
 from worker.compression.search.converge import (
     gallop_order,
+    noise_band,
     planned_epochs,
     settled_metric,
     step_seconds,
+    tries_left,
     with_margin,
 )
-from worker.compression.search.ladder import build_ladder
+from worker.compression.search.ladder import Candidate, build_ladder
 from worker.compression.search.prepare import count_macs
 from worker.compression.search.run import SearchOptions, search
+from worker.compression.search.state import Entry
 from worker.compression.spec import CompressSpec, DistillSpec, SearchStudent
 from worker.compression.students import zoo
 from worker.compression.types import TensorData
@@ -131,6 +136,7 @@ def test_an_accuracy_meets_the_bound_only_by_a_margin_that_shrinks_with_the_eval
     assert with_margin(0.97, "accuracy", 270, 0.0) == 0.97
     assert with_margin(0.12, "mse", 100, 1.0) == 0.12  # only proportions get an error bar here
     assert with_margin(None, "accuracy", 100, 1.0) is None
+    assert 1.0 < with_margin(1.01, "accuracy", 100, 1.0) < 1.01  # an unreachable bound keeps a finite margin
 
 
 def test_count_macs_counts_linear_and_convolution_layers():
@@ -166,3 +172,32 @@ def test_lazy_preparation_exports_and_times_only_the_candidates_the_training_rea
     macs = sorted((c["macs"], c["num_parameters"], c["name"]) for c in students)
     assert trained[0] == macs[0][2]  # cheapest by multiply-accumulates first
     assert result.chosen.candidate == trained[0] and result.choice.met_all
+
+
+def test_the_noise_band_holds_the_candidates_within_z_standard_errors_of_the_best_cheapest_first():
+    def entry(name, metric, macs):
+        e = Entry(Candidate(name, name, macs, None))
+        e.metric, e.macs = metric, macs
+        return e
+
+    ranked = [entry("large", 0.981, 900_000), entry("mid", 0.975, 9_000), entry("small", 0.973, 300),
+              entry("tiny", 0.93, 100)]
+    state = SimpleNamespace(goal=SimpleNamespace(metric="accuracy"), evald=[0] * 270,
+                            options=SimpleNamespace(confidence_z=1.0))
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["small", "mid", "large"]  # SE ≈ 0.008
+    state.options.confidence_z = 0.0
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
+    state.goal.metric, state.options.confidence_z = "mse", 1.0  # no error bar for an mse here
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
+
+
+def test_the_training_time_is_shared_by_the_tries_the_gallop_has_left():
+    costs = list(range(27))
+    met: list[bool | None] = [None] * 27
+    assert tries_left(costs, met, 0) == 6  # 0, 1, 3, 7, 15, 26: each gets a sixth, not a third
+    met[0] = met[1] = False
+    assert tries_left(costs, met, 3) == 4  # 3, 7, 15, 26
+    met[3], met[7] = False, True
+    assert tries_left(costs, met, 4) == 3  # back down: 4, 5, 6 at most
+    met[7] = None
+    assert tries_left(costs, met, 26) == 1

@@ -157,6 +157,22 @@ def test_choice_fastest_passing_ties_to_smaller_and_closest_when_none_passes():
     assert choice.ranked == ["close", "slow", "both"]
 
 
+def test_when_none_passes_metrics_within_the_tolerance_tie_and_the_fastest_wins():
+    """A model a few eval samples better is no evidence: within the tolerance (the search passes the
+    eval split's standard error) the faster one wins; outside it, the better one still does."""
+    goal = Goal.resolve(SearchTargets(min=0.99), "classification", None, 1)
+    models = [
+        _model("large", 0.981, 2.0, 9000, goal=goal),
+        _model("small", 0.975, 0.1, 300, goal=goal),
+        _model("poor", 0.90, 0.05, 100, goal=goal),
+    ]
+    assert choose(models, goal).name == "large"  # no tolerance: the smallest shortfall
+    choice = choose(models, goal, tolerance=0.01)
+    assert choice.name == "small" and not choice.met_all and "count as ties" in choice.why
+    assert choice.ranked[:2] == ["small", "large"]
+    assert choose(models, goal, tolerance=0.001).name == "large"  # 0.006 apart: more than the tolerance
+
+
 def test_extrapolation_hopelessness_and_the_keep_order():
     # log-linear: +0.1 per e-fold of steps; twice that, carried one more e-fold
     pred = extrapolate((math.e ** 0 * 10, 0.5), (10 * math.e, 0.6), 10 * math.e ** 2, True, optimism=2.0)

@@ -23,11 +23,13 @@ Here each candidate trains to its own plateau:
   tried, cheapest first, until one meets. Candidates costlier than the cheapest that meets
   are not trained (they cannot be chosen over it in fp32; int8 twins are measured for finalists).
 
-A candidate meets the bound when its plateau level reaches it (less ``SearchOptions.confidence_z``
-standard errors for accuracy when asked, ``with_margin``; off by default: no measured gain).
+A candidate meets the bound when its plateau level reaches it less ``SearchOptions.confidence_z``
+standard errors of an accuracy (``with_margin``): on a 22- or 270-sample eval split, a student that
+just reaches the bound there often falls short on unseen data.
 
-Finalists: every trained candidate that meets the bound (normally one), else the best two by the
-metric; the teacher when it was kept in ``prepare``.
+Finalists: every trained candidate that meets the bound (normally one), else the best by the metric
+and the cheapest within ``confidence_z`` standard errors of it (``noise_band``; the choice treats
+them as tied and takes the faster); the teacher when it was kept in ``prepare``.
 """
 
 from __future__ import annotations
@@ -114,6 +116,21 @@ def gallop_order(costs: list[float], met: list[bool | None]) -> int | None:
     return min(len(met) - 1, last + 2 ** (len(tried) - 1))
 
 
+def tries_left(costs: list[float], met: list[bool | None], i: int) -> int:
+    """How many candidates the gallop trains from ``i`` on (``i`` included) if every one misses: the
+    training time left is shared by them. While none has met that is every offset up to the top of
+    the ladder: an even share, not a third of what is left each, or the wide students near the top,
+    the likeliest to meet, got a few percent of the budget and the rest went unused (issue 18).
+    Going back down, at most 3 (the first usually meets)."""
+    trial = list(met)
+    trial[i] = False
+    n = 1
+    while (j := gallop_order(costs, trial)) is not None:
+        trial[j] = False
+        n += 1
+    return n if not any(met) else min(3, n)
+
+
 def cost_key(e: Entry) -> tuple[float, int]:
     """Cheapest first: multiply-accumulates per sample when counted (lazy preparation), else fp32
     latency in ``COST_BUCKET`` steps (sub-0.1 ms timings of tiny graphs differ by noise); then
@@ -145,8 +162,25 @@ def with_margin(value: float | None, metric: str, n: int, z: float) -> float | N
     lucky pass likelier still."""
     if value is None or metric != "accuracy" or n <= 0 or z <= 0:
         return value
-    p = (value * n + 1) / (n + 2)
+    p = (min(max(value, 0.0), 1.0) * n + 1) / (n + 2)  # a bound may be out of range (min 1.01: unreachable)
     return value - z * math.sqrt(p * (1 - p) / n)
+
+
+def tolerance(s: SearchState, value: float | None) -> float:
+    """``confidence_z`` standard errors of an accuracy near ``value`` on the eval split (0 for other
+    metrics): differences within it are noise."""
+    low = with_margin(value, s.goal.metric, len(s.evald), s.options.confidence_z)
+    return 0.0 if value is None or low is None else value - low
+
+
+def noise_band(s: SearchState, ranked: list[Entry]) -> list[Entry]:
+    """Of ``ranked`` (trained, best metric first), those within ``tolerance`` of the best, cheapest first."""
+    if not ranked or ranked[0].metric is None:
+        return []
+    best = ranked[0].metric
+    tol = tolerance(s, best)
+    close = [e for e in ranked if e.metric is not None and abs(e.metric - best) <= tol]
+    return sorted(close, key=cost_key)
 
 
 def train_converge(s: SearchState, entries: list[Entry]) -> None:
@@ -155,8 +189,6 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
     batch = min(base.batch_size, len(s.train))
     per_epoch = steps_per_epoch(len(s.train), batch)
     active = sorted((e for e in entries if e.status == "active"), key=cost_key)
-    est = sorted((_estimate(s, e) for e in active), reverse=True)
-    reserve = sum(est[:s.options.min_keep]) + s.teacher_estimate
     sample = {k: v[:batch] for k, v in s.train.inputs.items()}
     info: dict = {"rung": 1, "epochs": None, "entered": [e.cand.name for e in active], "dropped": [],
                   "order": [], "kd": {}}
@@ -170,6 +202,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         if i is None:
             break
         e = active[i]
+        reserve = _reserve(s, [x for x, m in zip(active, met) if m is not None] + [e])
         left = s.clock.left() - reserve
         if left <= 0 and any(m is not None for m in met):
             s.stopped = s.stopped or "training"
@@ -179,8 +212,7 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
             del active[i], met[i], costs[i]
             continue
         k += 1
-        remaining = max(1, min(3, sum(m is None for m in met)))
-        share = max(left, 0.5) / remaining
+        share = max(left, 0.5) / tries_left(costs, met, i)
         assert e.student is not None
         with threads_for(e.cand.num_parameters, s.device):
             step_s = step_seconds(e.student.module, sample)
@@ -193,16 +225,17 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
         info["order"].append({"name": e.cand.name, "epochs": round(e.epochs, 2), "planned_epochs": epochs,
                               "metric": e.metric, "met": met[i], "step_ms": round(step_s * 1000, 4),
                               "train_s": round(e.train_s, 3)})
-    if s.clock.left() - reserve <= 0 and any(m is not None for m in met):
+    trained = [e for e, m in zip(active, met) if m is not None]
+    if trained and s.clock.left() - _reserve(s, trained) <= 0:
         s.stopped = s.stopped or "training"  # the training time the budget allows is used up
     meeting = [e for e, m in zip(active, met) if m]
-    trained = [e for e, m in zip(active, met) if m is not None]
     if meeting:
         finalists = meeting[:s.options.min_keep]
     else:
         sign = -1.0 if s.goal.higher_is_better else 1.0
         finalists = sorted((e for e in trained if e.metric is not None), key=lambda e: sign * e.metric)
-        finalists = finalists[:s.options.min_keep]
+        band = noise_band(s, finalists)
+        finalists = finalists[:s.options.min_keep] if len(band) < 2 else [band[0], finalists[0]]
     cheapest_meeting = meeting[0] if meeting else None
     for e, m in zip(active, met):
         if e in finalists:
@@ -222,6 +255,14 @@ def train_converge(s: SearchState, entries: list[Entry]) -> None:
             info["dropped"].append(e.cand.name)
     info["kept"] = [e.cand.name for e in finalists]
     s.phase_s["train"] = time.monotonic() - t0
+
+
+def _reserve(s: SearchState, entries: list[Entry]) -> float:
+    """Seconds to keep for measuring the finalists: the ``min_keep`` costliest to measure of ``entries``
+    (those trained and the one about to be; the finalists come from them, not from the untrained
+    top of the ladder, whose estimates held back a quarter of a 20 s budget) and the teacher's twins."""
+    est = sorted((_estimate(s, e) for e in entries), reverse=True)
+    return sum(est[:s.options.min_keep]) + s.teacher_estimate
 
 
 def _estimate(s: SearchState, e: Entry) -> float:

@@ -10,7 +10,10 @@ Choice rule (``choose``):
   fastest count as a tie, and the smallest file of the tie wins;
 * when none meets every target, the one that misses the fewest; among those, the smallest sum of
   relative shortfalls (metric: the missing amount over the bound's magnitude; latency and size:
-  the excess over the cap, as a fraction of the cap); then the fastest.
+  the excess over the cap, as a fraction of the cap); then the fastest. With a ``tolerance`` (the
+  metric's standard error on the eval split, from the search), sums within it of the smallest are
+  a tie and the fastest of the tie wins: a model a few eval samples better is no evidence of a
+  better model, and the largest candidate (or the teacher) often is that one by luck.
 """
 
 from __future__ import annotations
@@ -128,8 +131,9 @@ def _size(m: dict[str, Any]) -> float:
     return float("inf") if v is None else float(v)
 
 
-def choose(models: Sequence[dict[str, Any]], goal: Goal) -> Choice | None:
-    """Pick among ``models`` (dicts with name, value, latency_ms, size_bytes, checks, eligible); module doc."""
+def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0) -> Choice | None:
+    """Pick among ``models`` (dicts with name, value, latency_ms, size_bytes, checks, eligible); module doc.
+    ``tolerance``: in the metric's units, how far short of the closest a model may fall and still tie."""
     pool = [m for m in models if m.get("eligible", True)]
     if not pool:
         return None
@@ -156,10 +160,16 @@ def choose(models: Sequence[dict[str, Any]], goal: Goal) -> Choice | None:
         return (sum(not c["met"] for c in checks), sum(c["shortfall"] for c in checks if not c["met"]), _latency(m))
 
     ranked = sorted(pool, key=key)
-    best = ranked[0]
-    n_unmet, short, _ = key(best)
+    n_unmet, short, _ = key(ranked[0])
+    slack = tolerance / max(abs(goal.bound), 1e-12)
+    tied = [m for m in ranked if key(m)[0] == n_unmet and key(m)[1] <= short + slack]
+    best = min(tied, key=lambda m: (_latency(m), _size(m)))
+    ranked = [best] + [m for m in ranked if m is not best]
     why = (f"no model meets every target; this one comes closest: it misses {n_unmet} target(s), the fewest, "
-           f"with the smallest total relative shortfall ({short:.3g}); ties go to the fastest")
+           f"with the smallest total relative shortfall ({key(best)[1]:.3g}); ties go to the fastest")
+    if len(tied) > 1:
+        why += (f" (shortfalls within {tolerance:.3g} in {goal.metric}, the eval split's standard error, "
+                f"of the smallest ({short:.3g}) count as ties)")
     return _choice(best, ranked, why, goal)
 
 
