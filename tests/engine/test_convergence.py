@@ -17,6 +17,7 @@ from worker.compression.search.converge import (
     noise_band,
     planned_epochs,
     settled_metric,
+    stalled,
     step_seconds,
     tries_left,
     with_margin,
@@ -134,7 +135,8 @@ def test_an_accuracy_meets_the_bound_only_by_a_margin_that_shrinks_with_the_eval
     assert small < 0.962 < large < 0.97  # about one standard error: 0.0107 on 270 samples, 0.001 on 27,000
     assert with_margin(1.0, "accuracy", 22, 1.0) < 1.0  # a perfect score on 22 samples is not certain
     assert with_margin(0.97, "accuracy", 270, 0.0) == 0.97
-    assert with_margin(0.12, "mse", 100, 1.0) == 0.12  # only proportions get an error bar here
+    assert with_margin(0.12, "mse", 200, 1.0) == pytest.approx(0.132)  # an mse gets worse: x (1 + sqrt(2/n))
+    assert with_margin(0.12, "mae", 100, 1.0) == 0.12  # other metrics as they are
     assert with_margin(None, "accuracy", 100, 1.0) is None
     assert 1.0 < with_margin(1.01, "accuracy", 100, 1.0) < 1.01  # an unreachable bound keeps a finite margin
 
@@ -187,7 +189,7 @@ def test_the_noise_band_holds_the_candidates_within_z_standard_errors_of_the_bes
     assert [e.cand.name for e in noise_band(state, ranked)] == ["small", "mid", "large"]  # SE ≈ 0.008
     state.options.confidence_z = 0.0
     assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
-    state.goal.metric, state.options.confidence_z = "mse", 1.0  # no error bar for an mse here
+    state.goal.metric, state.options.confidence_z = "mae", 1.0  # no error bar for an mae
     assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
 
 
@@ -201,3 +203,13 @@ def test_the_training_time_is_shared_by_the_tries_the_gallop_has_left():
     assert tries_left(costs, met, 4) == 3  # back down: 4, 5, 6 at most
     met[7] = None
     assert tries_left(costs, met, 26) == 1
+
+
+def test_the_climb_stalls_when_costlier_candidates_stop_beating_a_best_that_meets_the_bound():
+    goal = SimpleNamespace(metric="accuracy", higher_is_better=True, metric_ok=lambda v: v >= 0.925)
+    state = SimpleNamespace(goal=goal, evald=[0] * 27, options=SimpleNamespace(confidence_z=1.0))
+    assert stalled(state, [0.926, 0.926, 0.926])  # wine: every rung 25/27, at the bound, never by the margin
+    assert not stalled(state, [0.926, 0.926])  # two tries are not a trend yet
+    assert not stalled(state, [0.926, 0.926, 1.0])  # the last one beats the best by more than the noise
+    goal.metric_ok = lambda v: v >= 0.95
+    assert not stalled(state, [0.926, 0.926, 0.926])  # the best misses the bound: keep climbing

@@ -5,9 +5,10 @@
 
 Choice rule (``choose``):
 
-* among the models that meet every target, the fastest at the goal's batch size; latencies within
-  ``LATENCY_TIE`` (5 %, below what this machine can tell apart for sub-millisecond models) of the
-  fastest count as a tie, and the smallest file of the tie wins;
+* among the models that meet every target (the metric by ``tolerance`` more than the bound, when
+  given: the search passes the eval split's standard error), the fastest at the goal's batch size;
+  latencies within ``LATENCY_TIE`` (5 %, below what this machine can tell apart for sub-millisecond
+  models) of the fastest count as a tie, and the smallest file of the tie wins;
 * when none meets every target, the one that misses the fewest; among those, the smallest sum of
   relative shortfalls (metric: the missing amount over the bound's magnitude; latency and size:
   the excess over the cap, as a fraction of the cap); then the fastest. With a ``tolerance`` (the
@@ -137,7 +138,13 @@ def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0)
     pool = [m for m in models if m.get("eligible", True)]
     if not pool:
         return None
-    passing = [m for m in pool if all(c["met"] for c in m["checks"].values())]
+    def clears(m: dict[str, Any]) -> bool:
+        value = m.get("value")
+        if tolerance <= 0 or value is None:
+            return True
+        return goal.metric_ok(value - tolerance if goal.higher_is_better else value + tolerance)
+
+    passing = [m for m in pool if all(c["met"] for c in m["checks"].values()) and clears(m)]
     if passing:
         by_speed = sorted(passing, key=lambda m: (_latency(m), _size(m)))
         fastest = _latency(by_speed[0])
@@ -160,12 +167,25 @@ def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0)
         return (sum(not c["met"] for c in checks), sum(c["shortfall"] for c in checks if not c["met"]), _latency(m))
 
     ranked = sorted(pool, key=key)
-    n_unmet, short, _ = key(ranked[0])
     slack = tolerance / max(abs(goal.bound), 1e-12)
-    tied = [m for m in ranked if key(m)[0] == n_unmet and key(m)[1] <= short + slack]
+
+    closest = min(m["checks"]["metric"]["shortfall"] for m in ranked)
+
+    def misses(m: dict[str, Any]) -> int:
+        """Unmet targets; with a tolerance, a metric within it of the closest one's is not counted."""
+        if tolerance <= 0:
+            return key(m)[0]
+        return sum(not c["met"] and not (k == "metric" and c["shortfall"] <= closest + slack)
+                   for k, c in m["checks"].items())
+
+    fewest = min(misses(m) for m in ranked)
+    short = min(key(m)[1] for m in ranked if misses(m) == fewest)
+    tied = [m for m in ranked if misses(m) == fewest and key(m)[1] <= short + slack]
     best = min(tied, key=lambda m: (_latency(m), _size(m)))
     ranked = [best] + [m for m in ranked if m is not best]
-    why = (f"no model meets every target; this one comes closest: it misses {n_unmet} target(s), the fewest, "
+    n_unmet = key(best)[0]
+    none = "no model meets every target" + (f" by {tolerance:.3g} in {goal.metric}" if tolerance > 0 else "")
+    why = (f"{none}; this one comes closest: it misses {n_unmet} target(s), the fewest, "
            f"with the smallest total relative shortfall ({key(best)[1]:.3g}); ties go to the fastest")
     if len(tied) > 1:
         why += (f" (shortfalls within {tolerance:.3g} in {goal.metric}, the eval split's standard error, "

@@ -31,8 +31,8 @@ class SearchOptions:
     """``converge``: every candidate trained to its own plateau, cheapest first (``converge``);
     ``halving``: successive halving over ``rung_fractions`` of ``distillation.epochs`` (``rungs``)."""
     confidence_z: float = 1.0
-    """Convergence training: a candidate meets an accuracy bound only by this many standard errors
-    of its eval-split accuracy (``converge.with_margin``); when none meets, metrics within as many
+    """Convergence training: a candidate meets an accuracy or mse bound only by this many standard errors
+    of its eval-split value (``converge.with_margin``); when none meets, metrics within as many
     standard errors of the best are a tie the cheaper model wins (``converge.noise_band``,
     ``goal.choose``). 0 compares raw values. On its own (seed 591887) the margin made no
     difference (13/20 wins against 14/20); with the tie rule it turns lucky passes on a 22- or
