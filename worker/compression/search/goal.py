@@ -19,7 +19,7 @@ Choice rule (``choose``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,15 +132,22 @@ def _size(m: dict[str, Any]) -> float:
     return float("inf") if v is None else float(v)
 
 
-def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0) -> Choice | None:
+def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0,
+           worse: Callable[[float], float | None] | None = None) -> Choice | None:
     """Pick among ``models`` (dicts with name, value, latency_ms, size_bytes, checks, eligible); module doc.
-    ``tolerance``: in the metric's units, how far short of the closest a model may fall and still tie."""
+    ``tolerance``: in the metric's units, how far short of the closest a model may fall and still tie.
+    ``worse``: a metric made worse by its noise (the search's ``with_margin``, the same test its
+    training's "meets" used); without it a model's metric must clear the bound by ``tolerance``."""
     pool = [m for m in models if m.get("eligible", True)]
     if not pool:
         return None
     def clears(m: dict[str, Any]) -> bool:
         value = m.get("value")
-        if tolerance <= 0 or value is None:
+        if value is None:
+            return True
+        if worse is not None:
+            return goal.metric_ok(worse(value))
+        if tolerance <= 0:
             return True
         return goal.metric_ok(value - tolerance if goal.higher_is_better else value + tolerance)
 

@@ -57,7 +57,7 @@ from ..pipeline import CandidatePipeline
 from ..spec import CompressSpec
 from ..students.student import Student
 from ..types import CancelFn, ProgressFn, Teacher, TensorData, never_cancel, no_progress
-from .converge import tolerance, train_converge
+from .converge import tolerance, train_converge, with_margin
 from .finalists import measure_finalists
 from .goal import Choice, Goal, choose, describe_check, front
 from .ladder import Candidate, build_ladder
@@ -141,7 +141,8 @@ def search(
 
     goal = run.goal
     pool = [m.to_dict() for m in run.measured]
-    choice = choose(pool, goal, tolerance(run, goal.bound))
+    n_eval, z = len(run.evald), run.options.confidence_z
+    choice = choose(pool, goal, tolerance(run, goal.bound), worse=lambda v: with_margin(v, goal.metric, n_eval, z))
     if choice is None:  # every measured model is an int8 twin slower than its fp32: cannot happen
         raise SpecError("the search measured no eligible model")
     chosen = next(m for m in run.measured if m.name == choice.name)
