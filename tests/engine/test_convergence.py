@@ -184,9 +184,11 @@ def test_the_noise_band_holds_the_candidates_within_z_standard_errors_of_the_bes
 
     ranked = [entry("large", 0.981, 900_000), entry("mid", 0.975, 9_000), entry("small", 0.973, 300),
               entry("tiny", 0.93, 100)]
-    state = SimpleNamespace(goal=SimpleNamespace(metric="accuracy"), evald=[0] * 270,
+    state = SimpleNamespace(goal=SimpleNamespace(metric="accuracy", metric_ok=lambda v: v >= 0.99), evald=[0] * 270,
                             options=SimpleNamespace(confidence_z=1.0))
     assert [e.cand.name for e in noise_band(state, ranked)] == ["small", "mid", "large"]  # SE ≈ 0.008
+    state.goal.metric_ok = lambda v: v >= 0.974  # the best meets the bound: only those that do too
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["mid", "large"]
     state.options.confidence_z = 0.0
     assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
     state.goal.metric, state.options.confidence_z = "mae", 1.0  # no error bar for an mae

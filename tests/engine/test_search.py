@@ -171,14 +171,19 @@ def test_when_none_passes_metrics_within_the_tolerance_tie_and_the_fastest_wins(
     assert choice.name == "small" and not choice.met_all and "count as ties" in choice.why
     assert choice.ranked[:2] == ["small", "large"]
     assert choose(models, goal, tolerance=0.001).name == "large"  # 0.006 apart: more than the tolerance
-    # a model at the bound by less than the tolerance does not pass: it ties with the faster one below
+    # a model at the bound by less than the tolerance does not pass, but it still beats one below the
+    # bound; of two at the bound by less than the tolerance, the faster wins
     goal = Goal.resolve(SearchTargets(min=0.97), "classification", None, 1)
-    models = [_model("lucky", 0.972, 2.0, 9000, goal=goal), _model("fast", 0.965, 0.1, 300, goal=goal)]
-    assert choose(models, goal).name == "lucky"  # raw values: only it meets
+    models = [_model("lucky", 0.972, 2.0, 9000, goal=goal), _model("fast", 0.965, 0.1, 300, goal=goal),
+              _model("sure", 0.99, 3.0, 9000, goal=goal)]
+    assert choose(models, goal, tolerance=0.01).name == "sure"  # it clears the bound by the tolerance
+    models.pop()
     choice = choose(models, goal, tolerance=0.01)
-    assert choice.name == "fast" and "by 0.01 in accuracy" in choice.why
-    # the training's own test of the noise: 0.972 less 0.001 clears 0.97, so it passes
-    assert choose(models, goal, tolerance=0.01, worse=lambda v: v - 0.001).name == "lucky"
+    assert choice.name == "lucky" and "by 0.01 in accuracy" in choice.why
+    models.append(_model("quick", 0.971, 0.5, 300, goal=goal))
+    assert choose(models, goal, tolerance=0.01).name == "quick"
+    # the training's own test of the noise: 0.972 less 0.001 clears 0.97, so "lucky" passes
+    assert choose(models, goal, tolerance=0.01, worse=lambda v: v - 0.001).name == "quick"
 
 
 def test_extrapolation_hopelessness_and_the_keep_order():

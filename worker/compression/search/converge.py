@@ -198,12 +198,14 @@ def tolerance(s: SearchState, value: float | None) -> float:
 
 
 def noise_band(s: SearchState, ranked: list[Entry]) -> list[Entry]:
-    """Of ``ranked`` (trained, best metric first), those within ``tolerance`` of the best, cheapest first."""
+    """Of ``ranked`` (trained, best metric first), those within ``tolerance`` of the best, cheapest first;
+    only those that meet the bound (without the margin) when the best does."""
     if not ranked or ranked[0].metric is None:
         return []
     best = ranked[0].metric
     tol = tolerance(s, best)
-    close = [e for e in ranked if e.metric is not None and abs(e.metric - best) <= tol]
+    close = [e for e in ranked if e.metric is not None and abs(e.metric - best) <= tol
+             and (s.goal.metric_ok(e.metric) or not s.goal.metric_ok(best))]
     return sorted(close, key=cost_key)
 
 

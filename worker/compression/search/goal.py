@@ -176,18 +176,11 @@ def choose(models: Sequence[dict[str, Any]], goal: Goal, tolerance: float = 0.0,
     ranked = sorted(pool, key=key)
     slack = tolerance / max(abs(goal.bound), 1e-12)
 
-    closest = min(m["checks"]["metric"]["shortfall"] for m in ranked)
-
-    def misses(m: dict[str, Any]) -> int:
-        """Unmet targets; with a tolerance, a metric within it of the closest one's is not counted."""
-        if tolerance <= 0:
-            return key(m)[0]
-        return sum(not c["met"] and not (k == "metric" and c["shortfall"] <= closest + slack)
-                   for k, c in m["checks"].items())
-
-    fewest = min(misses(m) for m in ranked)
-    short = min(key(m)[1] for m in ranked if misses(m) == fewest)
-    tied = [m for m in ranked if misses(m) == fewest and key(m)[1] <= short + slack]
+    fewest, short, _ = key(ranked[0])
+    # a model that meets the bound only without the margin still beats one that misses it: a wide
+    # tie on a 27-sample eval split chose an 8-unit MLP at 25/27 over a 16-unit one at 26/27, the
+    # bound, and it scored 0.86 on unseen data against the script's 0.98
+    tied = [m for m in ranked if key(m)[0] == fewest and key(m)[1] <= short + slack]
     best = min(tied, key=lambda m: (_latency(m), _size(m)))
     ranked = [best] + [m for m in ranked if m is not best]
     n_unmet = key(best)[0]
