@@ -3,21 +3,30 @@ order and the ladder's bottom rungs (issue 18)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from worker.compression.distill.trainer import train
 from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.measure.export import export_onnx
 from worker.compression.search import converge
 from worker.compression.search.converge import (
     gallop_order,
+    noise_band,
     planned_epochs,
     settled_metric,
+    stalled,
     step_seconds,
+    tries_left,
     with_margin,
 )
-from worker.compression.search.ladder import build_ladder
-from worker.compression.spec import DistillSpec, SearchStudent
+from worker.compression.search.ladder import Candidate, build_ladder
+from worker.compression.search.prepare import count_macs
+from worker.compression.search.run import SearchOptions, search
+from worker.compression.search.state import Entry
+from worker.compression.spec import CompressSpec, DistillSpec, SearchStudent
 from worker.compression.students import zoo
 from worker.compression.types import TensorData
 
@@ -126,5 +135,83 @@ def test_an_accuracy_meets_the_bound_only_by_a_margin_that_shrinks_with_the_eval
     assert small < 0.962 < large < 0.97  # about one standard error: 0.0107 on 270 samples, 0.001 on 27,000
     assert with_margin(1.0, "accuracy", 22, 1.0) < 1.0  # a perfect score on 22 samples is not certain
     assert with_margin(0.97, "accuracy", 270, 0.0) == 0.97
-    assert with_margin(0.12, "mse", 100, 1.0) == 0.12  # only proportions get an error bar here
+    assert with_margin(0.12, "mse", 200, 1.0) == pytest.approx(0.132)  # an mse gets worse: x (1 + sqrt(2/n))
+    assert with_margin(0.12, "mae", 100, 1.0) == 0.12  # other metrics as they are
     assert with_margin(None, "accuracy", 100, 1.0) is None
+    assert 1.0 < with_margin(1.01, "accuracy", 100, 1.0) < 1.01  # an unreachable bound keeps a finite margin
+
+
+def test_count_macs_counts_linear_and_convolution_layers():
+    mlp = zoo.build({"architecture": "mlp", "task": "classification", "input_dim": 10, "hidden": [16, 8],
+                     "output_dim": 3})
+    assert count_macs(mlp, {"x": torch.randn(1, 10)}) == 10 * 16 + 16 * 8 + 8 * 3
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 2))
+    assert count_macs(conv, {"input": torch.randn(1, 1, 6, 6)}) == 36 * 4 * 9 + 4 * 36 * 2
+    assert mlp.training  # left in the mode it was in
+
+
+def test_lazy_preparation_exports_and_times_only_the_candidates_the_training_reaches(tmp_path):
+    """The convergence search builds the whole ladder but exports and times a candidate only when it
+    trains it: on an easy problem the cheapest meets at once and the other forty are never exported."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 12, generator=g)
+    y = (x[:, 0] > 0).long()
+    cfg = {"architecture": "mlp", "task": "classification", "input_dim": 12, "hidden": [256, 256], "output_dim": 2}
+    save_zoo_model(zoo.build(cfg).eval(), cfg, tmp_path / "t")
+    teacher = load_teacher(tmp_path / "t")
+    train_d, eval_d = TensorData({"x": x}, y).split(0.25, 0)
+    onnx = export_onnx(teacher.module, {"x": x[:8]}, tmp_path / "t.onnx", task="classification")
+    spec = CompressSpec.model_validate({
+        "student": {"kind": "search"}, "targets": {"min": 0.5, "time_budget_s": 60},
+        "quantization": {"method": "none"}, "evaluation": {"latency_batch_sizes": [1], "repeats": 3, "warmup": 1}})
+    result = search(teacher, train_d, eval_d, spec, teacher_onnx=onnx, workdir=tmp_path / "w",
+                    options=SearchOptions(rounds=1, min_timed_s=0.02))
+    students = [c for c in result.candidates if c["name"] != "teacher"]
+    trained = [o["name"] for o in result.rungs[0]["order"]]
+    assert len(students) > 10 and trained  # a chance-level bound: the first one trained meets it
+    for row in students:
+        assert (row["fp32_size_bytes"] is not None) == (row["name"] in trained), row
+    macs = sorted((c["macs"], c["num_parameters"], c["name"]) for c in students)
+    assert trained[0] == macs[0][2]  # cheapest by multiply-accumulates first
+    assert result.chosen.candidate == trained[0] and result.choice.met_all
+
+
+def test_the_noise_band_holds_the_candidates_within_z_standard_errors_of_the_best_cheapest_first():
+    def entry(name, metric, macs):
+        e = Entry(Candidate(name, name, macs, None))
+        e.metric, e.macs = metric, macs
+        return e
+
+    ranked = [entry("large", 0.981, 900_000), entry("mid", 0.975, 9_000), entry("small", 0.973, 300),
+              entry("tiny", 0.93, 100)]
+    state = SimpleNamespace(goal=SimpleNamespace(metric="accuracy", metric_ok=lambda v: v >= 0.99), evald=[0] * 270,
+                            options=SimpleNamespace(confidence_z=1.0))
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["small", "mid", "large"]  # SE ≈ 0.008
+    state.goal.metric_ok = lambda v: v >= 0.974  # the best meets the bound: only those that do too
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["mid", "large"]
+    state.options.confidence_z = 0.0
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
+    state.goal.metric, state.options.confidence_z = "mae", 1.0  # no error bar for an mae
+    assert [e.cand.name for e in noise_band(state, ranked)] == ["large"]
+
+
+def test_the_training_time_is_shared_by_the_tries_the_gallop_has_left():
+    costs = list(range(27))
+    met: list[bool | None] = [None] * 27
+    assert tries_left(costs, met, 0) == 6  # 0, 1, 3, 7, 15, 26: each gets a sixth, not a third
+    met[0] = met[1] = False
+    assert tries_left(costs, met, 3) == 4  # 3, 7, 15, 26
+    met[3], met[7] = False, True
+    assert tries_left(costs, met, 4) == 3  # back down: 4, 5, 6 at most
+    met[7] = None
+    assert tries_left(costs, met, 26) == 1
+
+
+def test_the_climb_stalls_when_costlier_candidates_stop_beating_a_best_that_meets_the_bound():
+    goal = SimpleNamespace(metric="accuracy", higher_is_better=True, metric_ok=lambda v: v >= 0.925)
+    state = SimpleNamespace(goal=goal, evald=[0] * 27, options=SimpleNamespace(confidence_z=1.0))
+    assert stalled(state, [0.926, 0.926, 0.926])  # wine: every rung 25/27, at the bound, never by the margin
+    assert not stalled(state, [0.926, 0.926])  # two tries are not a trend yet
+    assert not stalled(state, [0.926, 0.926, 1.0])  # the last one beats the best by more than the noise
+    goal.metric_ok = lambda v: v >= 0.95
+    assert not stalled(state, [0.926, 0.926, 0.926])  # the best misses the bound: keep climbing

@@ -157,6 +157,35 @@ def test_choice_fastest_passing_ties_to_smaller_and_closest_when_none_passes():
     assert choice.ranked == ["close", "slow", "both"]
 
 
+def test_when_none_passes_metrics_within_the_tolerance_tie_and_the_fastest_wins():
+    """A model a few eval samples better is no evidence: within the tolerance (the search passes the
+    eval split's standard error) the faster one wins; outside it, the better one still does."""
+    goal = Goal.resolve(SearchTargets(min=0.99), "classification", None, 1)
+    models = [
+        _model("large", 0.981, 2.0, 9000, goal=goal),
+        _model("small", 0.975, 0.1, 300, goal=goal),
+        _model("poor", 0.90, 0.05, 100, goal=goal),
+    ]
+    assert choose(models, goal).name == "large"  # no tolerance: the smallest shortfall
+    choice = choose(models, goal, tolerance=0.01)
+    assert choice.name == "small" and not choice.met_all and "count as ties" in choice.why
+    assert choice.ranked[:2] == ["small", "large"]
+    assert choose(models, goal, tolerance=0.001).name == "large"  # 0.006 apart: more than the tolerance
+    # a model at the bound by less than the tolerance does not pass, but it still beats one below the
+    # bound; of two at the bound by less than the tolerance, the faster wins
+    goal = Goal.resolve(SearchTargets(min=0.97), "classification", None, 1)
+    models = [_model("lucky", 0.972, 2.0, 9000, goal=goal), _model("fast", 0.965, 0.1, 300, goal=goal),
+              _model("sure", 0.99, 3.0, 9000, goal=goal)]
+    assert choose(models, goal, tolerance=0.01).name == "sure"  # it clears the bound by the tolerance
+    models.pop()
+    choice = choose(models, goal, tolerance=0.01)
+    assert choice.name == "lucky" and "by 0.01 in accuracy" in choice.why
+    models.append(_model("quick", 0.971, 0.5, 300, goal=goal))
+    assert choose(models, goal, tolerance=0.01).name == "quick"
+    # the training's own test of the noise: 0.972 less 0.001 clears 0.97, so "lucky" passes
+    assert choose(models, goal, tolerance=0.01, worse=lambda v: v - 0.001).name == "quick"
+
+
 def test_extrapolation_hopelessness_and_the_keep_order():
     # log-linear: +0.1 per e-fold of steps; twice that, carried one more e-fold
     pred = extrapolate((math.e ** 0 * 10, 0.5), (10 * math.e, 0.6), 10 * math.e ** 2, True, optimism=2.0)

@@ -7,7 +7,9 @@ Steps (``search``), all inside ``targets.time_budget_s``:
    split are computed once (``TeacherCache``) and every candidate distils from them.
 2. **Ladder** (``ladder``): student sizes from the teacher's down, plus the teacher itself.
    Each student is built and its untrained fp32 ONNX exported and timed at the goal's batch size:
-   an architecture's latency and size do not depend on its weights. A candidate that would break
+   an architecture's latency and size do not depend on its weights. The convergence search does
+   this lazily, when its training reaches a candidate (ordered meanwhile by multiply-accumulates
+   per sample): a search that stops early prepares only what it trained. A candidate that would break
    the size or latency cap even after the best int8 gain seen on this CPU (``INT8_SIZE_BOUND``,
    ``INT8_SPEED_BOUND``) is pruned before any training.
 3. **Training** (``SearchOptions.training``). By default (``converge``, module ``converge``) each
@@ -55,7 +57,7 @@ from ..pipeline import CandidatePipeline
 from ..spec import CompressSpec
 from ..students.student import Student
 from ..types import CancelFn, ProgressFn, Teacher, TensorData, never_cancel, no_progress
-from .converge import train_converge
+from .converge import tolerance, train_converge, with_margin
 from .finalists import measure_finalists
 from .goal import Choice, Goal, choose, describe_check, front
 from .ladder import Candidate, build_ladder
@@ -133,13 +135,14 @@ def search(
                       cancel=cancel, options=options or SearchOptions())
     measure_teacher(run)
     ladder = candidates if candidates is not None else build_ladder(teacher, train, spec.student)
-    entries = prepare(run, ladder)
+    entries = prepare(run, ladder, lazy=run.options.training != "halving")
     (train_rungs if run.options.training == "halving" else train_converge)(run, entries)
     measure_finalists(run, entries)
 
     goal = run.goal
     pool = [m.to_dict() for m in run.measured]
-    choice = choose(pool, goal)
+    n_eval, z = len(run.evald), run.options.confidence_z
+    choice = choose(pool, goal, tolerance(run, goal.bound), worse=lambda v: with_margin(v, goal.metric, n_eval, z))
     if choice is None:  # every measured model is an int8 twin slower than its fp32: cannot happen
         raise SpecError("the search measured no eligible model")
     chosen = next(m for m in run.measured if m.name == choice.name)

@@ -30,11 +30,13 @@ class SearchOptions:
     training: str = "converge"
     """``converge``: every candidate trained to its own plateau, cheapest first (``converge``);
     ``halving``: successive halving over ``rung_fractions`` of ``distillation.epochs`` (``rungs``)."""
-    confidence_z: float = 0.0
-    """Convergence training: a candidate meets an accuracy bound only by this many standard errors
-    of its eval-split accuracy (``converge.with_margin``); 0 (the default) compares the raw value.
-    bench/unseen.py, seed 591887: 13/20 wins with 1.0 against 14/20 with 0, and 6.1× the peer's wall
-    time against 5.0× (more candidates trained): off until it shows a gain."""
+    confidence_z: float = 1.0
+    """Convergence training: a candidate meets an accuracy or mse bound only by this many standard errors
+    of its eval-split value (``converge.with_margin``); when none meets, metrics within as many
+    standard errors of the best are a tie the cheaper model wins (``converge.noise_band``,
+    ``goal.choose``). 0 compares raw values. On its own (seed 591887) the margin made no
+    difference (13/20 wins against 14/20); with the tie rule it turns lucky passes on a 22- or
+    270-sample eval split into a larger, surer student, not into the teacher (issue 18)."""
     rung_fractions: tuple[float, ...] = (0.25, 0.5, 1.0)
     eta: int = 2
     min_keep: int = 2
@@ -50,7 +52,9 @@ class Entry:
     student: Student | None = None
     fp32_size: int | None = None
     cost_ms: float | None = None
-    """Untrained fp32 ONNX latency at the goal's batch size (the architecture's)."""
+    """Untrained fp32 ONNX latency at the goal's batch size (the architecture's); None until timed."""
+    macs: int | None = None
+    """Multiply-accumulates per sample (lazy preparation orders the candidates by them)."""
     export_s: float = 0.0
     timing_s: float = 0.0
     """Seconds one round of timing took at the goal's batch size."""
@@ -70,7 +74,7 @@ class Entry:
     def row(self) -> dict[str, Any]:
         out = self.cand.summary()
         out.update(status=self.status, reason=self.reason, fp32_size_bytes=self.fp32_size,
-                   fp32_latency_ms=self.cost_ms, rung=self.rung + 1, epochs=round(self.epochs, 3),
+                   fp32_latency_ms=self.cost_ms, macs=self.macs, rung=self.rung + 1, epochs=round(self.epochs, 3),
                    train_s=round(self.train_s, 3), metric=self.metric, predicted=self.predicted, curve=self.curve)
         return out
 
