@@ -112,6 +112,7 @@ def heavy_head_case(tmp_path_factory):
     torch.onnx.export(teacher, (x[:2],), str(folder / "teacher.onnx"), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}}, dynamo=False)
     np.savez(folder / "data.npz", x=x.numpy(), y=y.numpy())
+    torch.save(teacher.state_dict(), folder / "teacher.pt")
     return folder
 
 
@@ -156,3 +157,23 @@ def test_an_auto_mlp_student_is_sized_by_parameters_alone(tmp_path) -> None:
                    output_dir=tmp_path / "out")
     assert res.metrics["student"]["chosen_by_speed"] is None
     assert res.metrics["student"]["num_parameters"] <= 0.25 * res.metrics["teacher"]["num_parameters"]
+
+
+def test_a_teacher_exported_with_a_fixed_batch_is_timed_scored_and_compressed(heavy_head_case, tmp_path) -> None:
+    """torch.onnx.export without dynamic axes writes the sample's batch (here 1) into the graph: the
+    teacher runs in chunks of it wherever it is timed or scored, and the job delivers."""
+    teacher = HeavyHeadCNN()
+    teacher.load_state_dict(torch.load(heavy_head_case / "teacher.pt"))  # our own test file: weights only
+    fixed = tmp_path / "fixed.onnx"
+    torch.onnx.export(teacher.eval(), (torch.zeros(1, 1, 24, 24),), str(fixed), dynamo=False)
+    import onnx
+
+    assert onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+    spec = CompressSpec.model_validate({"student": {"kind": "auto"}, "distillation": {"epochs": 1},
+                                        "quantization": {"method": "none"},
+                                        "evaluation": {"latency_batch_sizes": [1, 32]}})
+    res = compress(spec, teacher_path=fixed, dataset_path=heavy_head_case / "data.npz", output_dir=tmp_path / "out")
+    rows = {r["name"]: r for r in res.metrics["models"]}
+    assert rows["teacher"]["metric"]["accuracy"] > 0.9  # scored in chunks of 1, every row
+    assert {b["batch"] for b in rows["teacher"]["latency"]["batches"]} == {1, 32}
+    assert res.metrics["student"]["chosen_by_speed"]["teacher_p50_ms"] > 0

@@ -33,6 +33,7 @@ from ..errors import (
     UnsafeFileError,
     UnsupportedOpError,
 )
+from ..measure.export import run_rows
 from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Task, Teacher
 from .onnx_cost import activation_cost, check_activation_cost
@@ -240,19 +241,10 @@ class _Runner:
 
     def _run_batched(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Graphs exported with a fixed batch size run in chunks of it, the last one zero-padded."""
-        n = next(iter(feeds.values())).shape[0]
-        b = self.fixed_batch
-        if b is None or n == b:
-            return self._run(feeds)
-        parts = []
-        for start in range(0, n, b):
-            chunk = {k: v[start:start + b] for k, v in feeds.items()}
-            rows = next(iter(chunk.values())).shape[0]
-            if rows < b:
-                chunk = {k: np.concatenate([v, np.zeros((b - rows, *v.shape[1:]), v.dtype)])
-                         for k, v in chunk.items()}
-            parts.append(self._run(chunk)[:rows])
-        return np.concatenate(parts)
+        try:
+            return run_rows(self.session, feeds, self.output)
+        except ORT_ERRORS as exc:
+            raise DatasetError(f"the ONNX teacher rejected the batch: {exc}") from exc
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         out = torch.from_numpy(np.ascontiguousarray(self._run_batched(self._feeds(inputs)))).float()

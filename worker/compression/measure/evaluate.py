@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import DatasetError, InputError, SpecError
 from ..types import Task
-from .export import feed_arrays, run_onnx_model
+from .export import feed_arrays, run_onnx_model, run_rows
 from .export import session as ort_session
 from .metrics import per_class
 
@@ -105,7 +105,7 @@ def measure_onnx_latency(
     batches = []
     for b in batch_sizes:
         feed = {k: _tile(v, int(b)) for k, v in base.items()}
-        times = _time_runs(partial(session.run, None, feed), warmup, repeats, lambda: None)
+        times = _time_runs(partial(run_rows, session, feed), warmup, repeats, lambda: None)
         batches.append(_summarise(times, int(b)))
     return {
         "runtime": "onnxruntime",

@@ -139,9 +139,33 @@ def run_onnx_model(
     sess = session(Path(path), threads) if isinstance(path, (str, Path)) else path
     feeds = feed_arrays(sess, inputs)
     n = next(iter(feeds.values())).shape[0]
-    outs = [sess.run(None, {k: v[i : i + batch_size] for k, v in feeds.items()})[0]
-            for i in range(0, n, batch_size)]
+    outs = [run_rows(sess, {k: v[i : i + batch_size] for k, v in feeds.items()}) for i in range(0, n, batch_size)]
     return np.concatenate(outs, axis=0) if outs else np.zeros((0,), np.float32)
+
+
+def fixed_batch(sess) -> int | None:
+    """The batch size a graph was exported with when its first input's batch axis is a number (torch's
+    default exporter writes the sample's: ``[1, 1, 28, 28]``); None when the axis is dynamic."""
+    dim = sess.get_inputs()[0].shape[0]
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def run_rows(sess, feeds: Mapping[str, np.ndarray], output: str | None = None) -> np.ndarray:
+    """``output`` (default: the first) for every row of ``feeds``; a graph with a fixed batch size runs
+    in chunks of it, the last one zero-padded, so it is measured and scored like any other."""
+    names = [output] if output else None
+    b = fixed_batch(sess)
+    n = next(iter(feeds.values())).shape[0]
+    if b is None or n == b:
+        return sess.run(names, dict(feeds))[0]
+    parts = []
+    for start in range(0, n, b):
+        rows = min(b, n - start)
+        chunk = {k: v[start:start + b] for k, v in feeds.items()}
+        if rows < b:
+            chunk = {k: np.concatenate([v, np.zeros((b - rows, *v.shape[1:]), v.dtype)]) for k, v in chunk.items()}
+        parts.append(sess.run(names, chunk)[0][:rows])
+    return np.concatenate(parts)
 
 
 def feed_arrays(sess, inputs: Mapping[str, np.ndarray | torch.Tensor]) -> dict[str, np.ndarray]:
