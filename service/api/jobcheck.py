@@ -123,7 +123,8 @@ def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
     field, errors = spec.data.task, []
     if field == "forecasting" and task and task != "regression":
         errors.append(FieldError(pointer="#/data/task", detail=f"a forecaster outputs values, but the teacher is a "
-                                                               f"{task} model"))
+                                                               f"{task} model (its upload's guess for an ONNX graph): "
+                                                               "add \"task\": \"regression\" to the job"))
     horizon, targets = dataset.get("horizon"), dataset.get("target_columns")
     outputs = teacher.get("output_dim")
     columns = targets if isinstance(targets, list) else str(targets or "").split(",")
@@ -159,7 +160,8 @@ def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, 
     labelled_numbers = dataset.get("labelled") and not dataset.get("classes")
     if task == "classification" and labelled_numbers:
         errors.append(FieldError(pointer="#/task", detail="the dataset's labels are numbers with fractions "
-                                                          "(regression targets), not classes"))  # fmt: skip
+                                                          "(regression targets), not classes: add \"task\": "
+                                                          "\"regression\" to the job"))  # fmt: skip
     return errors
 
 

@@ -142,7 +142,7 @@ def verdict(delivered: Candidate, teacher: Candidate, candidates: Sequence[Candi
     return {"verdict": SEVERITY_ORDER[worst], "reasons": reasons,
             "delivered": {"name": delivered.name, "role": delivered.role, "precision": delivered.precision,
                           "label": delivered.label},
-            "headline": headline(delivered, teacher, metric, batch)}
+            "headline": headline(delivered, teacher, metric, batch, SEVERITY_ORDER[worst])}
 
 
 def _compared_forms(delivered: Candidate, candidates: Sequence[Candidate], metric: str, tolerance: float,
@@ -177,9 +177,10 @@ def _compared_forms(delivered: Candidate, candidates: Sequence[Candidate], metri
                                             f"{fp32.size_bytes:,} B")
 
 
-def headline(delivered: Candidate, teacher: Candidate, metric: str, batch: int) -> str:
-    """One line: what to deploy, how much smaller and faster, what it costs."""
-    parts = [f"deploy {delivered.label}"]
+def headline(delivered: Candidate, teacher: Candidate, metric: str, batch: int, verdict: str = SHIP) -> str:
+    """One line: what to deploy (or, when it should not ship, the best there is), how much smaller and
+    faster, what it costs."""
+    parts = [f"deploy {delivered.label}" if verdict != DO_NOT_SHIP else f"do not ship: the best is {delivered.label}"]
     if delivered.size_bytes:
         parts.append(f"{teacher.size_bytes / delivered.size_bytes:.1f}× smaller")
     dp, tp = delivered.p50(batch), teacher.p50(batch)

@@ -20,10 +20,17 @@ class DataSpec(SpecModel):
 
     format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip",
                     "audio_zip"] = "auto"
+    """The file's format; ``auto``: from its name and first bytes."""
     label_column: str | None = None
+    """Tables and JSON Lines: the column of labels (or regression targets). Default: a column named
+    ``label`` (tables also ``target`` or ``y``); without one the data is unlabelled and every metric is
+    agreement with the teacher."""
     text_column: str = "text"
+    """Text (JSON Lines, text CSV): the column holding the text."""
     text_pair_column: str = "text_pair"
+    """Text: the column of a pair's second text, when the task takes pairs."""
     max_length: int = Field(default=128, ge=4, le=4096)
+    """Text: tokens per sample after the tokenizer (longer texts are cut)."""
     image_size: tuple[int, int] | None = None
     """(height, width) to resize images to; default: the teacher's input size."""
     image_scale: Literal["auto", "0-1", "0-255", "-1-1", "imagenet"] = "auto"
@@ -31,7 +38,9 @@ class DataSpec(SpecModel):
     the one under which the teacher agrees best with the labels (``0-1`` without labels); the choice is
     recorded in the job's preprocessing. ``image_mean`` / ``image_std`` override it."""
     image_mean: list[float] | None = Field(default=None, max_length=4)
+    """Per-channel mean subtracted from pixels in [0, 1] (one value, or one per channel)."""
     image_std: list[float] | None = Field(default=None, max_length=4)
+    """Per-channel standard deviation pixels in [0, 1] are divided by, after the mean."""
     grayscale: bool | None = None
     """Default: what the teacher's input takes (1 channel: grayscale; 3: RGB)."""
     classes: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
@@ -45,7 +54,9 @@ class DataSpec(SpecModel):
     audio_length: int | None = Field(default=None, ge=16, le=192_000 * 60)
     """Audio: samples per clip, cut or zero-padded at the end. Default: what the teacher takes, else 1 s."""
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Without an eval dataset: the share of rows held out to evaluate on (a forecast's last windows)."""
     split_seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """The seed of that split (the same seed, the same rows)."""
 
     # --- fields of use (`worker.compression.fields`) ------------------------------------------
     task: Literal["forecasting", "policy"] | None = None
