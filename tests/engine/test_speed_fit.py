@@ -177,3 +177,28 @@ def test_a_teacher_exported_with_a_fixed_batch_is_timed_scored_and_compressed(he
     assert rows["teacher"]["metric"]["accuracy"] > 0.9  # scored in chunks of 1, every row
     assert {b["batch"] for b in rows["teacher"]["latency"]["batches"]} == {1, 32}
     assert res.metrics["student"]["chosen_by_speed"]["teacher_p50_ms"] > 0
+
+
+def test_a_black_box_mlp_over_a_window_gets_an_mlp_student_on_standardised_values(tmp_path) -> None:
+    """A forecaster-like ONNX MLP taking (2, 24) windows of values near 100: no convolution in its graph,
+    so the auto student is an MLP (a CNN timed against it shrank to nothing useful: MAE 27 against 0.8)
+    trained on standardised inputs and targets, and it lands near the teacher."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(48, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                            nn.Linear(256, 3))
+    x = 100 + 10 * torch.randn(600, 2, 24)
+    with torch.no_grad():
+        teacher[-1].bias.fill_(100.0)
+        y = teacher(x)  # targets the teacher fits exactly, on its scale
+    torch.onnx.export(teacher.eval(), (x[:2],), str(tmp_path / "teacher.onnx"), input_names=["x"],
+                      dynamic_axes={"x": {0: "b"}}, dynamo=False)
+    np.savez(tmp_path / "data.npz", x=x.numpy(), y=y.numpy())
+    spec = CompressSpec.model_validate({"task": "regression", "student": {"kind": "auto"},
+                                        "quantization": {"method": "none"},
+                                        "evaluation": {"latency_batch_sizes": [1, 32]}})
+    res = compress(spec, teacher_path=tmp_path / "teacher.onnx", dataset_path=tmp_path / "data.npz",
+                   output_dir=tmp_path / "out")
+    assert res.metrics["student"]["config"]["architecture"] == "mlp"
+    assert set(res.metrics["preprocessing"]["student"]) == {"inputs", "outputs"}  # both standardised, folded
+    rows = {r["name"]: r["metric"] for r in res.metrics["models"]}
+    assert rows["student"]["r2"] > 0.9, rows

@@ -334,6 +334,7 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
     meta = {p.key: p.value for p in model.metadata_props}
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     producer = f"{model.producer_name} {model.producer_version}".strip()
+    convolutional = any(n.op_type in ("Conv", "ConvTranspose") for g in _graphs(model.graph) for n in g.node)
     del model  # onnxruntime holds its own copy
 
     session = _session(path, threads)
@@ -361,6 +362,7 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
         "producer": producer,
         "metadata": meta,
         "activation_bytes": {"fixed": cost.fixed, "per_sample": cost.per_sample},
+        "convolutional": convolutional,
     }
     chosen, source = _task(task, meta, out_arg.name, runner.pooled, output_dim)
     names = meta.get("classes") or meta.get("kdq_classes") or meta.get("id2label")

@@ -107,12 +107,15 @@ def _auto_hf(teacher: Teacher, budget: int) -> Student:
 
 def _auto_blackbox(teacher: Teacher, budget: int, strict: bool = True) -> Student:
     """A fresh student for a black box: MLP (2 hidden layers) for vectors, 3-block CNN for images,
-    3-block 1-D CNN for signals, a small transformer for token ids; widths fitted to the budget."""
+    3-block 1-D CNN for signals, a small transformer for token ids; widths fitted to the budget. A graph
+    with no convolution (an MLP over a flattened image or window) gets an MLP student, as it is."""
     kind = teacher.input_kind
     base = {"task": teacher.task, "output_dim": teacher.output_dim}
     if kind == "tokens":
         return _auto_tokens(teacher, budget, base)
     arch = {"vector": "mlp", "image": "cnn", "signal": "cnn1d"}[kind]
+    if teacher.config.get("convolutional") is False:
+        arch = "mlp"
     base.update(architecture=arch, **input_keys(teacher, arch))
     # onnxruntime's CPU convolutions work in blocks of 8 channels: measured at batch 64 on 1×28×28
     # images, channels [16, 32, 64] ran in 2.6 ms and [11, 22, 44] in 3.5 ms (students.speed_fit)

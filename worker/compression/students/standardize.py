@@ -3,8 +3,8 @@
 Tabular features span many scales (a breast-cancer set runs from 0.001 to 4,000), and regression
 targets sit far from zero (house prices, ages); a freshly initialised MLP trained on them raw
 learns slowly or predicts about 0 (measured: MSE 22,986 against the teacher's 105). So a fresh
-MLP student on vector inputs is wrapped (`Standardized`): it standardises its inputs with the
-training split's mean and std, and for regression maps its outputs back with the targets' mean
+MLP student (on vectors, or on a flattened image or window) is wrapped (`Standardized`): it
+standardises its inputs with the training split's mean and std, and for regression maps its outputs back with the targets' mean
 and std. It trains that way, and afterwards the two affine maps are folded into its first and last
 linear layers (`fold`), exactly: the delivered student is a plain MLP that takes what the teacher
 took and answers on the teacher's scale, with no extra ops. Students initialised from the
@@ -49,9 +49,9 @@ class Standardized(nn.Module):
 
 
 def wrap(student: Student, train: TensorData, task: str, teacher_outputs: torch.Tensor | None = None) -> dict[str, Any]:
-    """Wrap a fresh MLP student on vector inputs (in place); what was done, for the preprocessing
+    """Wrap a fresh MLP student (in place); what was done, for the preprocessing
     record (empty when the student is left as it is)."""
-    if not isinstance(student.module, MLP) or train.input_kind != "vector" or student.how == "derived":
+    if not isinstance(student.module, MLP) or train.input_kind == "tokens" or student.how == "derived":
         return {}
     x = train.inputs["x"].float().flatten(1)
     x_mean, x_std = x.mean(0), x.std(0, unbiased=False)
