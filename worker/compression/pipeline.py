@@ -20,7 +20,6 @@ quantization recipe. Each stage is one method, so both measure, export and quant
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +32,8 @@ from torch import nn
 from .distill.distill import DistillResult, distill
 from .distill.teacher_cache import TeacherCache
 from .fields import primary_metric as field_metric
-from .measure.evaluate import measure_onnx_latency
 from .measure.export import export_onnx, onnx_size_bytes
-from .measure.meter import Meter
+from .measure.meter import Meter, latency_at
 from .measure.metrics import higher_is_better, primary_metric
 from .quantize.api import quantize
 from .quantize.calibration import calibration_sample
@@ -62,7 +60,7 @@ SAMPLE_ROWS = 8
 """Eval rows the fp32 graphs are traced on."""
 TIMING_S = 0.3
 TIMING_ROUNDS = 3
-"""Seconds of runs per graph, and alternating rounds, behind each timing that picks an auto student."""
+"""Seconds of runs per graph at least, and interleaved rounds, behind each timing that picks an auto student."""
 
 
 def evaluation_batch(spec: CompressSpec) -> int:
@@ -127,21 +125,13 @@ class CandidatePipeline:
         return made
 
     def time_against(self, module: nn.Module, reference: Path, batch: int) -> tuple[float, float]:
-        """p50 (ms) at ``batch`` rows of ``module`` exported as fp32 ONNX and of the graph ``reference``,
-        timed in `TIMING_ROUNDS` alternating rounds of about `TIMING_S` / rounds seconds each (medians)."""
+        """p50 (ms) at ``batch`` rows of ``module`` exported as fp32 ONNX and of the graph ``reference``: the
+        meter's `TIMING_ROUNDS` interleaved rounds of at least `TIMING_S` seconds (both under the same load)."""
         with tempfile.TemporaryDirectory(prefix="kdq-timing-") as tmp:
             paths = [self.export(module, Path(tmp) / "timed.onnx"), reference]
-
-            def p50(path: Path, repeats: int) -> float:
-                lat = measure_onnx_latency(path, self.meter.sample, batch_sizes=[batch],
-                                           threads=self.meter.threads, warmup=1, repeats=repeats)
-                return float(lat["batches"][0]["p50_ms"])
-
-            share = TIMING_S * 1000 / TIMING_ROUNDS
-            repeats = [max(3, min(100, int(share / max(p50(p, 3), 1e-3)))) for p in paths]
-            rounds = [[p50(p, r) for p, r in zip(paths, repeats, strict=True)] for _ in range(TIMING_ROUNDS)]
-        student, reference_ms = (statistics.median(col) for col in zip(*rounds, strict=True))
-        return student, reference_ms
+            timed = self.meter.latencies(paths, [batch], rounds=TIMING_ROUNDS, min_timed_s=TIMING_S)
+        student, teacher = (latency_at(t, batch, "p50") or 0.0 for t in timed)
+        return student, teacher
 
     # --- 2. distil -------------------------------------------------------------------------
 

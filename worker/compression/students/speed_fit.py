@@ -59,7 +59,8 @@ def fit_speed(build: Callable[[int], Student], budget: int, timings: Callable[[S
     The record lists every student tried, for the report.
     """
     tried: list[dict[str, Any]] = []
-    kept: list[tuple[Student, int]] = []
+    widest: tuple[Student, int] | None = None
+    latest: tuple[Student, int] | None = None  # only these two are kept; the rest are freed
     chosen: int | None = None
     b = budget
     for _ in range(MAX_TRIES):
@@ -67,30 +68,31 @@ def fit_speed(build: Callable[[int], Student], budget: int, timings: Callable[[S
             student = build(b)
         except SpecError:
             break
-        if kept and student.num_parameters >= kept[-1][0].num_parameters:
+        if latest is not None and student.num_parameters >= latest[0].num_parameters:
             break  # nothing smaller is built for a smaller budget
         ms, teacher_ms = (float(t) for t in timings(student))
         tried.append({"budget": b, "parameters": student.num_parameters, "p50_ms": round(ms, 4),
                       "teacher_p50_ms": round(teacher_ms, 4), "description": student.description})
-        kept = [*kept[:1], (student, b)]  # the first (the widest) and the latest; the rest are freed
+        latest = (student, b)
+        widest = widest or latest
         if ms <= FASTER * teacher_ms:
             chosen = len(tried) - 1
             break
         b = max(1, int(min(b, student.num_parameters) * SHRINK))
-    if not tried:
+    if widest is None or latest is None:
         raise SpecError(f"no auto student fits {budget:,} parameters; raise the budget")
     teacher_ms = statistics.median(t["teacher_p50_ms"] for t in tried)
+    last = len(tried) - 1
     if chosen is not None:
         why = (f"it takes {tried[chosen]['p50_ms']:.3g} ms at batch {batch}, the teacher "
                f"{tried[chosen]['teacher_p50_ms']:.3g} ms"
                + (f"; {chosen} wider student(s) were not faster than {FASTER:g}× the teacher" if chosen else ""))
     else:
         fastest = min(range(len(tried)), key=lambda i: tried[i]["p50_ms"])
-        last = len(tried) - 1
         chosen = last if fastest == last and tried[last]["p50_ms"] <= WORTH_SHRINKING * tried[0]["p50_ms"] else 0
         why = (f"no student tried was faster than {FASTER:g}× the teacher ({teacher_ms:.3g} ms at batch {batch}); "
                + ("the narrowest is the fastest" if chosen else "narrower ones were not faster, so the widest is kept"))
-    student, b = kept[-1] if chosen == len(tried) - 1 else kept[0]
+    student, b = latest if chosen == last else widest
     record = {"by": "onnxruntime fp32 p50 before training", "batch": batch, "teacher_p50_ms": round(teacher_ms, 4),
               "faster_than": FASTER, "tried": tried, "chosen": chosen, "why": why}
     return SpeedFit(student, b, record)
