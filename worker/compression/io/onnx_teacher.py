@@ -33,7 +33,7 @@ from ..errors import (
     UnsafeFileError,
     UnsupportedOpError,
 )
-from ..measure.export import run_rows
+from ..measure.export import fixed_batch, run_rows
 from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Task, Teacher
 from .onnx_cost import activation_cost, check_activation_cost
@@ -213,8 +213,6 @@ class _Runner:
         self.output = session.get_outputs()[0].name
         self.tokens = input_kind == "tokens"
         self.pooled = pooled
-        batch = self.args[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
     def _feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
@@ -284,7 +282,7 @@ def _input_kind(args: list[Any]) -> tuple[InputKind, tuple[int, ...]]:
 
 def _probe(runner: _Runner, kind: InputKind, shape: tuple[int, ...]) -> np.ndarray:
     """Run one zero batch: proves the graph executes and gives the real output shape."""
-    n = runner.fixed_batch or 1
+    n = fixed_batch(runner.session) or 1
     if kind == "tokens":
         ids = torch.zeros((n, *shape), dtype=torch.long)
         feeds = runner._feeds({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
