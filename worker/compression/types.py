@@ -10,7 +10,8 @@ Conventions
   ``forward_features(**inputs) -> ModelOutput`` exposing hidden states (and attention
   maps for transformers) for feature / attention matching.
 * ``task`` is one of ``classification`` (output = logits), ``regression`` (output =
-  values) or ``embedding`` (output = a pooled sentence / sample embedding).
+  values), ``embedding`` (output = a pooled sentence / sample embedding) or
+  ``token_classification`` (output = per-token logits ``(N, T, C)``; `students.hf_tokens`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Any, Callable, Literal, Protocol
 import torch
 from torch import nn
 
-Task = Literal["classification", "regression", "embedding"]
+Task = Literal["classification", "regression", "embedding", "token_classification"]
+"""``token_classification``: one label per token (NER); outputs ``(N, T, classes)`` logits, labels ``(N, T)``
+with -100 where no word starts (padding, special tokens, a word's later subwords)."""
 InputKind = Literal["vector", "image", "signal", "tokens"]
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DatasetError, SpecError
@@ -33,6 +34,7 @@ from ..types import (
     trim_padding,
 )
 from .losses import (
+    IGNORE_INDEX,
     attention_loss,
 )
 from .objective import (
@@ -89,7 +91,15 @@ def _check_data(task: str, teacher: Teacher, data: TensorData, name: str) -> Non
         return
     if y.shape[0] != len(data):
         raise DatasetError(f"the {name} split has {len(data)} inputs but {y.shape[0]} targets")
-    if task == "classification":
+    if task == "token_classification":
+        ids = data.inputs.get("input_ids")
+        if torch.is_floating_point(y) or ids is None or y.shape != ids.shape:
+            raise DatasetError(f"{name} labels must be one tag index (or -100) per token")
+        bad = ((y != IGNORE_INDEX) & ((y < 0) | (y >= teacher.output_dim))).nonzero()
+        if bad.numel():
+            raise DatasetError(f"{name} tag index {int(y[tuple(bad[0])])} is outside the teacher's "
+                               f"{teacher.output_dim} tags", row=int(bad[0, 0]))
+    elif task == "classification":
         if torch.is_floating_point(y) or y.ndim != 1:
             raise DatasetError(f"{name} labels must be one integer class index per sample")
         bad = ((y < 0) | (y >= teacher.output_dim)).nonzero()
@@ -128,12 +138,22 @@ def _model_outputs(model: nn.Module, inputs: dict[str, torch.Tensor], tokens: bo
     model.eval()
     out = torch.cat(
         [
-            model(**trim({k: v[lo : lo + EVAL_BATCH] for k, v in inputs.items()})).float()
+            pad_tokens_back(model(**trim({k: v[lo : lo + EVAL_BATCH] for k, v in inputs.items()})).float(),
+                            inputs, tokens)
             for lo in range(0, n, EVAL_BATCH)
         ]
     )
     model.train(was_training)
     return out.cpu()
+
+
+def pad_tokens_back(out: torch.Tensor, inputs: dict[str, torch.Tensor], tokens: bool) -> torch.Tensor:
+    """Per-token outputs ``(B, T', C)`` of a trimmed batch padded back to the data's length (zeros), so
+    batches of different trimmed lengths line up; other outputs come back as they are."""
+    ids = inputs.get("input_ids")
+    if not tokens or out.ndim != 3 or ids is None or out.shape[1] >= ids.shape[1]:
+        return out
+    return F.pad(out, (0, 0, 0, ids.shape[1] - out.shape[1]))
 
 
 def _teacher_params(teacher: Teacher) -> int:
@@ -222,13 +242,13 @@ def distill(
         t0 = time.perf_counter()
         eval_inputs = {k: v.to(device) for k, v in eval_data.inputs.items()}
         teacher_eval = runner.all_outputs(eval_data) if teacher_eval is None else teacher_eval.float().cpu()
-        teacher_metrics = evaluate_outputs(task, teacher_eval, eval_data.y, teacher_eval)
+        teacher_metrics = evaluate_outputs(task, teacher_eval, eval_data.y, teacher_eval, eval_data.classes)
         timings["teacher_eval_s"] = time.perf_counter() - t0
         metric = primary_metric(task)
 
         def evaluator(model: nn.Module) -> Callable[[], dict[str, Any]]:
             return lambda: evaluate_outputs(
-                task, _model_outputs(model, eval_inputs, tokens), eval_data.y, teacher_eval
+                task, _model_outputs(model, eval_inputs, tokens), eval_data.y, teacher_eval, eval_data.classes
             )
 
         # --- distillation ---------------------------------------------------------------
@@ -296,12 +316,12 @@ def distill(
         metrics: dict[str, dict[str, Any] | None] = {
             "teacher": teacher_metrics,
             "student": evaluate_outputs(
-                task, _model_outputs(student, eval_inputs, tokens), eval_data.y, teacher_eval
+                task, _model_outputs(student, eval_inputs, tokens), eval_data.y, teacher_eval, eval_data.classes
             ),
             "baseline": None
             if baseline is None
             else evaluate_outputs(
-                task, _model_outputs(baseline, eval_inputs, tokens), eval_data.y, teacher_eval
+                task, _model_outputs(baseline, eval_inputs, tokens), eval_data.y, teacher_eval, eval_data.classes
             ),
         }
         timings["evaluate_s"] = time.perf_counter() - t0 + timings.pop("teacher_eval_s")

@@ -15,6 +15,8 @@ from torch import nn
 from ..errors import SpecError
 
 _EPS = 1e-12
+IGNORE_INDEX = -100
+"""A token position without a label (`measure.entities.IGNORE`)."""
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -43,6 +45,29 @@ def kd_kl_topk(
     log_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, topk_indices.long())
     log_t = F.log_softmax(topk_values.float() / t, dim=-1)
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * (t * t)
+
+
+def token_kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, y: torch.Tensor | None,
+                temperature: float) -> torch.Tensor:
+    """Per-token KD for token classification: `kd_kl` over the labelled tokens only (``y`` != -100: the
+    words' first subwords; every position without labels). The student may see a batch trimmed of its
+    trailing padding (`types.trim_padding`): the teacher's logits and the labels are cut to its length."""
+    length = student_logits.shape[1]
+    s, t = student_logits[:, :length], teacher_logits[:, :length]
+    if y is None:
+        return kd_kl(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), temperature)
+    mask = y[:, :length] != IGNORE_INDEX
+    if not mask.any():
+        return student_logits.sum() * 0.0
+    return kd_kl(s[mask], t[mask], temperature)
+
+
+def token_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on per-token labels (-100 ignored), the labels cut to the (trimmed) batch length."""
+    y = y[:, : logits.shape[1]].long()
+    if not (y != IGNORE_INDEX).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def hard_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

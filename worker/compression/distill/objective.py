@@ -24,6 +24,8 @@ from .losses import (
     kd_kl,
     kd_kl_topk,
     regression_loss,
+    token_ce,
+    token_kd_kl,
 )
 from .trainer import LossFn
 
@@ -155,6 +157,9 @@ def task_loss_fn(
         if task == "classification":
             kd = kd_kl_topk(s, t[0], t[1], temperature) if isinstance(t, tuple) else kd_kl(s, t, temperature)
             return kd if y is None or a == 1.0 else a * kd + (1.0 - a) * hard_ce(s, y)
+        if task == "token_classification":
+            kd = token_kd_kl(s, t, y, temperature)
+            return kd if y is None or a == 1.0 else a * kd + (1.0 - a) * token_ce(s, y)
         if task == "embedding":
             return embedding_loss(s, t, spec.embedding_loss)
         to_teacher = regression_loss(s, t)
@@ -171,6 +176,8 @@ def baseline_loss_fn(task: str, spec: DistillSpec, model: nn.Module) -> LossFn:
         out = model(**inputs)
         if task == "classification":
             return hard_ce(out, y)
+        if task == "token_classification":
+            return token_ce(out, y)
         if task == "embedding":
             return embedding_loss(out, y, spec.embedding_loss)
         return regression_loss(out, y)

@@ -48,7 +48,14 @@ from ..types import (
     never_cancel,
     no_progress,
 )
-from .losses import embedding_loss, hard_ce, kd_kl, regression_loss
+from .losses import (
+    embedding_loss,
+    hard_ce,
+    kd_kl,
+    regression_loss,
+    token_ce,
+    token_kd_kl,
+)
 from .trainer import resolve_device, steps_per_epoch
 from .trainer import train as train_loop
 
@@ -121,6 +128,9 @@ def _distill_loss(
     if task == "classification":
         kd = kd_kl(out, target, spec.temperature)
         return kd if y is None else spec.alpha * kd + (1.0 - spec.alpha) * hard_ce(out, y)
+    if task == "token_classification":
+        kd = token_kd_kl(out, target, y, spec.temperature)
+        return kd if y is None else spec.alpha * kd + (1.0 - spec.alpha) * token_ce(out, y)
     if task == "regression":
         kd = regression_loss(out, target)
         return kd if y is None else spec.alpha * kd + (1.0 - spec.alpha) * regression_loss(out, y)

@@ -29,6 +29,7 @@ from .data_common import (
     too_large,
 )
 from .data_series import load_series
+from .data_tokens import is_token_file, load_token_records
 from .hf_folder import tokenize
 
 TABULAR_LABELS = ("label", "target", "y")
@@ -190,6 +191,8 @@ def load_jsonl(path: Path, ctx: ReadContext) -> TensorData:
             raise DatasetError(f"the records hold more than {ctx.limits.max_columns:,} distinct keys; each key "
                                f"becomes a column (a text, an optional pair and a label are read)", row=number)
     names = list(keys)
+    if is_token_file(names, ctx.spec.text_column):  # {"tokens": [...], "tags": [...]}: token classification
+        return load_token_records(records, lines.__getitem__, ctx, path.name)
     columns = {k: pd.Series([r.get(k) for r in records], dtype=object).to_numpy() for k in names}
     return _load_text(columns, names, len(records), lines.__getitem__, ctx, path.name)
 

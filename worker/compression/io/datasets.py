@@ -7,7 +7,8 @@ Formats (``DataSpec.format``; ``auto`` picks by file extension):
   (or ``input_ids``) holds integer token ids, with optional ``attention_mask`` / ``token_type_ids``.
 * ``csv`` / ``parquet`` (tabular): numeric feature columns and an optional label column.
 * ``jsonl`` / ``text_csv`` (text): a text column, an optional text-pair column and an optional
-  label, tokenized with the teacher's tokenizer. An auto-detected ``.csv`` is text when it has
+  label, tokenized with the teacher's tokenizer; or pre-split ``tokens`` with per-word ``tags`` (token
+  classification, `data_tokens`). An auto-detected ``.csv`` is text when it has
   ``DataSpec.text_column`` (or the teacher takes text), else tabular.
 * ``image_zip``: a zip (or tar, tar.gz) of class folders of PNG / JPEG images, resized and normalised.
 * ``audio_zip``: a zip (or tar) of class folders of WAV / FLAC clips, mono, resampled, cut or padded
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DatasetError
+from ..measure.entities import IGNORE
 from ..spec import DataSpec
 from ..types import InputKind, TensorData
 from .data_arrays import load_arrays
@@ -186,7 +188,8 @@ def _align_labels(train: TensorData, eval_data: TensorData) -> TensorData:
             raise DatasetError(f"evaluation targets have shape {tuple(eval_data.y.shape[1:])} but training "
                                f"targets have {tuple(train.y.shape[1:])}")
         return eval_data
-    if _is_index_classes(train.classes) and _is_index_classes(eval_data.classes):
+    if train.classes == eval_data.classes or (_is_index_classes(train.classes)
+                                              and _is_index_classes(eval_data.classes)):
         return eval_data  # same numbering; either side may simply lack the highest classes
     unknown = [c for c in eval_data.classes if c not in train.classes]
     if unknown:
@@ -201,7 +204,10 @@ def _pad_tokens(data: TensorData, length: int) -> TensorData:
     pad = length - data.inputs["input_ids"].shape[1]
     if pad == 0:
         return data
-    return replace(data, inputs={k: F.pad(v, (0, pad), value=0) for k, v in data.inputs.items()})
+    y = data.y  # per-token labels (token classification) are padded with the ignored label
+    if y is not None and data.meta.get("labels") == "per_word":
+        y = F.pad(y, (0, pad), value=IGNORE)
+    return replace(data, inputs={k: F.pad(v, (0, pad), value=0) for k, v in data.inputs.items()}, y=y)
 
 
 def teacher_normalisation(data_spec: DataSpec, teacher: Any) -> dict[str, Any]:
@@ -222,7 +228,7 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
     were integers already). Images are normalised as the teacher's own files say when the job does not
     say (`teacher_normalisation`)."""
     source = "given" if data_spec.classes is not None else "sorted"
-    if data_spec.classes is None and teacher.classes and task == "classification":
+    if data_spec.classes is None and teacher.classes and task in ("classification", "token_classification"):
         data_spec, source = data_spec.model_copy(update={"classes": list(teacher.classes)}), "teacher"
     norm = teacher_normalisation(data_spec, teacher)
     if norm:

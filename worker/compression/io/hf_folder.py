@@ -191,9 +191,11 @@ def _resolve_head(config: Any, folder: Path, task: str | None) -> tuple[Task, st
         archs = getattr(config, "architectures", None) or []
         if is_vision(config.model_type) or any(str(a).endswith("ForSequenceClassification") for a in archs):
             task = "regression" if getattr(config, "problem_type", None) == "regression" else "classification"
+        elif any(str(a).endswith("ForTokenClassification") for a in archs):
+            task = "token_classification"
         else:
             task = "embedding"
-    if task not in ("classification", "regression", "embedding"):
+    if task not in ("classification", "regression", "embedding", "token_classification"):
         raise SpecError(f"unknown task {task!r}")
     if task != "embedding":
         return task, "cls", False  # type: ignore[return-value]
@@ -210,13 +212,18 @@ def _auto_class(task: str, model_type: str) -> Any:
         AutoModel,
         AutoModelForImageClassification,
         AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
     )
 
     if is_vision(model_type):
         if task == "embedding":
             raise UnsupportedFormatError(f"a {model_type} teacher is an image classifier: task 'embedding' is "
                                          "not supported for it (use classification or regression)")
+        if task == "token_classification":
+            raise UnsupportedFormatError(f"a {model_type} teacher is an image classifier, not a token classifier")
         return AutoModelForImageClassification
+    if task == "token_classification":
+        return AutoModelForTokenClassification
     return AutoModel if task == "embedding" else AutoModelForSequenceClassification
 
 
@@ -344,7 +351,8 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
     """Load a local transformers folder (or zip) as a teacher; raise typed errors on bad files.
 
     The task is ``task``, else config.json's ``kdq_task``, else ``classification`` /
-    ``regression`` for a ``*ForSequenceClassification`` checkpoint, else ``embedding``
+    ``regression`` for a ``*ForSequenceClassification`` checkpoint, ``token_classification`` for a
+    ``*ForTokenClassification`` one (NER: per-token logits, `data_tokens`), else ``embedding``
     (pooling from the sentence-transformers files, default mean).
     """
     from transformers import AutoConfig  # heavy: only HF models need it
@@ -382,7 +390,7 @@ def load_hf_teacher(folder: Path, *, task: str | None = None) -> Teacher:
         num_parameters=sum(p.numel() for p in module.parameters()),
         size_bytes=weights.stat().st_size + extra_bytes,
         classes=class_names(getattr(config, "id2label", None), module.output_dim, "config.json id2label")
-        if task_ == "classification" else None,
+        if task_ in ("classification", "token_classification") else None,
     )
 
 

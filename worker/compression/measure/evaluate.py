@@ -31,6 +31,7 @@ from ..errors import DatasetError, InputError, SpecError
 from ..types import Task
 from .export import feed_arrays, run_onnx_model, run_rows
 from .export import session as ort_session
+from .entities import IGNORE, sentence_disagreement
 from .metrics import per_class
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -277,6 +278,8 @@ def disagreements(
     if s.shape != t.shape:
         raise ValueError(f"student output shape {s.shape} differs from teacher output shape {t.shape}")
     s2, t2 = s.reshape(len(s), -1), t.reshape(len(t), -1)
+    if task == "token_classification":  # sentences with the most words tagged differently
+        return token_disagreements(s, t, k, texts, y=y, classes=classes)
     if task == "classification":
         log_ps = s2 - np.logaddexp.reduce(s2, axis=1, keepdims=True)
         log_pt = t2 - np.logaddexp.reduce(t2, axis=1, keepdims=True)
@@ -316,6 +319,28 @@ def disagreements(
             row.update({"abs_diff": float(score[i]), "student": s2[i].tolist(), "teacher": t2[i].tolist()})
         if labels is not None:
             row["label"] = name(int(labels[i])) if task == "classification" else labels[i].tolist()
+        if texts is not None:
+            row["text"] = texts[i]
+        rows.append(row)
+    return rows
+
+
+def token_disagreements(s: np.ndarray, t: np.ndarray, k: int, texts: Sequence[str] | None, *,
+                        y: ArrayLike | None, classes: Sequence[str] | None) -> list[dict[str, Any]]:
+    """Token classification: the sentences whose words the student tags most differently from the teacher
+    (counted on the labelled words), with both tag sequences."""
+    labels = None if y is None else torch.as_tensor(_numpy(y)).long()
+    differ = sentence_disagreement(torch.from_numpy(s), torch.from_numpy(t), labels).numpy()
+    order = [int(i) for i in np.argsort(-differ, kind="stable")[: max(0, k)] if differ[i] > 0]
+    names = list(classes) if classes is not None else [str(i) for i in range(s.shape[-1])]
+    rows = []
+    for i in order:
+        keep = np.ones(s.shape[1], dtype=bool) if labels is None else (labels[i] != IGNORE).numpy()
+        row: dict[str, Any] = {"index": i, "words_differing": int(differ[i]),
+                               "student_tags": [names[c] for c in s[i].argmax(-1)[keep]],
+                               "teacher_tags": [names[c] for c in t[i].argmax(-1)[keep]]}
+        if labels is not None:
+            row["tags"] = [names[c] for c in labels[i][labels[i] != IGNORE].tolist()]
         if texts is not None:
             row["text"] = texts[i]
         rows.append(row)

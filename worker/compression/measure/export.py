@@ -41,7 +41,7 @@ def export_onnx(
     ``rename`` calls them: a student takes the name its teacher's graph took, e.g. ``image``).
 
     Axis 0 of every input and of ``output`` is dynamic (``dynamic_batch``); axis 1 of token inputs
-    is dynamic too (``dynamic_seq``). ``task`` (or ``module.task``) is stored as metadata ``kdq_task``.
+    is dynamic too (``dynamic_seq``), and so is axis 1 of a token classifier's output. ``task`` (or ``module.task``) is stored as metadata ``kdq_task``.
     """
     if not sample_inputs:
         raise InputError("export_onnx needs at least one sample input")
@@ -60,6 +60,8 @@ def export_onnx(
             axes[name] = ax
     if dynamic_batch:
         axes[OUTPUT_NAME] = {0: "batch"}
+    if dynamic_seq and (task or getattr(module, "task", None)) == "token_classification":
+        axes[OUTPUT_NAME] = {**axes.get(OUTPUT_NAME, {}), 1: "sequence"}  # one tag per token: (N, T, C)
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     kwargs = {k: v.to(device) for k, v in sample_inputs.items()}

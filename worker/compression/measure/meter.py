@@ -80,7 +80,7 @@ class Meter:
     def score(self, outputs: torch.Tensor) -> dict[str, Any]:
         """The task metrics of ``outputs`` against the labels (none for embeddings) and the teacher."""
         y = self.evald.y if self.task != "embedding" else None
-        scores = evaluate_outputs(self.task, outputs, y, self.teacher_out)
+        scores = evaluate_outputs(self.task, outputs, y, self.teacher_out, self.evald.classes)
         scores.update(extra_metrics(self.evald.meta, outputs, y, self.teacher_out))
         return scores
 

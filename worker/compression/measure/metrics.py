@@ -10,17 +10,20 @@ import torch.nn.functional as F
 from ..errors import SpecError
 from ..spec.base import LOWER_IS_BETTER
 from ..types import Task
+from .entities import ENTITY_METRICS, entity_metrics
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("accuracy", "macro_f1"),
     "embedding": ("cosine", "mse"),
     "regression": ("mse", "mae", "r2"),
+    "token_classification": ENTITY_METRICS,
 }
 
 
 def primary_metric(task: Task | str) -> str:
     """The metric early stopping and reports lead with."""
-    return {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[task]
+    return {"classification": "accuracy", "embedding": "cosine", "regression": "mse",
+            "token_classification": "entity_f1"}[task]
 
 
 def higher_is_better(metric: str) -> bool:
@@ -100,13 +103,15 @@ def r2(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def evaluate_outputs(
-    task: Task | str, outputs: torch.Tensor, y: torch.Tensor | None, teacher_outputs: torch.Tensor | None
+    task: Task | str, outputs: torch.Tensor, y: torch.Tensor | None, teacher_outputs: torch.Tensor | None,
+    classes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one model's eval-set outputs.
 
     ``reference`` says what they were measured against: the labels when there are any,
     else the teacher (argmax agreement reported as ``accuracy``, for unlabelled data).
-    Embeddings are always compared with the teacher's.
+    Embeddings are always compared with the teacher's. Token classification (entity F1, `entities`)
+    needs the labels and the tag names ``classes``.
     """
     outputs = outputs.detach().float().cpu()
     teacher = None if teacher_outputs is None else teacher_outputs.detach().float().cpu()
@@ -124,6 +129,10 @@ def evaluate_outputs(
         if y is not None and t_pred is not None:
             out["teacher_agreement"] = accuracy(pred, t_pred)
         return out
+    if task == "token_classification":
+        if y is None:
+            raise SpecError("token classification metrics need the tags (labels)")
+        return entity_metrics(outputs, y.cpu(), classes, teacher)
     if task == "embedding":
         if teacher is None:
             raise SpecError("embedding metrics need the teacher's embeddings")

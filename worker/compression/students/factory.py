@@ -146,6 +146,7 @@ def check_outputs(teacher: Teacher, student: Student) -> None:
     with torch.no_grad():
         out = student.module(**inputs)
     student.module.train(was_training)
-    if tuple(out.shape) != (2, teacher.output_dim):
+    want = (2, *shape, teacher.output_dim) if teacher.task == "token_classification" else (2, teacher.output_dim)
+    if tuple(out.shape) != want:  # a token classifier: one row of tag logits per token
         raise SpecError(f"the student outputs shape {tuple(out.shape[1:])} per sample; "
-                        f"the teacher outputs ({teacher.output_dim},)")
+                        f"the teacher outputs {want[1:]}")

@@ -49,7 +49,7 @@ class HFEncoder(nn.Module):
                  normalize: bool = False, *, token_map: torch.Tensor | None = None,
                  project: nn.Linear | None = None) -> None:
         super().__init__()
-        if task not in ("classification", "regression", "embedding"):
+        if task not in ("classification", "regression", "embedding", "token_classification"):
             raise SpecError(f"unknown task {task!r}")
         if pooling not in ("mean", "cls"):
             raise UnsupportedFormatError(f"pooling {pooling!r} is not supported (use mean or cls)")
