@@ -23,6 +23,7 @@ METRIC_TASKS = {
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
     "mae": {"regression"},
+    "entity_f1": {"token_classification"},
 }
 
 
@@ -52,7 +53,7 @@ def check_job(
     for pointer, summary in (("#/dataset_id", dataset), ("#/eval_dataset_id", eval_dataset)):
         if summary is not None:
             errors += _shape_errors(pointer, teacher, summary)
-            if task == "classification":
+            if task in ("classification", "token_classification"):
                 errors += _class_errors(pointer, spec, teacher, summary)
     if teacher_input == "tokens" and teacher.get("input_shape") and spec.data.max_length > teacher["input_shape"][0]:
         bad("#/data/max_length", f"the teacher reads at most {teacher['input_shape'][0]} tokens; "
@@ -89,7 +90,8 @@ def check_job(
     return errors
 
 
-PRIMARY_METRIC = {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}
+PRIMARY_METRIC = {"classification": "accuracy", "embedding": "cosine", "regression": "mse",
+                  "token_classification": "entity_f1"}
 
 
 def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
@@ -99,6 +101,9 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     measures that batch size too.
     """
     targets = spec.targets
+    if task == "token_classification" and spec.student is not None and spec.student.kind == "search":
+        return [FieldError(pointer="#/student/kind", detail="a search over token classification (NER) students "
+                                                            "is not supported yet: use student kind 'derived' or 'auto'")]
     if targets is None or not task:
         return []
     metric = targets.metric or PRIMARY_METRIC.get(task)
@@ -157,6 +162,13 @@ def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, 
         elif asked == "classification" and outputs == 1:
             errors.append(FieldError(pointer="#/task", detail="the teacher has one output: it cannot classify"))
     task = asked or teacher_task
+    tagged = dataset.get("labels") == "per_word"
+    if task == "token_classification" and not tagged:
+        errors.append(FieldError(pointer="#/dataset_id", detail="a token classifier (NER) learns from tagged words: "
+                                 "upload JSON Lines of {\"tokens\": [words], \"tags\": [one tag per word]}"))
+    if tagged and task and task != "token_classification":
+        errors.append(FieldError(pointer="#/dataset_id", detail=f"the dataset tags words (token classification), "
+                                 f"but the teacher is a {task} model"))
     labelled_numbers = dataset.get("labelled") and not dataset.get("classes")
     if task == "classification" and labelled_numbers:
         errors.append(FieldError(pointer="#/task", detail="the dataset's labels are numbers with fractions "

@@ -31,6 +31,7 @@ from torch import nn
 
 from .distill.distill import DistillResult, distill
 from .distill.teacher_cache import TeacherCache
+from .errors import SpecError
 from .fields import primary_metric as field_metric
 from .measure.export import export_onnx, onnx_size_bytes
 from .measure.meter import Meter, latency_at
@@ -46,6 +47,7 @@ from .spec import (
     QatConfig,
     QuantizationConfig,
     QuantizationMethod,
+    SearchStudent,
     StaticInt8Config,
     StudentKind,
 )
@@ -89,6 +91,9 @@ class CandidatePipeline:
                  meter: Meter, progress: ProgressFn, cancel: CancelFn) -> None:
         self.teacher, self.train, self.evald, self.spec, self.task = teacher, train, evald, spec, task
         self.meter, self.progress, self.cancel = meter, progress, cancel
+        if task == "token_classification" and isinstance(spec.student, SearchStudent):
+            raise SpecError("a search over token classification (NER) students is not supported yet: use student "
+                            "kind 'derived' or 'auto'")
         self.sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self.metric = field_metric(task, evald.meta, primary_metric(task))
         """The metric the quantizers' evaluation watches (the search sets its goal's)."""

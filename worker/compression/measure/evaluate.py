@@ -29,9 +29,9 @@ from torch import nn
 
 from ..errors import DatasetError, InputError, SpecError
 from ..types import Task
+from .entities import IGNORE, sentence_disagreement
 from .export import feed_arrays, run_onnx_model, run_rows
 from .export import session as ort_session
-from .entities import IGNORE, sentence_disagreement
 from .metrics import per_class
 
 ArrayLike = np.ndarray | torch.Tensor

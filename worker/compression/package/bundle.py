@@ -55,6 +55,8 @@ def preprocessing(teacher: Teacher, data: TensorData, task: str, *, input_names:
         out["tabular"] = {"columns": list(data.meta["columns"]),
                           "label_column": data.meta.get("label_column") or None}
     if data.input_kind == "tokens":
+        if teacher.input_shape and int(teacher.input_shape[0]) > 0:  # as the data was read: the model's limit
+            max_length = min(max_length, int(teacher.input_shape[0]))
         out["text"] = {"tokenizer": tokenizer_file, "max_length": max_length, "column": text_column,
                        "pad_id": _pad_id(teacher)}
     if student:

@@ -11,7 +11,8 @@
     python predict.py data.npz           # an array x, already preprocessed as the teacher took it
 
 One JSON line per input on stdout: the class (with its probability) for a classifier, the values for
-a regressor, the vector for an embedding model. As a library: ``Bundle(folder).predict_files(paths)``.
+a regressor, the vector for an embedding model, each word's tag and the entities for a token
+classifier (NER; a .jsonl line may also give pre-split ``tokens``). As a library: ``Bundle(folder).predict_files(paths)``.
 Every preprocessing step is read from ``preprocessing.json`` beside this file; nothing else is assumed.
 """
 
@@ -108,6 +109,7 @@ class Bundle:
         tok.enable_truncation(spec["max_length"])
         tok.enable_padding(pad_id=spec.get("pad_id", 0), length=spec["max_length"])
         encoded = tok.encode_batch(texts)
+        self.encoded = list(zip(texts, encoded, strict=True))  # (a token classifier's words and their spans)
         arrays = {"input_ids": np.asarray([e.ids for e in encoded], np.int64),
                   "attention_mask": np.asarray([e.attention_mask for e in encoded], np.int64),
                   "token_type_ids": np.asarray([e.type_ids for e in encoded], np.int64)}
@@ -131,7 +133,8 @@ class Bundle:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             column = self.pre.get("text", {}).get("column", "text")
             lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return self.texts([str(r[column]) for r in lines])
+            return self.texts([" ".join(map(str, r["tokens"])) if "tokens" in r and column not in r
+                               else str(r[column]) for r in lines])
         if path.suffix.lower() == ".npz":
             return self.arrays(path)
         raise SystemExit(f"{path}: expected image files, .csv, .jsonl or .npz")
@@ -145,6 +148,8 @@ class Bundle:
 
     def answers(self, outputs: np.ndarray) -> list[dict[str, Any]]:
         task, classes = self.pre["task"], self.pre.get("classes")
+        if task == "token_classification":
+            return [self.tagged(text, enc, row, classes) for (text, enc), row in zip(self.encoded, outputs, strict=True)]
         if task == "classification":
             z = outputs - outputs.max(-1, keepdims=True)
             probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
@@ -158,6 +163,32 @@ class Bundle:
                      "steps": spec["horizon"]} for row in outputs]
         key = "values" if task == "regression" else "embedding"
         return [{key: [float(v) for v in np.ravel(row)]} for row in outputs]
+
+    @staticmethod
+    def tagged(text: str, enc: Any, logits: np.ndarray, classes: list[str]) -> dict[str, Any]:
+        """Each word's tag (read on its first subword) and the BIO entities they spell."""
+        words: list[dict[str, Any]] = []
+        for position, word in enumerate(enc.word_ids):
+            if word is not None and (not words or words[-1]["index"] != word):
+                start, end = enc.offsets[position]
+                words.append({"index": word, "start": start, "tag": classes[int(logits[position].argmax())]})
+            if word is not None:
+                words[-1]["end"] = enc.offsets[position][1]
+        entities: list[dict[str, Any]] = []
+        for w in words:
+            kind = w["tag"][2:]
+            if w["tag"].startswith("I-") and entities and entities[-1]["type"] == kind and entities[-1]["open"]:
+                entities[-1]["end"] = w["end"]
+                continue
+            if entities:
+                entities[-1]["open"] = False
+            if w["tag"][:2] in ("B-", "I-"):
+                entities.append({"type": kind, "start": w["start"], "end": w["end"], "open": True})
+            elif entities:
+                entities[-1]["open"] = False
+        return {"words": [{"word": text[w["start"]:w["end"]], "tag": w["tag"]} for w in words],
+                "entities": [{"text": text[e["start"]:e["end"]], "type": e["type"], "start": e["start"],
+                              "end": e["end"]} for e in entities]}
 
     def predict_files(self, paths: list[Path]) -> list[dict[str, Any]]:
         return self.answers(self.run(self.inputs_of([Path(p) for p in paths])))
