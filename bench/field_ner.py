@@ -111,7 +111,7 @@ def ner_config(**over: Any) -> Any:
     from transformers import BertConfig
 
     cfg = {"vocab_size": len(vocabulary()), "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-           "intermediate_size": 128, "max_position_embeddings": 64, "num_labels": len(TAGS),
+           "intermediate_size": 128, "max_position_embeddings": 128, "num_labels": len(TAGS),
            "id2label": dict(enumerate(TAGS)), "label2id": {t: i for i, t in enumerate(TAGS)}, **over}
     return BertConfig(**cfg)
 

@@ -29,10 +29,10 @@ JOB = {"student": {"kind": "derived", "num_layers": 2},
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    """A 4-layer BERT token classifier (hidden 64) trained for 150 steps on 400 generated sentences; the
+    """A 4-layer BERT token classifier (hidden 64, 64 positions) trained for 150 steps on 400 generated sentences; the
     job's 300 sentences are others."""
     torch.set_num_threads(1)
-    return ner_problem(tmp_path_factory.mktemp("ner"), sentences_n=300, steps=150)
+    return ner_problem(tmp_path_factory.mktemp("ner"), sentences_n=300, steps=150, max_position_embeddings=64)
 
 
 def test_tags_go_on_the_first_subword_of_each_word():
