@@ -14,6 +14,9 @@ Cases (generated data, teachers trained here in seconds; `bench.field_cases`)
   vit             a Hugging Face ViT (6 layers, hidden 64) on 32×32 pattern images; the plain script distils
                   a ViT of as many full-width teacher layers as fit the budget, and the engine's student
                   graph is also quantized both ways (dynamic and static int8): `bench.fields_vit`.
+  ner             a Hugging Face BERT token classifier (6 layers, hidden 128) on generated NER sentences (people,
+                  organisations, places; BIO tags); judged by entity F1 (seqeval); the plain script distils
+                  the teacher's first and last layers per token (KL at T = 2 + CE): `bench.fields_ner`.
 
 For each: the engine's job (`compress`: auto student at ≤ 25 % of the teacher's parameters, its default
 recipe, the model it delivers as model.onnx) and a plain script (an MLP of the same parameter budget
@@ -22,7 +25,7 @@ the same held-out split the engine uses (for the series: the last 20 % of the wi
 the field's metric (MAE, MAPE, sMAPE / agreement and return), file size, p50 latency at batch 1 and 64
 (onnxruntime, 1 thread, interleaved), and ratios to the teacher.
 
-Usage: python bench/fields.py [--cases forecast-mlp,cartpole,vit] [--quick]
+Usage: python bench/fields.py [--cases forecast-mlp,cartpole,vit,ner] [--quick]
 """
 
 from __future__ import annotations
@@ -181,6 +184,10 @@ def case(name: str, quick: bool, tmp: Path) -> list[dict[str, Any]]:
         from bench.fields_vit import vit_case
 
         return vit_case(quick, tmp, engine_job=engine_job, p50s=p50s, run_onnx=run_onnx)
+    if name == "ner":
+        from bench.fields_ner import ner_case
+
+        return ner_case(quick, tmp, engine_job=engine_job)
     epochs = 10 if quick else 30
     if name.startswith("forecast"):
         arch = name.split("-")[1]
@@ -258,8 +265,9 @@ def fmt(v: Any) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ["case", "model", "mae", "mape", "smape", "accuracy", "agreement", "return", "size_bytes", "p50_ms_b1", "p50_ms_b64",
-            "size_ratio", "speedup_b1", "speedup_b64", "mae_vs_teacher", "accuracy_vs_teacher", "wall_s", "delivered", "verdict"]
+    cols = ["case", "model", "mae", "mape", "smape", "entity_f1", "entity_precision", "entity_recall", "token_accuracy",
+            "accuracy", "agreement", "return", "size_bytes", "p50_ms_b1", "p50_ms_b64", "size_ratio", "speedup_b1",
+            "speedup_b64", "mae_vs_teacher", "accuracy_vs_teacher", "f1_vs_teacher", "wall_s", "delivered", "verdict"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -170,7 +170,7 @@ class Bundle:
         words: list[dict[str, Any]] = []
         for position, word in enumerate(enc.word_ids):
             if word is not None and (not words or words[-1]["index"] != word):
-                start, end = enc.offsets[position]
+                start = enc.offsets[position][0]
                 words.append({"index": word, "start": start, "tag": classes[int(logits[position].argmax())]})
             if word is not None:
                 words[-1]["end"] = enc.offsets[position][1]
