@@ -121,3 +121,25 @@ def test_a_search_over_ner_students_is_refused_by_name(problem, tmp_path):
                                                                                  "max_drop": 0.02}})
     with pytest.raises(SpecError, match="search over token classification"):
         compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"], output_dir=tmp_path)
+
+
+def test_texts_with_sentence_labels_are_no_data_for_a_token_classifier(problem, tmp_path):
+    teacher = load_teacher(problem["teacher"])
+    path = write_jsonl(tmp_path / "texts.jsonl", [{"text": "ada works", "label": "x"}] * 4)
+    with pytest.raises(DatasetError, match="tagged words"):
+        load_for_teacher(path, None, DataSpec(), teacher, teacher.task)
+
+
+def test_hidden_state_and_attention_kd_run_per_token(problem, tmp_path):
+    """The teacher runs on every (trimmed) batch for its hidden states: its per-token logits and the tags
+    still line up with the student's."""
+    spec = CompressSpec.model_validate({
+        **JOB, "student": {"kind": "derived", "num_layers": 2, "width_ratio": 0.5},
+        "distillation": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "feature_loss": "mse", "attention_weight": 1.0,
+                         "baseline": False, "target": {"metric": "entity_f1", "min": 0.999}},
+        "quantization": {"method": "none"}})
+    report = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"],
+                      output_dir=tmp_path).metrics
+    assert report["distillation"]["teacher_cache"]["used"] is False
+    student = next(m for m in report["models"] if m["name"] == "student")
+    assert 0.0 <= student["metric"]["entity_f1"] <= 1.0

@@ -202,6 +202,9 @@ def _load_text(columns: dict[str, np.ndarray], names: list[str], n: int, row_of:
     spec = ctx.spec
     if ctx.tokenizer is None and not ctx.structure_only:
         raise DatasetError("text data needs a teacher with a tokenizer")
+    if ctx.task == "token_classification":
+        raise DatasetError(f"{source} holds texts, but a token classifier (NER) learns from tagged words: JSON Lines "
+                           '{"tokens": [words], "tags": [one tag per word]}')
     if n == 0:
         raise DatasetError(f"{source} holds no rows")
     if spec.text_column not in names:
