@@ -5,8 +5,9 @@ tests and `bench.fields` (case ``ner``), and the hand-written per-token KD peer 
 The sentences: templates ("{PER} works for {ORG} in {LOC} .") filled from word lists of people (one or
 two words), organisations (one or two words) and places, tagged BIO (``B-PER``, ``I-PER``, ``B-ORG``,
 ``I-ORG``, ``B-LOC``, ``I-LOC``, ``O``). Some long names are two WordPieces in the vocabulary (``mar ##isol``),
-so a word's tag sits on its first subword. A few names are both a person and a place ("jordan",
-"paris"): only the context tells. The teacher folder is what a team would upload: ``config.json``
+so a word's tag sits on its first subword. Some names are a person, a place or a company ("jordan",
+"lincoln", "ford") and a fifth of the entity words are made up (spelt letter by letter): only the context
+tells. The teacher folder is what a team would upload: ``config.json``
 (``BertForTokenClassification``, tags in ``id2label``) + ``model.safetensors`` + the tokenizer files.
 """
 
@@ -22,12 +23,20 @@ import torch.nn.functional as F
 
 TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC")
 FIRST = ("ada", "grace", "alan", "marisol", "kenji", "olusegun", "ingrid", "tomasz", "priya", "jordan",
-         "lucia", "dmitri", "fatima", "henrik", "akosua", "mateo")
-LAST = ("lovelace", "hopper", "turing", "okafor", "tanaka", "novak", "sharma", "berg", "silva", "haddad")
+         "lucia", "dmitri", "fatima", "henrik", "akosua", "mateo", "florence", "georgia", "paris")
+LAST = ("lovelace", "hopper", "turing", "okafor", "tanaka", "novak", "sharma", "berg", "silva", "haddad",
+        "lincoln", "ford", "washington")
 ORG = (("acme",), ("globex",), ("initech",), ("umbrella", "labs"), ("stark", "industries"), ("wayne", "group"),
-       ("hooli",), ("vandelay", "imports"), ("cyberdyne",), ("soylent", "corp"))
+       ("hooli",), ("vandelay", "imports"), ("cyberdyne",), ("soylent", "corp"), ("ford",), ("lincoln", "labs"))
 LOC = (("paris",), ("lagos",), ("kyoto",), ("oslo",), ("lima",), ("new", "delhi"), ("san", "jose"),
-       ("cape", "town"), ("jordan",), ("valparaiso",), ("reykjavik",), ("nairobi",))
+       ("cape", "town"), ("jordan",), ("valparaiso",), ("reykjavik",), ("nairobi",), ("florence",),
+       ("georgia",), ("washington",), ("lincoln",))
+"""Some words are in several lists (paris, jordan, florence, georgia, lincoln, ford, washington): only the
+context tells a person from a place or a company."""
+NOVEL = 0.2
+"""The share of entity words replaced by a made-up name (letters the vocabulary spells one by one):
+unseen by every model, so only the context and the letters tell its type."""
+SYLLABLES = ("ka", "zu", "mi", "ro", "tan", "vel", "dor", "qui", "sha", "lek", "bo", "ny")
 TEMPLATES = (
     "{PER} works for {ORG} in {LOC} .",
     "{PER} moved to {LOC} last year .",
@@ -51,8 +60,9 @@ def _pieces(word: str) -> list[str]:
 def vocabulary() -> list[str]:
     words = {w for t in TEMPLATES for w in t.split() if not w.startswith("{")}
     words |= set(FIRST) | set(LAST) | {w for o in ORG for w in o} | {w for loc in LOC for w in loc}
-    pieces = sorted({p for w in words for p in _pieces(w)})
-    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *pieces]
+    pieces = {p for w in words for p in _pieces(w)}
+    pieces |= {c for c in "abcdefghijklmnopqrstuvwxyz"} | {"##" + c for c in "abcdefghijklmnopqrstuvwxyz"}
+    return ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(pieces)]
 
 
 def tokenizer() -> Any:
@@ -62,14 +72,17 @@ def tokenizer() -> Any:
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocabulary())})
 
 
-def _entity(kind: str, rng: random.Random) -> list[str]:
+def _entity(kind: str, rng: random.Random, novel: float) -> list[str]:
     if kind == "PER":
-        return [rng.choice(FIRST)] + ([rng.choice(LAST)] if rng.random() < 0.5 else [])
-    return list(rng.choice(ORG if kind == "ORG" else LOC))
+        words = [rng.choice(FIRST)] + ([rng.choice(LAST)] if rng.random() < 0.5 else [])
+    else:
+        words = list(rng.choice(ORG if kind == "ORG" else LOC))
+    return [("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))) if rng.random() < novel else w)
+            for w in words]
 
 
-def sentences(n: int, seed: int = 0) -> list[dict[str, list[str]]]:
-    """``n`` tagged sentences ``{"tokens": [...], "tags": [...]}``."""
+def sentences(n: int, seed: int = 0, novel: float = NOVEL) -> list[dict[str, list[str]]]:
+    """``n`` tagged sentences ``{"tokens": [...], "tags": [...]}``, ``novel`` of the entity words made up."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -77,7 +90,7 @@ def sentences(n: int, seed: int = 0) -> list[dict[str, list[str]]]:
         for part in rng.choice(TEMPLATES).split():
             if part.startswith("{"):
                 kind = part[1:-1]
-                words = _entity(kind, rng)
+                words = _entity(kind, rng, novel)
                 tokens += words
                 tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1)
             else:
@@ -92,7 +105,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def encode(tok: Any, rows: list[dict[str, Any]], max_length: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def encode(tok: Any, rows: list[dict[str, Any]], max_length: int = 64) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Token inputs and labels: each word's tag index on its first subword, -100 elsewhere."""
     enc = tok([r["tokens"] for r in rows], is_split_into_words=True, truncation=True, max_length=max_length,
               padding="longest", return_tensors="pt")
@@ -116,16 +129,17 @@ def ner_config(**over: Any) -> Any:
     return BertConfig(**cfg)
 
 
-def ner_problem(folder: Path, *, sentences_n: int = 400, steps: int = 200, seed: int = 0,
+def ner_problem(folder: Path, *, sentences_n: int = 400, steps: int = 200, seed: int = 0, novel: float = NOVEL,
                 **config: Any) -> dict[str, Path]:
     """``data.jsonl`` (``sentences_n`` sentences) and a BERT token classifier (``teacher/``) trained on as many
-    other sentences for ``steps`` AdamW steps of batch 32 (lr 2e-3, linear decay)."""
+    other sentences for ``steps`` AdamW steps of batch 32 (lr 2e-3, linear decay); ``novel``: the share of
+    made-up entity words (`NOVEL`)."""
     from transformers import BertForTokenClassification
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl(folder / "data.jsonl", sentences(sentences_n, seed))
+    data = write_jsonl(folder / "data.jsonl", sentences(sentences_n, seed, novel))
     tok = tokenizer()
-    inputs, y = encode(tok, sentences(max(sentences_n, 400), seed + 1000))
+    inputs, y = encode(tok, sentences(max(sentences_n, 400), seed + 1000, novel))
     torch.manual_seed(seed)
     model = BertForTokenClassification(ner_config(**config))
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=0.01)

@@ -29,10 +29,11 @@ JOB = {"student": {"kind": "derived", "num_layers": 2},
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    """A 4-layer BERT token classifier (hidden 64, 64 positions) trained for 150 steps on 400 generated sentences; the
-    job's 300 sentences are others."""
+    """A 4-layer BERT token classifier (hidden 64, 64 positions) trained for 150 steps on 400 generated sentences
+    (names from the word lists only, some of them ambiguous); the job's 300 sentences are others."""
     torch.set_num_threads(1)
-    return ner_problem(tmp_path_factory.mktemp("ner"), sentences_n=300, steps=150, max_position_embeddings=64)
+    return ner_problem(tmp_path_factory.mktemp("ner"), sentences_n=300, steps=150, novel=0.0,
+                       max_position_embeddings=64)
 
 
 def test_tags_go_on_the_first_subword_of_each_word():
@@ -62,10 +63,10 @@ def test_a_token_classification_folder_loads_and_its_data_aligns(problem, tmp_pa
     assert scores["entity_f1"] > 0.8 and scores["teacher_agreement"] == 1.0
 
     # ner_tags (Hugging Face datasets' name) with integer tags read the same
-    rows = [{"tokens": r["tokens"], "ner_tags": [TAGS.index(t) for t in r["tags"]]} for r in sentences(20, seed=3)]
+    rows = [{"tokens": r["tokens"], "ner_tags": [TAGS.index(t) for t in r["tags"]]} for r in sentences(20, seed=3, novel=0.5)]
     again = load_dataset(write_jsonl(tmp_path / "ints.jsonl", rows), DataSpec(classes=list(TAGS)),
                          tokenizer=teacher.tokenizer, input_kind="tokens", task="token_classification")
-    named = load_dataset(write_jsonl(tmp_path / "names.jsonl", sentences(20, seed=3)), DataSpec(classes=list(TAGS)),
+    named = load_dataset(write_jsonl(tmp_path / "names.jsonl", sentences(20, seed=3, novel=0.5)), DataSpec(classes=list(TAGS)),
                          tokenizer=teacher.tokenizer, input_kind="tokens", task="token_classification")
     assert torch.equal(again.y, named.y) and torch.equal(again.inputs["input_ids"], named.inputs["input_ids"])
 
