@@ -144,3 +144,15 @@ def test_hidden_state_and_attention_kd_run_per_token(problem, tmp_path):
     assert report["distillation"]["teacher_cache"]["used"] is False
     student = next(m for m in report["models"] if m["name"] == "student")
     assert 0.0 <= student["metric"]["entity_f1"] <= 1.0
+
+
+def test_a_separate_eval_file_of_longer_sentences_is_padded_with_ignored_tags(problem, tmp_path):
+    teacher = load_teacher(problem["teacher"])
+    longer = [{"tokens": r["tokens"] * 3, "tags": r["tags"] * 3} for r in sentences(10, seed=7)]
+    train, evald, _ = load_for_teacher(problem["data"], write_jsonl(tmp_path / "eval.jsonl", longer), DataSpec(),
+                                       teacher, teacher.task)
+    assert train.inputs["input_ids"].shape[1] == evald.inputs["input_ids"].shape[1] == train.y.shape[1]
+    padding = train.inputs["attention_mask"] == 0
+    assert padding.any() and (train.y[padding] == IGNORE).all()
+    lost = evald.meta["truncated_words"]  # 64 positions: the longest sentences lose their last words
+    assert lost > 0 and (evald.y != IGNORE).sum() + lost == sum(len(r["tokens"]) for r in longer)
