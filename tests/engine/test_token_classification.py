@@ -19,6 +19,7 @@ from worker.compression.io.data_tokens import align_tags, tokenize_words
 from worker.compression.io.datasets import load_dataset, load_for_teacher
 from worker.compression.io.teachers import load_teacher
 from worker.compression.measure.entities import IGNORE, entity_metrics
+from worker.compression.measure.teacher_check import TeacherDisagreesError, check_teacher
 from worker.compression.spec import CompressSpec, DataSpec
 
 JOB = {"student": {"kind": "derived", "num_layers": 2},
@@ -156,3 +157,14 @@ def test_a_separate_eval_file_of_longer_sentences_is_padded_with_ignored_tags(pr
     assert padding.any() and (train.y[padding] == IGNORE).all()
     lost = evald.meta["truncated_words"]  # 64 positions: the longest sentences lose their last words
     assert lost > 0 and (evald.y != IGNORE).sum() + lost == sum(len(r["tokens"]) for r in longer)
+
+
+def test_a_teacher_that_does_not_predict_the_tags_is_stopped_before_training(problem):
+    teacher = load_teacher(problem["teacher"])
+    train, evald, _ = load_for_teacher(problem["data"], None, DataSpec(), teacher, teacher.task)
+    check, _, _ = check_teacher(teacher, train, evald, teacher.task)
+    assert check.metric == "token_accuracy" and check.passed and check.value > check.chance > 0.5  # mostly O
+    wrong = DataSpec(classes=list(reversed(TAGS)))  # the tags numbered in another order than id2label's
+    train, evald, _ = load_for_teacher(problem["data"], None, wrong, teacher, teacher.task)
+    with pytest.raises(TeacherDisagreesError, match="token accuracy .* tagged evaluation words.* commonest tag"):
+        check_teacher(teacher, train, evald, teacher.task)

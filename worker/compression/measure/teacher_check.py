@@ -25,6 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import InputError
 from ..io.data_images import IMAGE_SCALES
 from ..types import Teacher, TensorData
+from .entities import IGNORE
 from .metrics import accuracy, r2
 
 SAMPLE = 512
@@ -78,9 +79,18 @@ def check_teacher(teacher: Teacher, train: TensorData, evald: TensorData, task: 
     """Score the teacher on labelled eval rows (raises `TeacherDisagreesError` when it is at chance);
     for images with ``image_scale`` ``auto``, rescale train and eval to the scale it agrees with best.
     None when there is nothing to check (no labels, or an embedding teacher)."""
-    if evald.y is None or task not in ("classification", "regression"):
+    if evald.y is None or task not in ("classification", "regression", "token_classification"):
         return None, train, evald
     sample = _sample(evald)
+    if task == "token_classification":  # the tags of the labelled words against the commonest tag
+        outputs, mask = _predict(teacher, sample.inputs), sample.y != IGNORE
+        check = _classification(outputs[mask], replace(sample, y=sample.y[mask]))
+        check.task, check.metric = task, "token_accuracy"
+        if not check.passed:
+            raise TeacherDisagreesError(check.detail.replace("accuracy", "token accuracy", 1)
+                                        .replace("labelled evaluation rows", "tagged evaluation words", 1)
+                                        .replace("the commonest class", "the commonest tag", 1))
+        return check, train, evald
     scales: dict[str, float] = {}
     decoded = evald.meta.get("image_scale", "0-1") == "0-1"  # not normalised yet (no mean/std given or known)
     if task == "classification" and evald.input_kind == "image" and image_scale == "auto" and decoded:
