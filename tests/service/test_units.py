@@ -301,6 +301,32 @@ def test_job_checks_point_at_the_field(
     assert [e.pointer for e in errors] == pointers
 
 
+NER_TEACHER = {"kind": "hf", "task": "token_classification", "input_kind": "tokens", "input_shape": [128],
+               "output_dim": 3, "classes": ["O", "B-PER", "I-PER"]}
+NER_DATA = {"input_kind": "tokens", "labels": "per_word", "labelled": True, "classes": ["O", "B-PER", "I-PER"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "teacher", "dataset", "pointers"),
+    [
+        ({}, NER_TEACHER, NER_DATA, []),
+        ({"distillation": {"target": {"metric": "entity_f1", "min": 0.9}}}, NER_TEACHER, NER_DATA, []),
+        ({}, NER_TEACHER, {**NER_DATA, "classes": ["O", "B-LOC"]}, ["#/dataset_id"]),  # a tag it does not know
+        ({}, NER_TEACHER, {**NER_DATA, "labels": None}, ["#/dataset_id"]),  # texts, not tagged words
+        ({}, {**NER_TEACHER, "task": "classification"}, NER_DATA, ["#/dataset_id"]),
+        ({"distillation": {"target": {"metric": "accuracy", "min": 0.9}}}, NER_TEACHER, NER_DATA,
+         ["#/distillation/target/metric"]),
+        ({"student": {"kind": "search"}, "targets": {"metric": "entity_f1", "max_drop": 0.01}}, NER_TEACHER,
+         NER_DATA, ["#/student/kind"]),
+    ],
+)
+def test_token_classification_job_checks(
+    change: dict[str, Any], teacher: dict[str, Any], dataset: dict[str, Any], pointers: list[str]
+) -> None:
+    errors = check_job(CompressSpec.model_validate(change), teacher, dataset)
+    assert [e.pointer for e in errors] == pointers, errors
+
+
 def test_page_tokens_round_trip_and_reject_junk() -> None:
     when = utcnow()
     assert decode_token(encode_token(when, "job_1")) == (when, "job_1")
