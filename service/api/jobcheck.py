@@ -23,6 +23,8 @@ METRIC_TASKS = {
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
     "mae": {"regression"},
+    "auc": {"classification"},
+    "log_loss": {"classification"},
 }
 
 

@@ -12,7 +12,7 @@ from ..spec.base import LOWER_IS_BETTER
 from ..types import Task
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
+    "classification": ("accuracy", "macro_f1", "auc", "log_loss"),
     "embedding": ("cosine", "mse"),
     "regression": ("mse", "mae", "r2"),
 }
@@ -74,6 +74,36 @@ def per_class(
     ]
 
 
+def binary_auc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
+    """ROC AUC of ``scores`` for labels 0 / 1 (the Mann-Whitney statistic, ties counting half, as
+    scikit-learn's ``roc_auc_score``); None when either class is absent."""
+    y = y.long().reshape(-1).cpu()
+    positive = y == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = torch.unique(scores.double().reshape(-1).cpu(), return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based, ties share their mean rank
+    return ((ranks[positive].sum().item() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def click_metrics(outputs: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """AUC and log-loss (natural log, mean over samples) of binary logits: 2 softmax logits (class 1 is the
+    click) or 1 sigmoid logit; {} for other outputs or labels other than 0 / 1."""
+    outputs, y = outputs.double().reshape(len(outputs), -1), y.long().reshape(-1)
+    if outputs.shape[1] not in (1, 2) or y.min() < 0 or y.max() > 1:
+        return {}
+    if outputs.shape[1] == 2:
+        score = outputs[:, 1] - outputs[:, 0]
+        loss = F.cross_entropy(outputs, y).item()
+    else:
+        score = outputs[:, 0]
+        loss = F.binary_cross_entropy_with_logits(score, y.double()).item()
+    auc = binary_auc(score, y)
+    return {"log_loss": loss} if auc is None else {"auc": auc, "log_loss": loss}
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean per-sample cosine similarity."""
     return F.cosine_similarity(a.double().flatten(1), b.double().flatten(1), dim=1).mean().item()
@@ -123,6 +153,8 @@ def evaluate_outputs(
         }
         if y is not None and t_pred is not None:
             out["teacher_agreement"] = accuracy(pred, t_pred)
+        if y is not None:
+            out.update(click_metrics(outputs, y.cpu()))
         return out
     if task == "embedding":
         if teacher is None:

@@ -38,9 +38,11 @@ REASONS = {
 """Reason code → severity. A metric further from the teacher's than the tolerance is not a replacement
 for it: do not ship (``metric_drop``; ``metric_drop_large`` past 3× the tolerance). The int8 and
 baseline reasons are cautions only: the better model was delivered instead, and the reason says so."""
-DEFAULT_TOLERANCE = {"accuracy": 0.01, "macro_f1": 0.01, "cosine": 0.005, "mse": 0.10, "mae": 0.10, "r2": 0.01}
-"""A drop the job accepts without comment: 1 point of accuracy or F1, 10 % more MSE or MAE."""
-RELATIVE = ("mse", "mae")
+DEFAULT_TOLERANCE = {"accuracy": 0.01, "macro_f1": 0.01, "cosine": 0.005, "mse": 0.10, "mae": 0.10, "r2": 0.01,
+                     "auc": 0.005, "log_loss": 0.05}
+"""A drop the job accepts without comment: 1 point of accuracy or F1, 0.005 of AUC, 10 % more MSE or MAE,
+5 % more log-loss."""
+RELATIVE = ("mse", "mae", "log_loss")
 LARGE = 3.0
 """A drop past this many tolerances is too large to ship."""
 
