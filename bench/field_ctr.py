@@ -2,7 +2,7 @@
 from a known ground-truth model. Prints a table and writes bench/out/field_ctr.json.
 
 The data (`click_rows`, offline, seeded): four categorical columns with Zipf-skewed frequencies — ``site``
-(300 values), ``app`` (60), ``hour`` (24, uniform) and ``user`` (20,000: hashed into 4,096 buckets by the
+(300 values), ``app`` (60), ``hour`` (24, uniform) and ``user`` (20,000: hashed into 2,048 buckets by the
 spec's ``hash_above``) — and three dense features. A click is drawn with probability sigmoid(logit), the
 logit a sum of per-value effects, a dense linear term, a site × hour low-rank interaction and a bias
 giving a click rate of about 20 %. The teacher: a zoo ``ctr`` (embedding dim 16, MLP [128, 64], concat or
@@ -33,18 +33,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fields import engine_job, export, fmt, p50s, run_onnx  # noqa: E402
-from worker.compression.deliver import teacher_onnx  # noqa: E402
-from worker.compression.io.datasets import load_dataset, train_eval_split  # noqa: E402
-from worker.compression.io.teachers import load_teacher, save_zoo_model  # noqa: E402
-from worker.compression.measure.metrics import click_metrics  # noqa: E402
-from worker.compression.spec import DataSpec  # noqa: E402
-from worker.compression.students import zoo  # noqa: E402
+from bench.fields import engine_job, export, fmt, p50s, run_onnx
+from worker.compression.deliver import teacher_onnx
+from worker.compression.io.datasets import load_dataset, train_eval_split
+from worker.compression.io.teachers import load_teacher, save_zoo_model
+from worker.compression.measure.metrics import click_metrics
+from worker.compression.spec import DataSpec
+from worker.compression.students import zoo
 
 COLUMNS = {"site": (300, 1.2), "app": (60, 1.1), "hour": (24, 0.0), "user": (20_000, 1.05)}
 """Categorical column → (cardinality, Zipf exponent; 0 is uniform)."""
 DENSE = ("price", "age_days", "position")
-DATA_SPEC = {"task": "ctr", "label_column": "click", "hash_above": 5000, "hash_buckets": 4096}
+DATA_SPEC = {"task": "ctr", "label_column": "click", "hash_above": 1000, "hash_buckets": 2048}
 EVAL_BATCH = 64
 
 

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import runpy
+import zipfile
 import zlib
 
+import numpy as np
 import pytest
+import torch
 
+from bench.field_ctr import ctr_problem
+from worker.compression.compress import compress
 from worker.compression.errors import DatasetError
 from worker.compression.io.data_vocab import encode
-from worker.compression.io.datasets import load_dataset
-from worker.compression.spec import DataSpec
+from worker.compression.io.datasets import load_dataset, load_for_teacher
+from worker.compression.io.teachers import load_teacher
+from worker.compression.measure.metrics import click_metrics
+from worker.compression.spec import CompressSpec, DataSpec
+from worker.compression.students import zoo
+from worker.compression.students.factory import make_student
 
 ROWS = "site,price,device,label\na,1.0,x,1\nb,2.0,y,0\na,3.0,,1\nc,4,x,0\na,5,x,1\n"
 
@@ -69,3 +80,60 @@ def test_ctr_task_needs_binary_click_labels(tmp_path):
     with pytest.raises(DatasetError, match="task 'ctr' needs click labels of two classes"):
         load_dataset(path, DataSpec(task="ctr"))
     assert "field" not in load_dataset(path).meta  # three classes: a plain classification
+
+
+# --- the zoo ctr family, distilled ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clicks(tmp_path_factory):
+    """Click logs from a known ground truth (`bench.field_ctr`), a zoo ctr teacher trained on them (AUC ≈ 0.80)."""
+    torch.set_num_threads(1)
+    return ctr_problem(tmp_path_factory.mktemp("ctr"), rows=6000, epochs=3)
+
+
+def test_a_ctr_teacher_carries_its_vocabularies_and_exports(clicks, tmp_path):
+    teacher = load_teacher(clicks["teacher"])
+    assert (teacher.kind, teacher.input_kind, teacher.output_dim) == ("zoo", "vector", 2)
+    assert [v["column"] for v in teacher.config["categorical"]] == ["site", "app", "hour", "user"]
+    assert teacher.config["categorical"][3]["kind"] == "hash"  # 20,000 users past hash_above
+    train, _, _ = load_for_teacher(clicks["data"], None, DataSpec(**clicks["spec"]), teacher, "classification")
+    assert train.meta["categorical"] == teacher.config["categorical"]
+    teacher_auc = click_metrics(teacher.predict(clicks["eval"].inputs), clicks["eval"].y)["auc"]
+    assert 0.75 < teacher_auc < 0.9
+    dot = zoo.build({**teacher.config, "interaction": "dot"})
+    x = clicks["eval"].inputs["x"][:5].clone()
+    x[0, 0] = 10**6  # an id past its table reads the last row, not an error
+    assert dot(x).shape == (5, 2)
+    student = make_student(teacher, CompressSpec.model_validate({"student": {"kind": "auto"}}).student)
+    assert student.config["embedding_dim"] < 16 and student.num_parameters < teacher.num_parameters
+
+
+def test_distilled_ctr_student_keeps_auc_and_the_bundle_maps_raw_strings(clicks, tmp_path):
+    spec = CompressSpec.model_validate({
+        "data": clicks["spec"], "student": {"kind": "auto"},
+        "distillation": {"epochs": 6, "batch_size": 64, "lr": 3e-3},
+        "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 5, "warmup": 1}})
+    result = compress(spec, teacher_path=clicks["teacher"], dataset_path=clicks["data"], output_dir=tmp_path)
+    delivery = result.metrics["delivery"]
+    assert delivery["metric"] == "auc" and delivery["tolerance"] == 0.005
+    teacher_auc = result.metrics["summary"]["models"]["teacher"]["auc"]
+    chosen = next(c for c in delivery["candidates"] if c["name"] == delivery["chosen"])
+    assert chosen["auc"] >= teacher_auc - 0.005, (chosen, teacher_auc)  # the verdict's tolerance
+    assert "metric_drop" not in {r["code"] for r in delivery["reasons"]}
+    assert result.metrics["teacher_check"]["metric"] == "auc"
+
+    with zipfile.ZipFile(tmp_path / "bundle.zip") as zf:
+        zf.extractall(tmp_path / "bundle")
+    pre = json.loads((tmp_path / "bundle" / "preprocessing.json").read_text())
+    assert [v["column"] for v in pre["tabular"]["categorical"]] == ["site", "app", "hour", "user"]
+    rows = tmp_path / "rows.csv"
+    rows.write_text("site,price,app,hour,age_days,user,position\ns0,0.1,app_3,h07,1.0,u5,-0.5\n"
+                    "never-seen,0.1,app_3,h07,1.0,u5,-0.5\n")
+    bundle = runpy.run_path(str(tmp_path / "bundle" / "predict.py"))["Bundle"](tmp_path / "bundle")
+    answers = bundle.predict_files([rows])
+    assert len(answers) == 2 and answers[0]["probability"] != answers[1]["probability"]
+    x = load_dataset(rows, DataSpec(**{**clicks["spec"], "label_column": None, "task": None}),
+                     vocabularies=pre["tabular"]["categorical"]).inputs["x"].numpy()
+    ids = bundle.table(rows)[bundle.inputs[0]]
+    assert np.array_equal(ids, x)  # the bundle maps raw strings exactly as the job read them
