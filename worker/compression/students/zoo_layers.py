@@ -31,8 +31,8 @@ def derive_zoo_config(cfg: dict[str, Any], kept: Sequence[int], width_ratio: flo
     arch, out = cfg["architecture"], dict(cfg)
     if arch in ("mlp", "ctr"):
         out["hidden"] = [scaled_width(int(cfg["hidden"][i]), width_ratio) for i in kept]
-    if arch == "ctr":  # narrower tables too (the vocabularies stay: the student reads the same ids)
-        out["embedding_dim"] = scaled_width(int(cfg.get("embedding_dim", 16)), width_ratio)
+        if arch == "ctr":  # narrower tables too (the vocabularies stay: the student reads the same ids)
+            out["embedding_dim"] = scaled_width(int(cfg.get("embedding_dim", 16)), width_ratio)
     elif arch in ("cnn", "cnn1d"):
         out["channels"] = [scaled_width(int(cfg["channels"][i]), width_ratio) for i in kept]
         if int(cfg.get("hidden", 0)):
