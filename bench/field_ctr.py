@@ -6,7 +6,8 @@ The data (`click_rows`, offline, seeded): four categorical columns with Zipf-ske
 spec's ``hash_above``) — and three dense features. A click is drawn with probability sigmoid(logit), the
 logit a sum of per-value effects, a dense linear term, a site × hour low-rank interaction and a bias
 giving a click rate of about 20 %. The teacher: a zoo ``ctr`` (embedding dim 16, MLP [128, 64], concat or
-DLRM dot interaction) trained here on cross-entropy to the clicks.
+DLRM dot interaction) trained here for 3 epochs on cross-entropy to the clicks. The "ground truth p" row
+scores the true click probabilities: the best AUC / log-loss any model can expect on these rows.
 
 Compared on the same held-out split the engine uses (onnxruntime, 1 thread): the teacher's fp32 graph,
 the engine's job (`compress`: auto student, its default recipe, the model it delivers) and a plain
@@ -53,8 +54,9 @@ def _zipf(rng: np.random.Generator, n: int, card: int, a: float) -> np.ndarray:
     return rng.choice(card, size=n, p=p / p.sum())
 
 
-def click_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """``n`` click-log rows (module doc); the ground truth is the same for every ``seed``."""
+def click_rows(n: int, seed: int = 0) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """``n`` click-log rows (module doc) and each row's true click probability; the ground truth is the same
+    for every ``seed``."""
     truth = np.random.default_rng(1234)
     effects = {c: truth.normal(0, 0.3 if c == "user" else 0.8, card) for c, (card, _) in COLUMNS.items()}
     u, v = truth.normal(0, 0.7, (COLUMNS["site"][0], 2)), truth.normal(0, 0.7, (24, 2))
@@ -64,10 +66,11 @@ def click_rows(n: int, seed: int = 0) -> list[dict[str, Any]]:
     dense = rng.normal(0, 1, (n, len(DENSE)))
     logit = -1.7 + sum(effects[c][ids[c]] for c in COLUMNS) + dense @ w_dense
     logit += (u[ids["site"]] * v[ids["hour"]]).sum(1) + 0.5 * np.tanh(dense[:, 0] * dense[:, 2])
-    click = rng.random(n) < 1 / (1 + np.exp(-logit))
+    truth_p = 1 / (1 + np.exp(-logit))
+    click = rng.random(n) < truth_p
     return [{"site": f"s{ids['site'][i]}", "price": round(float(dense[i, 0]), 4), "app": f"app_{ids['app'][i]}",
              "hour": f"h{ids['hour'][i]:02d}", "age_days": round(float(dense[i, 1]), 4), "user": f"u{ids['user'][i]}",
-             "position": round(float(dense[i, 2]), 4), "click": int(click[i])} for i in range(n)]
+             "position": round(float(dense[i, 2]), 4), "click": int(click[i])} for i in range(n)], truth_p
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -105,7 +108,8 @@ def train_ctr(cfg: dict[str, Any], x: torch.Tensor, y: torch.Tensor, *, epochs: 
 def ctr_problem(folder: Path, *, rows: int = 30_000, interaction: str = "concat", epochs: int = 4,
                 embedding_dim: int = 16, hidden: tuple[int, ...] = (128, 64), seed: int = 0) -> dict[str, Any]:
     """``clicks.csv`` and a zoo ``ctr`` teacher folder trained on its training split (the engine's split)."""
-    data_path = write_csv(folder / "clicks.csv", click_rows(rows, seed))
+    table, truth_p = click_rows(rows, seed)
+    data_path = write_csv(folder / "clicks.csv", table)
     spec = DataSpec(**DATA_SPEC)
     data = load_dataset(data_path, spec)
     train, evald = train_eval_split(data, None, spec)
@@ -114,13 +118,15 @@ def ctr_problem(folder: Path, *, rows: int = 30_000, interaction: str = "concat"
            "interaction": interaction}
     net = train_ctr(cfg, train.inputs["x"], train.y, epochs=epochs, seed=seed)
     teacher = save_zoo_model(net, cfg, folder / "teacher")
+    held = torch.randperm(rows, generator=torch.Generator().manual_seed(spec.split_seed))  # the split's rows
+    truth = torch.from_numpy(truth_p[held[: len(evald)].numpy()])
     return {"teacher": teacher, "data": data_path, "spec": dict(DATA_SPEC), "train": train, "eval": evald,
-            "config": cfg}
+            "config": cfg, "truth_logit": torch.log(truth / (1 - truth))}
 
 
 def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     epochs = 3 if quick else 8
-    made = ctr_problem(tmp / interaction, rows=rows, interaction=interaction, epochs=epochs)
+    made = ctr_problem(tmp / interaction, rows=rows, interaction=interaction, epochs=3)
     teacher = load_teacher(made["teacher"])
     train, evald = made["train"], made["eval"]
 
@@ -145,11 +151,15 @@ def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, 
                     "p50_ms_b1": lat[k][1], f"p50_ms_b{EVAL_BATCH}": lat[k][EVAL_BATCH],
                     "wall_s": {"engine": engine_s, "plain KD": plain_s}.get(k),
                     "delivered": report["summary"].get("delivered", {}).get("name") if k == "engine" else None,
-                    "verdict": report["summary"]["verdict"] if k == "engine" else None})
+                    "verdict": report["summary"]["verdict"] if k == "engine" else None,
+                    "reasons": ",".join(x["code"] for x in report["delivery"]["reasons"]) if k == "engine" else None})
+    truth = click_metrics(made["truth_logit"][:, None], evald.y)
+    out.append({"case": f"ctr-{interaction}", "model": "ground truth p", **truth})
     t = out[0]
     for r in out:
-        r["size_ratio"] = t["size_bytes"] / r["size_bytes"]
-        r[f"speedup_b{EVAL_BATCH}"] = t[f"p50_ms_b{EVAL_BATCH}"] / r[f"p50_ms_b{EVAL_BATCH}"]
+        if "size_bytes" in r:
+            r["size_ratio"] = t["size_bytes"] / r["size_bytes"]
+            r[f"speedup_b{EVAL_BATCH}"] = t[f"p50_ms_b{EVAL_BATCH}"] / r[f"p50_ms_b{EVAL_BATCH}"]
         r["auc_drop"] = t["auc"] - r["auc"]
     return out
 
@@ -169,7 +179,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "field_ctr.json").write_text(json.dumps(rows, indent=2, default=str))
     cols = ["case", "model", "auc", "log_loss", "auc_drop", "size_bytes", "p50_ms_b1", f"p50_ms_b{EVAL_BATCH}",
-            "size_ratio", f"speedup_b{EVAL_BATCH}", "wall_s", "delivered", "verdict"]
+            "size_ratio", f"speedup_b{EVAL_BATCH}", "wall_s", "delivered", "verdict", "reasons"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
