@@ -8,17 +8,19 @@ import zipfile
 import zlib
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from bench.field_ctr import ctr_problem
 from worker.compression.compress import compress
-from worker.compression.errors import DatasetError
+from worker.compression.errors import DatasetError, SpecError
 from worker.compression.io.data_vocab import encode
 from worker.compression.io.datasets import load_dataset, load_for_teacher
 from worker.compression.io.teachers import load_teacher
 from worker.compression.measure.metrics import click_metrics
-from worker.compression.spec import CompressSpec, DataSpec
+from worker.compression.search.ladder import build_ladder
+from worker.compression.spec import CompressSpec, DataSpec, SearchStudent
 from worker.compression.students import zoo
 from worker.compression.students.factory import make_student
 
@@ -137,3 +139,26 @@ def test_distilled_ctr_student_keeps_auc_and_the_bundle_maps_raw_strings(clicks,
                      vocabularies=pre["tabular"]["categorical"]).inputs["x"].numpy()
     ids = bundle.table(rows)[bundle.inputs[0]]
     assert np.array_equal(ids, x)  # the bundle maps raw strings exactly as the job read them
+
+
+def test_bad_ctr_configs_and_vocabularies_are_named(clicks, tmp_path):
+    cfg = json.loads((clicks["teacher"] / "config.json").read_text())
+    for bad, message in [({"categorical": []}, "categorical must list"),
+                         ({"categorical": [{"index": 9, "size": 3}]}, "categorical index 9 must be"),
+                         ({"interaction": "cross"}, "interaction must be one of")]:
+        with pytest.raises(SpecError, match=message):
+            zoo.validate_config({**cfg, **bad})
+    with pytest.raises(DatasetError, match="tokens must be a list of strings"):
+        load_dataset(clicks["data"], DataSpec(**clicks["spec"]),
+                     vocabularies=[{**cfg["categorical"][0], "tokens": "s0,s1"}])
+
+
+def test_parquet_string_columns_and_the_search_ladder(clicks, tmp_path):
+    path = tmp_path / "clicks.parquet"
+    pd.read_csv(clicks["data"], dtype={"site": str}).to_parquet(path)
+    data = load_dataset(path, DataSpec(**clicks["spec"]))
+    assert data.meta["categorical_columns"] == "site,app,hour,user"
+    assert torch.equal(data.inputs["x"], load_dataset(clicks["data"], DataSpec(**clicks["spec"])).inputs["x"])
+    teacher = load_teacher(clicks["teacher"])
+    names = [c.name for c in build_ladder(teacher, clicks["train"], SearchStudent())]
+    assert names[0] == "teacher" and all(n.startswith("ctr-concat-e") for n in names[1:]), names
