@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import zipfile
 import zlib
@@ -162,3 +163,16 @@ def test_parquet_string_columns_and_the_search_ladder(clicks, tmp_path):
     teacher = load_teacher(clicks["teacher"])
     names = [c.name for c in build_ladder(teacher, clicks["train"], SearchStudent())]
     assert names[0] == "teacher" and all(n.startswith("ctr-concat-e") for n in names[1:]), names
+
+
+def test_auc_targets_need_binary_labels(tmp_path):
+    from service.api.jobcheck import check_job
+
+    spec = CompressSpec.model_validate({"student": {"kind": "auto"}, "targets": {"metric": "auc", "min": 0.7}})
+    teacher = {"task": "classification", "input_kind": "vector"}
+    errors = check_job(spec, teacher, {"num_classes": 3, "input_kind": "vector"})
+    assert [e.pointer for e in errors] == ["#/targets/metric"] and "binary" in errors[0].detail
+    assert check_job(spec, teacher, {"num_classes": 2, "input_kind": "vector"}) == []
+    metrics = click_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 0, 1]))
+    assert metrics["auc"] == 1.0 and metrics["log_loss"] == pytest.approx((2 * math.log1p(math.exp(-1)) + math.log1p(math.exp(-2))) / 3)
+    assert click_metrics(torch.zeros(3, 3), torch.tensor([0, 1, 2])) == {}  # three classes: no AUC

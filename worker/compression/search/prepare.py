@@ -53,6 +53,9 @@ def measure_teacher(s: SearchState) -> None:
     if metric not in TASK_METRICS[s.task] and metric not in metrics:  # (a field's metrics: `fields`)
         raise SpecError(f"targets.metric {metric!r} is not measured for {s.task}; "
                         f"use one of {', '.join(TASK_METRICS[s.task])}")
+    if metric in ("auc", "log_loss") and metric not in metrics:
+        raise SpecError(f"targets.metric {metric!r} measures binary labels (two classes, 0 / 1); the evaluation "
+                        "split has no such labels to score")
     lower = metric in LOWER_IS_BETTER
     if (lower and targets.min is not None) or (not lower and targets.max is not None):
         raise SpecError(f"targets: {metric} is {'lower' if lower else 'higher'}-is-better; "
