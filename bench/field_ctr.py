@@ -124,6 +124,59 @@ def ctr_problem(folder: Path, *, rows: int = 30_000, interaction: str = "concat"
             "config": cfg, "truth_logit": torch.log(truth / (1 - truth))}
 
 
+class ClickNet(torch.nn.Module):
+    """A click model with an input per id column beside the dense features (as teams export them)."""
+
+    def __init__(self, sizes: list[int], dense: int, dim: int = 8, hidden: int = 64) -> None:
+        super().__init__()
+        self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, dim) for n in sizes)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dense + dim * len(sizes), hidden), torch.nn.ReLU(),
+                                       torch.nn.Linear(hidden, 2))
+
+    def forward(self, dense: torch.Tensor, site: torch.Tensor, app: torch.Tensor, hour: torch.Tensor,
+                user: torch.Tensor) -> torch.Tensor:
+        vectors = [t(i) for t, i in zip(self.tables, (site, app, hour, user))]
+        return self.mlp(torch.cat([dense, *vectors], 1))
+
+
+def onnx_click_problem(folder: Path, made: dict[str, Any], *, epochs: int = 3) -> dict[str, Any]:
+    """``made``'s clicks with the ids written as integers (``ids.csv``) and a `ClickNet` trained on its training
+    split, exported as ``clicks.onnx`` with inputs ``dense`` (N, 3) float and ``site``, ``app``, ``hour``, ``user``
+    (N,) int64: a multi-input ONNX teacher (`worker.compression.io.onnx_inputs`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    full = load_dataset(made["data"], DataSpec(**made["spec"]))
+    columns = full.meta["columns"]
+    table = {c: full.inputs["x"][:, i].numpy() for i, c in enumerate(columns)}
+    ids, dense = ["site", "app", "hour", "user"], [c for c in columns if c not in COLUMNS]
+    rows = [{**{c: int(table[c][r]) for c in ids}, **{c: float(table[c][r]) for c in dense},
+             "click": int(full.y[r])} for r in range(len(full))]
+    data_path = write_csv(folder / "ids.csv", [{k: row[k] for k in [*dense[:1], *ids, *dense[1:], "click"]}
+                                               for row in rows])
+    x, y = made["train"].inputs["x"], made["train"].y
+    index = {c: columns.index(c) for c in columns}
+    sizes = [int(v["size"]) for v in made["config"]["categorical"]]
+    torch.manual_seed(0)
+    net = ClickNet(sizes, len(dense))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+
+    def feeds(rows_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (rows_x[:, [index[c] for c in dense]], *(rows_x[:, index[c]].long() for c in ids))
+
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 256):
+            idx = perm[i:i + 256]
+            loss = F.cross_entropy(net(*feeds(x[idx])), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    path = folder / "clicks.onnx"
+    names = ["dense", *ids]
+    torch.onnx.export(net.eval(), feeds(x[:2]), str(path), input_names=names, output_names=["logits"],
+                      dynamic_axes={n: {0: "batch"} for n in [*names, "logits"]}, opset_version=17, dynamo=False)
+    return {"teacher": path, "data": data_path, "spec": {"task": "ctr", "label_column": "click"}}
+
+
 def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     epochs = 3 if quick else 8
     made = ctr_problem(tmp / interaction, rows=rows, interaction=interaction, epochs=3)

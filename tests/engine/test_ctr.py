@@ -9,11 +9,12 @@ import zipfile
 import zlib
 
 import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import pytest
 import torch
 
-from bench.field_ctr import ctr_problem
+from bench.field_ctr import ctr_problem, onnx_click_problem
 from worker.compression.compress import compress
 from worker.compression.errors import DatasetError, SpecError
 from worker.compression.io.data_vocab import encode
@@ -176,3 +177,47 @@ def test_auc_targets_need_binary_labels(tmp_path):
     metrics = click_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 0, 1]))
     assert metrics["auc"] == 1.0 and metrics["log_loss"] == pytest.approx((2 * math.log1p(math.exp(-1)) + math.log1p(math.exp(-2))) / 3)
     assert click_metrics(torch.zeros(3, 3), torch.tensor([0, 1, 2])) == {}  # three classes: no AUC
+
+
+# --- multi-input ONNX click teachers (`io.onnx_inputs`) ---------------------------------------
+
+
+def test_a_multi_input_onnx_click_teacher_runs_as_one_x(clicks, tmp_path):
+    made = onnx_click_problem(tmp_path / "onnx", clicks, epochs=2)
+    teacher = load_teacher(made["teacher"])
+    assert (teacher.kind, teacher.input_kind, teacher.input_shape, teacher.input_names) == ("onnx", "vector", (7,), ("x",))
+    layout = teacher.config["ids_layout"]
+    assert [s["name"] for s in layout["ids"]] == ["site", "app", "hour", "user"]
+    assert [s["size"] for s in layout["ids"]] == [v["size"] for v in clicks["config"]["categorical"]]  # from Gather
+    train, _, _ = load_for_teacher(made["data"], None, DataSpec(**made["spec"]), teacher, "classification")
+    assert train.meta["columns"] == ["site", "app", "hour", "user", "price", "age_days", "position"]  # ids first
+    x = train.inputs["x"][:16]
+    session = ort.InferenceSession(str(made["teacher"]), providers=["CPUExecutionProvider"])
+    direct = session.run(None, {"dense": x[:, 4:].numpy(), **{n: x[:, j].long().numpy()
+                                                              for j, n in enumerate(["site", "app", "hour", "user"])}})[0]
+    assert np.allclose(teacher.predict({"x": x}).numpy(), direct, atol=1e-6)  # the wrapped graph is the same model
+
+    student = make_student(teacher, CompressSpec.model_validate({"student": {"kind": "auto"}}).student)
+    assert student.config["architecture"] == "ctr" and [c["size"] for c in student.config["categorical"]] == \
+        [s["size"] for s in layout["ids"]]
+
+    text = tmp_path / "text.csv"
+    text.write_text(clicks["data"].read_text())  # site as "s12": not the ids the teacher was trained on
+    with pytest.raises(DatasetError, match="column 'app' feeds the ONNX teacher's id input"):
+        load_for_teacher(text, None, DataSpec(task="ctr", label_column="click"), teacher, "classification")
+
+
+def test_a_multi_input_onnx_click_job_delivers_a_ctr_student(clicks, tmp_path):
+    made = onnx_click_problem(tmp_path / "onnx", clicks, epochs=2)
+    spec = CompressSpec.model_validate({
+        "data": made["spec"], "student": {"kind": "auto", "max_params_ratio": 0.5},
+        "distillation": {"epochs": 3, "batch_size": 64, "lr": 3e-3},
+        "evaluation": {"latency_batch_sizes": [1, 64], "repeats": 3, "warmup": 1}})
+    result = compress(spec, teacher_path=made["teacher"], dataset_path=made["data"], output_dir=tmp_path / "out")
+    assert result.metrics["student"]["config"]["architecture"] == "ctr"
+    assert result.metrics["delivery"]["metric"] == "auc"
+    assert result.metrics["summary"]["models"]["student"]["auc"] > 0.65
+    with zipfile.ZipFile(tmp_path / "out" / "bundle.zip") as zf:
+        zf.extractall(tmp_path / "bundle")
+    bundle = runpy.run_path(str(tmp_path / "bundle" / "predict.py"))["Bundle"](tmp_path / "bundle")
+    assert len(bundle.predict_files([made["data"]])) == len(clicks["train"]) + len(clicks["eval"])

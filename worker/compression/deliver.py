@@ -152,6 +152,11 @@ def comparisons(pipe: CandidatePipeline, spec: CompressSpec, chosen: Candidate,
 def teacher_onnx(teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor], work: Path) -> Path:
     """The teacher as an ONNX graph: the uploaded one, or exported (in the sandbox for a code checkpoint)."""
     if teacher.kind == "onnx":
+        wrapped = getattr(teacher.run_onnx, "wrapped", None)
+        if wrapped:  # a click model's id and dense inputs as one x (`io.onnx_inputs`): the graph that was run
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "teacher_fp32.onnx").write_bytes(wrapped)
+            return work / "teacher_fp32.onnx"
         return teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher)
     if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
         # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own

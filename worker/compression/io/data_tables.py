@@ -30,7 +30,7 @@ from .data_common import (
     too_large,
 )
 from .data_series import load_series
-from .data_vocab import encode_table
+from .data_vocab import encode_table, mostly_text
 from .hf_folder import tokenize
 
 TABULAR_LABELS = ("label", "target", "y")
@@ -97,6 +97,8 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     features = df.drop(columns=[label]) if label else df
     if features.shape[1] == 0:
         raise DatasetError(f"{source} has no feature columns besides the label {label!r}")
+    if ctx.leading_columns:
+        features = _lead(features, ctx.leading_columns, ctx, source)
     features, vocabs = encode_table(features, ctx.spec, ctx.vocabularies, source)
     try:
         values = features.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
@@ -124,6 +126,21 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
                                f"got {'no label column' if y is None else f'{len(classes or [])} classes'}")
         meta["field"] = "ctr"
     return TensorData({"x": x}, y, RANK_KIND[x.ndim], classes, meta=meta)
+
+
+def _lead(features: pd.DataFrame, lead: list[str], ctx: ReadContext, source: str) -> pd.DataFrame:
+    """``features`` with the teacher's id columns first (`onnx_inputs`): they hold the ids it was trained on."""
+    missing = [c for c in lead if c not in features.columns]
+    if missing:
+        raise DatasetError(f"the ONNX teacher takes ids in input(s) {', '.join(repr(c) for c in lead)}; {source} has "
+                           f"no column {', '.join(repr(c) for c in missing)}")
+    named = set(ctx.spec.categorical_columns or []) & set(lead)
+    text = [c for c in lead if mostly_text(features[c])]
+    if named or text:
+        column = min(named or text)
+        raise DatasetError(f"column {column!r} feeds the ONNX teacher's id input {column!r}: it must hold the integer "
+                           "ids the teacher was trained on, read as they are (not text, not a categorical column)")
+    return features[[*lead, *(c for c in features.columns if c not in lead)]]
 
 
 def _load_logged_actions(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) -> TensorData:

@@ -140,4 +140,7 @@ def recorded_vocabularies(teacher: Any) -> list[dict[str, Any]] | None:
     """The vocabularies a teacher was trained with (a zoo ``ctr`` config's ``categorical``), or None."""
     config = getattr(teacher, "config", None) or {}
     vocabs = config.get("categorical") if getattr(teacher, "kind", None) == "zoo" else None
-    return [check_vocab(v) for v in vocabs] if isinstance(vocabs, list) and vocabs else None
+    if not isinstance(vocabs, list):
+        return None
+    vocabs = [v for v in vocabs if not (isinstance(v, dict) and v.get("kind") == "ids")]  # ids: `onnx_inputs`
+    return [check_vocab(v) for v in vocabs] or None

@@ -47,6 +47,7 @@ from .data_images import load_images
 from .data_series import chronological_split
 from .data_tables import load_csv, load_jsonl, load_parquet
 from .data_vocab import recorded_vocabularies
+from .onnx_inputs import layout_columns
 from .sniff import has_audio
 
 FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip", "audio_zip")
@@ -68,6 +69,7 @@ def load_dataset(
     structure_only: bool = False,
     limits: DataLimits = DataLimits(),
     vocabularies: list[dict[str, Any]] | None = None,
+    leading_columns: list[str] | None = None,
 ) -> TensorData:
     """Read ``path`` into tensors shaped for the teacher.
 
@@ -77,7 +79,8 @@ def load_dataset(
     tokenized with ``tokenizer``. ``structure_only`` parses text rows and labels without
     tokenizing (upload validation, before a teacher is chosen): token inputs are then empty
     ``(N, 0)`` tensors and ``meta["tokenized"]`` is False. ``limits`` caps hostile uploads. ``vocabularies``: the
-    categorical vocabularies a table is read with (`data_vocab`; default: built from the file).
+    categorical vocabularies a table is read with (`data_vocab`; default: built from the file);
+    ``leading_columns``: a click ONNX teacher's id columns, first in ``x`` (`onnx_inputs`).
     """
     path = Path(path)
     spec = spec or DataSpec()
@@ -93,7 +96,8 @@ def load_dataset(
         fmt = "audio_zip"
     if spec.task == "forecasting" and fmt not in ("csv", "parquet"):
         raise DatasetError(f"forecasting reads a time series from a CSV or Parquet table, not {fmt}")
-    ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits, vocabularies)
+    ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits, vocabularies,
+                      leading_columns)
     if fmt in ("npz", "safetensors"):
         data = load_arrays(path, fmt, ctx)
     elif fmt in ("csv", "text_csv"):
@@ -232,7 +236,8 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
     if norm:
         data_spec = data_spec.model_copy(update=norm)
     kw: dict[str, Any] = {"tokenizer": teacher.tokenizer, "input_shape": teacher.input_shape,
-                          "input_kind": teacher.input_kind, "task": task}  # fmt: skip
+                          "input_kind": teacher.input_kind, "task": task,
+                          "leading_columns": layout_columns(teacher)}  # fmt: skip
     data = load_dataset(path, data_spec, vocabularies=recorded_vocabularies(teacher), **kw)
     eval_data = load_dataset(eval_path, data_spec, vocabularies=data.meta.get("categorical"), **kw) \
         if eval_path else None
