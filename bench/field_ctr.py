@@ -13,8 +13,11 @@ Compared on the same held-out split the engine uses (onnxruntime, 1 thread): the
 the engine's job (`compress`: auto student, its default recipe, the model it delivers) and a plain
 script (the teacher's architecture at embedding dim 4 and half its MLP widths, Adam on KL at T = 2 to the
 teacher's logits, exported fp32): AUC, log-loss, file size, p50 latency at batch 1 and at the eval batch.
+Case ``onnx``: the same clicks with integer ids and a multi-input ONNX teacher (`ClickNet`: inputs ``dense``,
+``site``, ``app``, ``hour``, ``user``; embedding 8, MLP [64]); its plain script is a zoo ctr at embedding 4,
+MLP [32].
 
-Usage: python bench/field_ctr.py [--interaction concat|dot] [--rows 30000] [--quick]
+Usage: python bench/field_ctr.py [--interaction concat,dot,onnx] [--rows 30000] [--quick]
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.fields import engine_job, export, fmt, p50s, run_onnx
 from worker.compression.deliver import teacher_onnx
-from worker.compression.io.datasets import load_dataset, train_eval_split
+from worker.compression.io.datasets import (
+    load_dataset,
+    load_for_teacher,
+    train_eval_split,
+)
 from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.measure.metrics import click_metrics
 from worker.compression.spec import DataSpec
@@ -179,9 +186,15 @@ def onnx_click_problem(folder: Path, made: dict[str, Any], *, epochs: int = 3) -
 
 def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
     epochs = 3 if quick else 8
-    made = ctr_problem(tmp / interaction, rows=rows, interaction=interaction, epochs=3)
+    made = ctr_problem(tmp / interaction, rows=rows, interaction="concat" if interaction == "onnx" else interaction,
+                       epochs=3)
+    plain_cfg = {**made["config"], "embedding_dim": 4, "hidden": [max(4, h // 2) for h in made["config"]["hidden"]]}
+    if interaction == "onnx":  # the same clicks, ids as integers, a multi-input ONNX teacher (ClickNet)
+        made = {**made, **onnx_click_problem(tmp / "onnx-teacher", made, epochs=3)}
+        ids = [{"index": j, "size": int(v["size"])} for j, v in enumerate(made["config"]["categorical"])]
+        plain_cfg = {**plain_cfg, "categorical": ids, "hidden": [32]}
     teacher = load_teacher(made["teacher"])
-    train, evald = made["train"], made["eval"]
+    train, evald, _ = load_for_teacher(made["data"], None, DataSpec(**made["spec"]), teacher, "classification")
 
     t0 = time.perf_counter()
     delivered, report = engine_job(made["teacher"], made["data"], made["spec"], tmp / interaction / "engine", epochs)
@@ -189,8 +202,7 @@ def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, 
     teacher_graph = teacher_onnx(teacher, made["teacher"], {"x": evald.inputs["x"][:8]}, tmp / interaction / "tw")
 
     t0 = time.perf_counter()
-    cfg = {**made["config"], "embedding_dim": 4, "hidden": [max(4, h // 2) for h in made["config"]["hidden"]]}
-    plain_net = train_ctr(cfg, train.inputs["x"], train.y, epochs=epochs, targets=teacher.predict(train.inputs))
+    plain_net = train_ctr(plain_cfg, train.inputs["x"], train.y, epochs=epochs, targets=teacher.predict(train.inputs))
     plain = export(plain_net, train.inputs["x"][:1], tmp / interaction / "plain.onnx")
     plain_s = time.perf_counter() - t0
 
@@ -219,7 +231,7 @@ def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--interaction", default="concat,dot")
+    parser.add_argument("--interaction", default="concat,dot,onnx")
     parser.add_argument("--rows", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
