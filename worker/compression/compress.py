@@ -154,7 +154,7 @@ class _Run:
         goal_batch = [] if spec.targets is None else [spec.targets.latency_batch_size]
         pipe = CandidatePipeline(teacher, train, evald, spec, task=task,
                                  meter=Meter(task, evald, spec.evaluation, extra_batches=goal_batch),
-                                 progress=self.progress, cancel=self.cancel)
+                                 progress=self.progress, cancel=self.cancel, eval_given=eval_path is not None)
         if isinstance(spec.student, SearchStudent):
             return self._execute_search(pipe, teacher_path, dataset_path, eval_path)
         return self._execute_once(pipe, teacher_path, dataset_path, eval_path)
@@ -303,7 +303,7 @@ class _Run:
                                  f"{', '.join(choice.unmet)} ({'; '.join(section['chosen_checks'])})")
         self.warnings.extend(result.notes)
         summary = summary_of(table, result.goal.metric)
-        summary.update(search_verdict(result, primary, self.teacher_check))
+        summary.update(search_verdict(result, primary, self.teacher_check, pipe, outputs.get("chosen")))
         shutil.copyfile(primary, self.out / "model.onnx")
         self._add("model.onnx", chosen.artifact_kind, self.out / "model.onnx",
                   f"deploy this: the search's choice ({chosen.name}); verdict {summary['verdict']}")
