@@ -46,9 +46,10 @@ class Made:
 
 
 def quantize_baseline(pipe: CandidatePipeline, spec: CompressSpec, fp32: Path, out: Path) -> QuantizationResult:
-    """The baseline's graph quantized like the student's (``qat`` trains the student only: its
-    baseline gets the static int8 that QAT's own last step applies)."""
-    config = spec.quantization
+    """The baseline's graph quantized like the student's: in the format ``auto`` chose for it by
+    measurement, if it did (``qat`` trains the student only: its baseline gets the static int8 that
+    QAT's own last step applies)."""
+    config = pipe.quantized_as or spec.quantization
     if isinstance(config, QatConfig):
         config = StaticInt8Config(calibration="minmax", calibration_samples=config.calibration_samples,
                                   per_channel=config.per_channel)  # fmt: skip

@@ -103,6 +103,9 @@ class CandidatePipeline:
         """The budget the timed auto student was built for: the labels-only baseline gets the same student."""
         self.student_timing: dict[str, Any] | None = None
         """Why the auto student has its size (`students.speed_fit`), for the report."""
+        self.quantized_as: QuantizationMethod | None = None
+        """The int8 format ``auto`` chose by measurement for the student (`quantize_choice`): the
+        labels-only baseline is quantized in it too."""
 
     # --- 1. student ------------------------------------------------------------------------
 
