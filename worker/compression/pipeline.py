@@ -86,8 +86,10 @@ class CandidatePipeline:
     """student → distil → export → quantize → measure for one teacher, data split and spec (module doc)."""
 
     def __init__(self, teacher: Teacher, train: TensorData, evald: TensorData, spec: CompressSpec, *, task: Task,
-                 meter: Meter, progress: ProgressFn, cancel: CancelFn) -> None:
+                 meter: Meter, progress: ProgressFn, cancel: CancelFn, eval_given: bool = True) -> None:
         self.teacher, self.train, self.evald, self.spec, self.task = teacher, train, evald, spec, task
+        self.eval_given = eval_given
+        """False when the eval split was held out from the uploaded data (the verdict's wording)."""
         self.meter, self.progress, self.cancel = meter, progress, cancel
         self.sample = {k: v[:SAMPLE_ROWS] for k, v in evald.inputs.items()}
         self.metric = field_metric(task, evald.meta, primary_metric(task))
@@ -101,6 +103,9 @@ class CandidatePipeline:
         """The budget the timed auto student was built for: the labels-only baseline gets the same student."""
         self.student_timing: dict[str, Any] | None = None
         """Why the auto student has its size (`students.speed_fit`), for the report."""
+        self.quantized_as: QuantizationMethod | None = None
+        """The int8 format ``auto`` chose by measurement for the student (`quantize_choice`): the
+        labels-only baseline is quantized in it too."""
 
     # --- 1. student ------------------------------------------------------------------------
 
