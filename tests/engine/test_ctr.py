@@ -20,7 +20,7 @@ from worker.compression.errors import DatasetError, SpecError
 from worker.compression.io.data_vocab import encode
 from worker.compression.io.datasets import load_dataset, load_for_teacher
 from worker.compression.io.teachers import load_teacher
-from worker.compression.measure.metrics import click_metrics
+from worker.compression.measure.metrics import click_metrics, paired_drop_noise
 from worker.compression.search.ladder import build_ladder
 from worker.compression.spec import CompressSpec, DataSpec, SearchStudent
 from worker.compression.students import zoo
@@ -126,6 +126,8 @@ def test_distilled_ctr_student_keeps_auc_and_the_bundle_maps_raw_strings(clicks,
     assert chosen["auc"] >= teacher_auc - 0.005, (chosen, teacher_auc)  # the verdict's tolerance
     assert "metric_drop" not in {r["code"] for r in delivery["reasons"]}
     assert result.metrics["teacher_check"]["metric"] == "auc"
+    sizes = {c["name"]: c["size_bytes"] for c in delivery["candidates"]}
+    assert sizes["int8"] < 0.6 * sizes["student"]  # dynamic int8 quantizes the embedding tables (Gather) too
 
     with zipfile.ZipFile(tmp_path / "bundle.zip") as zf:
         zf.extractall(tmp_path / "bundle")
@@ -177,6 +179,10 @@ def test_auc_targets_need_binary_labels(tmp_path):
     metrics = click_metrics(torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 0, 1]))
     assert metrics["auc"] == 1.0 and metrics["log_loss"] == pytest.approx((2 * math.log1p(math.exp(-1)) + math.log1p(math.exp(-2))) / 3)
     assert click_metrics(torch.zeros(3, 3), torch.tensor([0, 1, 2])) == {}  # three classes: no AUC
+    teacher_out, y = torch.tensor([[0.0, 1.0], [1.0, 0.0]] * 50), torch.tensor([1, 0] * 50)
+    noise = paired_drop_noise("log_loss", "classification", teacher_out, teacher_out * 0.5, y)
+    assert noise is not None and noise == pytest.approx(0.0, abs=1e-9)  # the same drop on every row: no noise
+    assert paired_drop_noise("auc", "classification", teacher_out, teacher_out, y) is None
 
 
 # --- multi-input ONNX click teachers (`io.onnx_inputs`) ---------------------------------------
