@@ -226,6 +226,8 @@ def distill(
         teacher_metrics = evaluate_outputs(task, teacher_eval, eval_data.y, teacher_eval)
         timings["teacher_eval_s"] = time.perf_counter() - t0
         metric = monitored_metric(task, eval_data.meta, primary_metric(task))
+        if metric not in teacher_metrics:  # AUC needs both classes among the eval labels
+            metric = primary_metric(task)
 
         def evaluator(model: nn.Module) -> Callable[[], dict[str, Any]]:
             return lambda: evaluate_outputs(
