@@ -227,3 +227,19 @@ def test_a_multi_input_onnx_click_job_delivers_a_ctr_student(clicks, tmp_path):
         zf.extractall(tmp_path / "bundle")
     bundle = runpy.run_path(str(tmp_path / "bundle" / "predict.py"))["Bundle"](tmp_path / "bundle")
     assert len(bundle.predict_files([made["data"]])) == len(clicks["train"]) + len(clicks["eval"])
+
+
+def test_text_columns_for_a_teacher_of_numbers_are_refused_unless_named(tmp_path):
+    """An MLP trained on numbers has no vocabulary: ids the job invented would be inputs it never saw."""
+    cfg = {"architecture": "mlp", "task": "classification", "input_dim": 2, "hidden": [8], "output_dim": 2}
+    from worker.compression.io.teachers import save_zoo_model
+
+    save_zoo_model(zoo.build(cfg).eval(), cfg, tmp_path / "teacher")
+    teacher = load_teacher(tmp_path / "teacher")
+    path = tmp_path / "rows.csv"
+    path.write_text("colour,size,label\n" + "".join(f"{c},{i},{i % 2}\n" for i, c in enumerate("rgbrgbrgbrgb")))
+    with pytest.raises(DatasetError, match=r"'colour' hold text.*categorical_columns"):
+        load_for_teacher(path, None, DataSpec(label_column="label"), teacher, "classification")
+    train, _, _ = load_for_teacher(path, None, DataSpec(label_column="label", categorical_columns=["colour"]), teacher,
+                                   "classification")
+    assert train.inputs["x"].shape[1] == 2

@@ -239,6 +239,7 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
                           "input_kind": teacher.input_kind, "task": task,
                           "leading_columns": layout_columns(teacher)}  # fmt: skip
     data = load_dataset(path, data_spec, vocabularies=recorded_vocabularies(teacher), **kw)
+    unknown_text(data, data_spec, teacher)
     eval_data = load_dataset(eval_path, data_spec, vocabularies=data.meta.get("categorical"), **kw) \
         if eval_path else None
     for d in (data, eval_data) if norm else ():
@@ -249,3 +250,20 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
         return train, evald, None
     integers = train.classes == [str(i) for i in range(len(train.classes))] and source == "sorted"
     return train, evald, {"source": "indices" if integers else source, "classes": list(train.classes)}
+
+
+def unknown_text(data: TensorData, spec: DataSpec, teacher: Any) -> None:
+    """Refuse text columns a teacher of numbers never saw: without a vocabulary of its own (a zoo
+    ``ctr`` teacher records one) the job's ids would be numbers the teacher was not trained on, and
+    the student would learn from its answers to them. Naming the columns in ``categorical_columns``
+    says the teacher takes ids numbered as the job numbers them (by frequency, 0 for unseen)."""
+    found = [v["column"] for v in data.meta.get("categorical") or []]
+    if not found or spec.categorical_columns or recorded_vocabularies(teacher) is not None:
+        return
+    if (getattr(teacher, "config", None) or {}).get("architecture") == "ctr":
+        return
+    raise DatasetError(f"column(s) {', '.join(map(repr, found[:5]))} hold text, and this teacher takes numbers: it "
+                       "records no vocabulary for them. Encode them the way the teacher was trained (numbers, "
+                       "one-hot columns), or name them in data.categorical_columns if the teacher takes ids "
+                       "numbered by frequency (0 for values not seen)")
+
