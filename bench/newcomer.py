@@ -13,7 +13,9 @@ the outcome:
 
 * ``delivered``: within 1 point (classification) or 10 % of the MSE (regression) of the teacher,
   smaller and faster than it, and the verdict is not ``do_not_ship``;
-* ``named``: the job refused to ship (``do_not_ship``, or FAILED) and said why;
+* ``named``: the job refused to ship (``do_not_ship``, or FAILED) and said why, or its metric is
+  further than that from the teacher's and a ``metric_drop_uncertain`` caution says so (a drop the
+  eval split is too small to confirm);
 * ``SILENT``: anything else — a job that ships a worse, larger or slower model. Target: none.
 
 Usage: python bench/newcomer.py [--stack embedded|postgres] [--only cancer-zoo,digits-png,...]
@@ -353,8 +355,8 @@ def judge(job: dict[str, Any], rep: dict[str, Any]) -> dict[str, Any]:
     regression = metric in ("mse", "mae")
     close = (cv <= tv * 1.10) if regression else (cv >= tv - 0.01)
     good = close and out["smaller"] > 1 and out["faster"] > 1
-    if out["verdict"] == "do_not_ship":
-        out["outcome"] = "named"
+    if out["verdict"] == "do_not_ship" or (not close and "metric_drop_uncertain" in out["reasons"]):
+        out["outcome"] = "named"  # refused, or shipped with a caution that names the drop and its noise
     else:
         out["outcome"] = "delivered" if good else "SILENT"
     return out

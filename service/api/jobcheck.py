@@ -23,8 +23,12 @@ METRIC_TASKS = {
     "cosine": {"embedding"},
     "mse": {"regression", "embedding"},
     "mae": {"regression"},
+    "auc": {"classification"},
+    "log_loss": {"classification"},
     "entity_f1": {"token_classification"},
 }
+BINARY_METRICS = ("auc", "log_loss")
+"""Measured for labels of two classes only (`worker.compression.measure.metrics.click_metrics`)."""
 
 
 def check_job(
@@ -85,7 +89,7 @@ def check_job(
         bad("#/distillation/target/metric", f"{distil.target.metric} does not measure a {task} model")
     errors += _field_errors(spec, task, teacher, dataset)
 
-    errors += _search_errors(spec, task)
+    errors += _search_errors(spec, task, dataset)
 
     return errors
 
@@ -94,7 +98,7 @@ PRIMARY_METRIC = {"classification": "accuracy", "embedding": "cosine", "regressi
                   "token_classification": "entity_f1"}
 
 
-def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
+def _search_errors(spec: CompressSpec, task: str | None, dataset: dict[str, Any] | None = None) -> list[FieldError]:
     """A search's targets against the teacher's task (the spec checked the rest on its own).
 
     A latency cap at a batch size outside ``evaluation.latency_batch_sizes`` is fine: the search
@@ -112,6 +116,9 @@ def _search_errors(spec: CompressSpec, task: str | None) -> list[FieldError]:
     if task not in METRIC_TASKS[metric]:
         return [FieldError(pointer="#/targets/metric", detail=f"{metric} does not measure a {task} model; "
                            f"use one of {', '.join(m for m, tasks in METRIC_TASKS.items() if task in tasks)}")]
+    if metric in BINARY_METRICS and dataset is not None and dataset.get("num_classes", 2) != 2:
+        return [FieldError(pointer="#/targets/metric", detail=f"{metric} measures binary (click) labels; the dataset "
+                           f"has {dataset.get('num_classes')} classes")]
     lower = metric in LOWER_IS_BETTER
     if lower and targets.min is not None:
         return [FieldError(pointer="#/targets/min",

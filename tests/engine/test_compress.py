@@ -94,6 +94,9 @@ def test_full_run_produces_checked_artifacts_and_an_honest_report(problem, tmp_p
     assert summary["verdict"] in ("ship", "ship_with_caution", "do_not_ship") and "reasons" in summary
     best = max(r["metric"]["accuracy"] for name, r in rows.items() if name != "teacher")
     assert chosen["metric"]["accuracy"] >= best - delivery["tolerance"]
+    # the verdict weighs a drop against the noise of the eval rows, and says where they came from
+    assert delivery["eval_from"] == "held out from the upload" and delivery["eval_rows"] == report["data"]["eval"]["samples"]
+    assert isinstance(delivery["drop_noise"], float) and 0 <= delivery["drop_noise"] < 0.2
     model = res.artifacts[[a.name for a in res.artifacts].index("model.onnx")].path
     assert model.stat().st_size == chosen["size_bytes"]
     html = kinds["report_html"].path.read_text()

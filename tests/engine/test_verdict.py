@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from worker.compression.measure.metrics import paired_drop_noise
 from worker.compression.measure.verdict import Candidate, verdict
 
 
@@ -37,3 +40,46 @@ def test_a_slower_or_larger_student_must_not_ship() -> None:
     out = judge(candidate("student", "student", "fp32", 0.95, 500_000, 5.0))
     assert out["verdict"] == "do_not_ship"
     assert {r["code"] for r in out["reasons"]} == {"slower_than_teacher", "larger_than_teacher"}
+
+
+def test_a_drop_within_the_noise_of_a_small_eval_split_is_a_caution_not_a_refusal() -> None:
+    """One flower in 23 is 4.3 points: past 3× the tolerance, and no evidence of a worse student."""
+    y = torch.zeros(23, dtype=torch.long)
+    teacher_out = torch.tensor([[1.0, 0.0]] * 23)
+    student_out = teacher_out.clone()
+    student_out[0] = torch.tensor([0.0, 1.0])
+    noise = paired_drop_noise("accuracy", "classification", teacher_out, student_out, y)
+    assert noise is not None and 0.04 < noise < 0.05
+    one_off = candidate("student", "student", "fp32", 0.95 - 1 / 23, 40_000, 1.0)
+    loose = verdict(one_off, TEACHER, [one_off], metric="accuracy", tolerance=0.01, batch=64, chance=0.34,
+                    labelled=True, noise=noise, eval_rows=23)
+    assert loose["verdict"] == "ship_with_caution"
+    [r] = loose["reasons"]
+    assert r["code"] == "metric_drop_uncertain" and "23 eval rows" in r["message"] and "larger eval set" in r["message"]
+    assert judge(one_off)["verdict"] == "do_not_ship"  # without the noise: the raw drop decides
+
+
+def test_an_evident_drop_is_refused_and_a_split_from_the_upload_says_the_teacher_may_have_seen_it() -> None:
+    n = 400
+    y = torch.zeros(n, dtype=torch.long)
+    teacher_out = torch.tensor([[1.0, 0.0]] * n)
+    student_out = teacher_out.clone()
+    student_out[:40] = torch.tensor([0.0, 1.0])  # 10 points down on 400 rows: no noise explains it
+    noise = paired_drop_noise("accuracy", "classification", teacher_out, student_out, y)
+    worse = candidate("student", "student", "fp32", 0.85, 40_000, 1.0)
+    out = verdict(worse, TEACHER, [worse], metric="accuracy", tolerance=0.01, batch=64, chance=0.34, labelled=True,
+                  noise=noise, eval_rows=n, eval_given=False)
+    assert out["verdict"] == "do_not_ship" and [r["code"] for r in out["reasons"]] == ["metric_drop_large"]
+    assert "held out from the uploaded data" in out["reasons"][0]["message"]
+    assert "eval dataset" in out["reasons"][0]["message"]
+
+
+def test_the_paired_noise_of_a_regression_drop_is_relative_to_the_teachers_error() -> None:
+    y = torch.zeros(100, 1)
+    teacher_out = torch.ones(100, 1)  # every squared error 1
+    student_out = torch.ones(100, 1)
+    student_out[:50] = 2.0  # errors 4 on half: mean drop 1.5 = 150 % of the teacher's MSE
+    noise = paired_drop_noise("mse", "regression", teacher_out, student_out, y)
+    assert noise is not None and abs(noise - 3.0 * 0.5025 / 10) < 1e-3  # std of {0, 3} halves / sqrt(100)
+    assert paired_drop_noise("macro_f1", "classification", teacher_out, student_out, y) is None
+    assert paired_drop_noise("mse", "regression", teacher_out, student_out, None) is None

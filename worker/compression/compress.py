@@ -46,6 +46,7 @@ from .measure.teacher_check import TeacherCheck, check_teacher
 from .package.bundle import bundle_job
 from .pipeline import CandidatePipeline
 from .quantize.registry import QuantizationResult
+from .quantize_choice import quantize_measured
 from .search.run import search
 from .spec import CompressSpec, Int4Config, NoQuantizationConfig, SearchStudent
 from .students.factory import save_student
@@ -154,7 +155,7 @@ class _Run:
         goal_batch = [] if spec.targets is None else [spec.targets.latency_batch_size]
         pipe = CandidatePipeline(teacher, train, evald, spec, task=task,
                                  meter=Meter(task, evald, spec.evaluation, extra_batches=goal_batch),
-                                 progress=self.progress, cancel=self.cancel)
+                                 progress=self.progress, cancel=self.cancel, eval_given=eval_path is not None)
         if isinstance(spec.student, SearchStudent):
             return self._execute_search(pipe, teacher_path, dataset_path, eval_path)
         return self._execute_once(pipe, teacher_path, dataset_path, eval_path)
@@ -303,7 +304,7 @@ class _Run:
                                  f"{', '.join(choice.unmet)} ({'; '.join(section['chosen_checks'])})")
         self.warnings.extend(result.notes)
         summary = summary_of(table, result.goal.metric)
-        summary.update(search_verdict(result, primary, self.teacher_check))
+        summary.update(search_verdict(result, primary, self.teacher_check, pipe, outputs.get("chosen")))
         shutil.copyfile(primary, self.out / "model.onnx")
         self._add("model.onnx", chosen.artifact_kind, self.out / "model.onnx",
                   f"deploy this: the search's choice ({chosen.name}); verdict {summary['verdict']}")
@@ -339,11 +340,10 @@ class _Run:
     def _quantize(self, pipe: CandidatePipeline, fp32: Path, module: torch.nn.Module | None) -> QuantizationResult:
         """The pipeline's quantize stage with the spec's method (``qat`` fine-tunes ``module``)."""
         config = pipe.resolve(self.spec.quantization, fp32)
-        int4 = isinstance(config, Int4Config)
-        name = "model_int4.onnx" if int4 else "model_int8.onnx"
-        result = pipe.quantize(fp32, self.out / name, config, module=module, workdir=self.work / "qat")
-        self._add(name, "onnx_int4" if int4 else "onnx_int8", Path(result.path),
-                  f"{result.method} ONNX for onnxruntime on CPU")
+        name = "model_int4.onnx" if (int4 := isinstance(config, Int4Config)) else "model_int8.onnx"
+        result = quantize_measured(pipe, self.spec.quantization, fp32, self.out / name, self.work / "formats") or \
+            pipe.quantize(fp32, self.out / name, config, module=module, workdir=self.work / "qat")
+        self._add(name, "onnx_int4" if int4 else "onnx_int8", Path(result.path), f"{result.method} ONNX for onnxruntime on CPU")
         if result.met is False:
             self.warnings.append(result.message)
         return result

@@ -22,6 +22,7 @@ from .fields import tolerance as field_tolerance
 from .io.onnx_teacher import load_onnx_teacher
 from .measure.evaluate import ModelRow, compare_models, disagreements, per_class_table
 from .measure.export import export_onnx
+from .measure.metrics import paired_drop_noise
 from .measure.verdict import Candidate, choose, tolerance_for, verdict
 from .pipeline import CandidatePipeline, Measurement, evaluation_batch
 from .quantize.registry import QuantizationResult
@@ -45,9 +46,10 @@ class Made:
 
 
 def quantize_baseline(pipe: CandidatePipeline, spec: CompressSpec, fp32: Path, out: Path) -> QuantizationResult:
-    """The baseline's graph quantized like the student's (``qat`` trains the student only: its
-    baseline gets the static int8 that QAT's own last step applies)."""
-    config = spec.quantization
+    """The baseline's graph quantized like the student's: in the format ``auto`` chose for it by
+    measurement, if it did (``qat`` trains the student only: its baseline gets the static int8 that
+    QAT's own last step applies)."""
+    config = pipe.quantized_as or spec.quantization
     if isinstance(config, QatConfig):
         config = StaticInt8Config(calibration="minmax", calibration_samples=config.calibration_samples,
                                   per_channel=config.per_channel)  # fmt: skip
@@ -91,8 +93,10 @@ def deliver(pipe: CandidatePipeline, spec: CompressSpec, made: Made, teacher: Me
     chosen, why = choose(pool, metric, tolerance, batch)
     shutil.copyfile(chosen.path, out / MODEL)
     missed = _missed_target(spec, chosen, metric)
+    chosen_out = next((m.outputs for c, (_, _, m) in zip(candidates, measured, strict=True) if c is chosen), None)
+    seen = evidence(pipe, chosen_out, teacher.outputs)
     judged = verdict(chosen, teacher_c, candidates, metric=metric, tolerance=tolerance, batch=batch, chance=chance,
-                     labelled=pipe.evald.y is not None, missed_targets=missed)  # fmt: skip
+                     labelled=pipe.evald.y is not None, missed_targets=missed, **seen)  # fmt: skip
     rows = [ModelRow("teacher", teacher.metrics, teacher.size_bytes, teacher_parameters, teacher.latency, None,
                      "onnx fp32")]  # fmt: skip
     outputs = {"teacher": teacher.outputs}
@@ -104,7 +108,7 @@ def deliver(pipe: CandidatePipeline, spec: CompressSpec, made: Made, teacher: Me
         outputs[c.name] = m.outputs
     section = {
         "chosen": chosen.name, "file": MODEL, "why": why, "batch": batch, "metric": metric, "tolerance": tolerance,
-        "tolerance_means": describe_tolerance(pipe.evald.meta, metric, tolerance),
+        "tolerance_means": describe_tolerance(pipe.evald.meta, metric, tolerance), **as_reported(seen),
         "candidates": [{"name": c.name, metric: c.value(metric), "size_bytes": c.size_bytes,
                         f"p50_ms_batch_{batch}": c.p50(batch)} for c in pool],
         **judged,
@@ -152,6 +156,11 @@ def comparisons(pipe: CandidatePipeline, spec: CompressSpec, chosen: Candidate,
 def teacher_onnx(teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor], work: Path) -> Path:
     """The teacher as an ONNX graph: the uploaded one, or exported (in the sandbox for a code checkpoint)."""
     if teacher.kind == "onnx":
+        wrapped = getattr(teacher.run_onnx, "wrapped", None)
+        if wrapped:  # a click model's id and dense inputs as one x (`io.onnx_inputs`): the graph that was run
+            work.mkdir(parents=True, exist_ok=True)
+            (work / "teacher_fp32.onnx").write_bytes(wrapped)
+            return work / "teacher_fp32.onnx"
         return teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher)
     if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
         # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
@@ -190,7 +199,20 @@ def only_onnx(teacher: Teacher) -> Path:
     return found[0]
 
 
-def search_verdict(result: Any, primary: Path, check: Any) -> dict[str, Any]:
+def evidence(pipe: CandidatePipeline, out: torch.Tensor | None, teacher_out: torch.Tensor | None) -> dict[str, Any]:
+    """The verdict's view of the eval rows: the paired noise of the drop, how many rows, where from."""
+    noise = paired_drop_noise(pipe.metric, pipe.task, teacher_out, out, pipe.evald.y)
+    return {"noise": noise, "eval_rows": len(pipe.evald), "eval_given": pipe.eval_given}
+
+
+def as_reported(seen: dict[str, Any]) -> dict[str, Any]:
+    """The report's words for ``evidence``."""
+    return {"eval_rows": seen["eval_rows"], "eval_from": "an eval dataset" if seen["eval_given"] else
+            "held out from the upload", "drop_noise": seen["noise"]}
+
+
+def search_verdict(result: Any, primary: Path, check: Any, pipe: CandidatePipeline,
+                   chosen_out: torch.Tensor | None) -> dict[str, Any]:
     """The verdict on a search's chosen model against the teacher (the summary's keys, and the
     report's delivery section under ``delivery_section``)."""
     goal, chosen, teacher = result.goal, result.chosen, result.teacher
@@ -201,9 +223,11 @@ def search_verdict(result: Any, primary: Path, check: Any) -> dict[str, Any]:
                               m.size_bytes, m.latency, m.parameters)
                     for name, role, m in (("teacher", "teacher", teacher), ("chosen", "student", chosen))]  # fmt: skip
     t, c = as_candidate
+    seen = evidence(pipe, chosen_out if metric == pipe.metric else None, pipe.meter.teacher_out)
     judged = verdict(c, t, [c], metric=metric, tolerance=tolerance, batch=batch,
                      chance=check.chance if check is not None else None, labelled=True,
-                     missed_targets=list(result.choice.unmet))  # fmt: skip
-    section = {"chosen": chosen.name, "file": MODEL, "batch": batch, "metric": metric, "tolerance": tolerance, **judged}
+                     missed_targets=list(result.choice.unmet), **seen)  # fmt: skip
+    section = {"chosen": chosen.name, "file": MODEL, "batch": batch, "metric": metric, "tolerance": tolerance,
+               **as_reported(seen), **judged}
     return {"verdict": judged["verdict"], "reasons": judged["reasons"], "headline": judged["headline"],
             "delivered": {"name": chosen.name, "file": MODEL}, "delivery_section": section}

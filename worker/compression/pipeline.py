@@ -88,8 +88,10 @@ class CandidatePipeline:
     """student → distil → export → quantize → measure for one teacher, data split and spec (module doc)."""
 
     def __init__(self, teacher: Teacher, train: TensorData, evald: TensorData, spec: CompressSpec, *, task: Task,
-                 meter: Meter, progress: ProgressFn, cancel: CancelFn) -> None:
+                 meter: Meter, progress: ProgressFn, cancel: CancelFn, eval_given: bool = True) -> None:
         self.teacher, self.train, self.evald, self.spec, self.task = teacher, train, evald, spec, task
+        self.eval_given = eval_given
+        """False when the eval split was held out from the uploaded data (the verdict's wording)."""
         self.meter, self.progress, self.cancel = meter, progress, cancel
         if task == "token_classification" and isinstance(spec.student, SearchStudent):
             raise SpecError("a search over token classification (NER) students is not supported yet: use student "
@@ -106,6 +108,9 @@ class CandidatePipeline:
         """The budget the timed auto student was built for: the labels-only baseline gets the same student."""
         self.student_timing: dict[str, Any] | None = None
         """Why the auto student has its size (`students.speed_fit`), for the report."""
+        self.quantized_as: QuantizationMethod | None = None
+        """The int8 format ``auto`` chose by measurement for the student (`quantize_choice`): the
+        labels-only baseline is quantized in it too."""
 
     # --- 1. student ------------------------------------------------------------------------
 

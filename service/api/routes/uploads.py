@@ -75,7 +75,7 @@ class DatasetForm(DataSpec):
     metadata: Json[dict[str, Any]] | None = None
 
     @field_validator("image_size", "image_mean", "image_std", "classes", "target_columns", "feature_columns",
-                     "action_columns", mode="before")
+                     "action_columns", "categorical_columns", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
         """Form values are text: accept ``[32, 32]`` or ``32,32`` (``["setosa", "versicolor"]`` or

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DatasetError, SpecError
+from ..fields import monitored_metric
 from ..measure.metrics import TASK_METRICS, evaluate_outputs, primary_metric
 from ..spec import DistillSpec
 from ..students.zoo import count_parameters
@@ -244,7 +245,9 @@ def distill(
         teacher_eval = runner.all_outputs(eval_data) if teacher_eval is None else teacher_eval.float().cpu()
         teacher_metrics = evaluate_outputs(task, teacher_eval, eval_data.y, teacher_eval, eval_data.classes)
         timings["teacher_eval_s"] = time.perf_counter() - t0
-        metric = primary_metric(task)
+        metric = monitored_metric(task, eval_data.meta, primary_metric(task))
+        if metric not in teacher_metrics:  # AUC needs both classes among the eval labels
+            metric = primary_metric(task)
 
         def evaluator(model: nn.Module) -> Callable[[], dict[str, Any]]:
             return lambda: evaluate_outputs(

@@ -67,6 +67,12 @@ class ReadContext:
     task: str | None
     structure_only: bool
     limits: DataLimits
+    vocabularies: list[dict[str, Any]] | None = None
+    """Categorical vocabularies to read tables with (the teacher's, or the training file's for an
+    evaluation file); None: built from the file (`data_vocab`)."""
+    leading_columns: list[str] | None = None
+    """Table columns that come first in ``x``, read as integer ids: a click ONNX teacher's id inputs
+    (`onnx_inputs`)."""
 
 
 def feature_array(x: torch.Tensor, ctx: ReadContext) -> torch.Tensor:

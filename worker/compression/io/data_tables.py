@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,7 @@ from .data_common import (
 )
 from .data_series import load_series
 from .data_tokens import is_token_file, load_token_records
+from .data_vocab import encode_table, mostly_text
 from .hf_folder import tokenize
 
 TABULAR_LABELS = ("label", "target", "y")
@@ -48,8 +50,9 @@ def load_csv(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
     try:
         if is_text:  # every cell as the string written (empty stays "")
             df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-        else:
-            df = pd.read_csv(io.StringIO(text))
+        else:  # categorical columns named up front keep their text as written ("007" stays "007")
+            named = [v["column"] for v in ctx.vocabularies or []] or list(ctx.spec.categorical_columns or [])
+            df = pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(named, str) or None)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DatasetError(f"{path.name} is not a readable CSV file: {exc}") from exc
 
@@ -95,6 +98,9 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     features = df.drop(columns=[label]) if label else df
     if features.shape[1] == 0:
         raise DatasetError(f"{source} has no feature columns besides the label {label!r}")
+    if ctx.leading_columns:
+        features = _lead(features, ctx.leading_columns, ctx, source)
+    features, vocabs = encode_table(features, ctx.spec, ctx.vocabularies, source)
     try:
         values = features.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
     except (TypeError, ValueError) as exc:
@@ -111,8 +117,31 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     if label:
         y, classes = parse_labels(df[label].to_numpy(), ctx.task, row_of, f"column {label!r}", ctx.limits,
                                     ctx.spec.classes)
-    meta = {"columns": list(features.columns), "label_column": label or ""}
+    meta: dict[str, Any] = {"columns": list(features.columns), "label_column": label or ""}
+    if vocabs:
+        meta["categorical"] = vocabs
+        meta["categorical_columns"] = ",".join(v["column"] for v in vocabs)
+    if ctx.spec.task == "ctr" or (vocabs and classes is not None and len(classes) == 2):
+        if classes is None or len(classes) != 2:
+            raise DatasetError(f"task 'ctr' needs click labels of two classes (0 / 1) in {source} to measure AUC; "
+                               f"got {'no label column' if y is None else f'{len(classes or [])} classes'}")
+        meta["field"] = "ctr"
     return TensorData({"x": x}, y, RANK_KIND[x.ndim], classes, meta=meta)
+
+
+def _lead(features: pd.DataFrame, lead: list[str], ctx: ReadContext, source: str) -> pd.DataFrame:
+    """``features`` with the teacher's id columns first (`onnx_inputs`): they hold the ids it was trained on."""
+    missing = [c for c in lead if c not in features.columns]
+    if missing:
+        raise DatasetError(f"the ONNX teacher takes ids in input(s) {', '.join(repr(c) for c in lead)}; {source} has "
+                           f"no column {', '.join(repr(c) for c in missing)}")
+    named = set(ctx.spec.categorical_columns or []) & set(lead)
+    text = [c for c in lead if mostly_text(features[c])]
+    if named or text:
+        column = min(named or text)
+        raise DatasetError(f"column {column!r} feeds the ONNX teacher's id input {column!r}: it must hold the integer "
+                           "ids the teacher was trained on, read as they are (not text, not a categorical column)")
+    return features[[*lead, *(c for c in features.columns if c not in lead)]]
 
 
 def _load_logged_actions(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) -> TensorData:

@@ -48,6 +48,8 @@ from .data_common import DataLimits, ReadContext
 from .data_images import load_images
 from .data_series import chronological_split
 from .data_tables import load_csv, load_jsonl, load_parquet
+from .data_vocab import recorded_vocabularies
+from .onnx_inputs import layout_columns
 from .sniff import has_audio
 
 FORMATS = ("npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip", "audio_zip")
@@ -68,6 +70,8 @@ def load_dataset(
     task: str | None = None,
     structure_only: bool = False,
     limits: DataLimits = DataLimits(),
+    vocabularies: list[dict[str, Any]] | None = None,
+    leading_columns: list[str] | None = None,
 ) -> TensorData:
     """Read ``path`` into tensors shaped for the teacher.
 
@@ -76,7 +80,9 @@ def load_dataset(
     to ``input_shape`` when the element counts agree, images are sized from it, text is
     tokenized with ``tokenizer``. ``structure_only`` parses text rows and labels without
     tokenizing (upload validation, before a teacher is chosen): token inputs are then empty
-    ``(N, 0)`` tensors and ``meta["tokenized"]`` is False. ``limits`` caps hostile uploads.
+    ``(N, 0)`` tensors and ``meta["tokenized"]`` is False. ``limits`` caps hostile uploads. ``vocabularies``: the
+    categorical vocabularies a table is read with (`data_vocab`; default: built from the file);
+    ``leading_columns``: a click ONNX teacher's id columns, first in ``x`` (`onnx_inputs`).
     """
     path = Path(path)
     spec = spec or DataSpec()
@@ -92,7 +98,8 @@ def load_dataset(
         fmt = "audio_zip"
     if spec.task == "forecasting" and fmt not in ("csv", "parquet"):
         raise DatasetError(f"forecasting reads a time series from a CSV or Parquet table, not {fmt}")
-    ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits)
+    ctx = ReadContext(spec, tokenizer, input_shape, input_kind, task, structure_only, limits, vocabularies,
+                      leading_columns)
     if fmt in ("npz", "safetensors"):
         data = load_arrays(path, fmt, ctx)
     elif fmt in ("csv", "text_csv"):
@@ -225,7 +232,8 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
     """The job's data read for ``teacher`` (a `types.Teacher`) and split: (train, eval, class order).
     Class labels are numbered in the teacher's order — its own names, else those given, else sorted
     — and the class order says which (``teacher``, ``given``, ``sorted``, or ``indices`` when the labels
-    were integers already). Images are normalised as the teacher's own files say when the job does not
+    were integers already). Categorical columns are read with the teacher's vocabularies when it has them,
+    and the evaluation file with the training file's. Images are normalised as the teacher's own files say when the job does not
     say (`teacher_normalisation`)."""
     source = "given" if data_spec.classes is not None else "sorted"
     if data_spec.classes is None and teacher.classes and task in ("classification", "token_classification"):
@@ -234,9 +242,12 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
     if norm:
         data_spec = data_spec.model_copy(update=norm)
     kw: dict[str, Any] = {"tokenizer": teacher.tokenizer, "input_shape": teacher.input_shape,
-                          "input_kind": teacher.input_kind, "task": task}  # fmt: skip
-    data = load_dataset(path, data_spec, **kw)
-    eval_data = load_dataset(eval_path, data_spec, **kw) if eval_path else None
+                          "input_kind": teacher.input_kind, "task": task,
+                          "leading_columns": layout_columns(teacher)}  # fmt: skip
+    data = load_dataset(path, data_spec, vocabularies=recorded_vocabularies(teacher), **kw)
+    unknown_text(data, data_spec, teacher)
+    eval_data = load_dataset(eval_path, data_spec, vocabularies=data.meta.get("categorical"), **kw) \
+        if eval_path else None
     for d in (data, eval_data) if norm else ():
         if d is not None and d.input_kind == "image":
             d.meta["image_scale"] = teacher.preprocessing.get("source", "teacher")
@@ -245,3 +256,20 @@ def load_for_teacher(path: Path, eval_path: Path | None, data_spec: DataSpec, te
         return train, evald, None
     integers = train.classes == [str(i) for i in range(len(train.classes))] and source == "sorted"
     return train, evald, {"source": "indices" if integers else source, "classes": list(train.classes)}
+
+
+def unknown_text(data: TensorData, spec: DataSpec, teacher: Any) -> None:
+    """Refuse text columns a teacher of numbers never saw: without a vocabulary of its own (a zoo
+    ``ctr`` teacher records one) the job's ids would be numbers the teacher was not trained on, and
+    the student would learn from its answers to them. Naming the columns in ``categorical_columns``
+    says the teacher takes ids numbered as the job numbers them (by frequency, 0 for unseen)."""
+    found = [v["column"] for v in data.meta.get("categorical") or []]
+    if not found or spec.categorical_columns or recorded_vocabularies(teacher) is not None:
+        return
+    if (getattr(teacher, "config", None) or {}).get("architecture") == "ctr":
+        return
+    raise DatasetError(f"column(s) {', '.join(map(repr, found[:5]))} hold text, and this teacher takes numbers: it "
+                       "records no vocabulary for them. Encode them the way the teacher was trained (numbers, "
+                       "one-hot columns), or name them in data.categorical_columns if the teacher takes ids "
+                       "numbered by frequency (0 for values not seen)")
+

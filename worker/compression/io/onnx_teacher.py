@@ -37,6 +37,7 @@ from ..measure.export import fixed_batch, run_rows
 from ..students.zoo import TASKS
 from ..types import TOKEN_KEYS, InputKind, Task, Teacher
 from .onnx_cost import activation_cost, check_activation_cost
+from .onnx_inputs import ids_layout, wrap_single_input
 from .teacher_meta import class_names
 
 DEFAULT_SEQ_LEN = 128
@@ -183,13 +184,14 @@ def _check_model(model: ModelProto, path: Path) -> None:
         raise ModelFileError(f"{path.name} is not a valid ONNX model: {exc}") from exc
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(path: Path, threads: int, graph: bytes | None = None) -> ort.InferenceSession:
+    """A CPU session of ``path``, or of ``graph`` (the serialised graph to run instead, `onnx_inputs`)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(graph if graph is not None else str(path), opts, providers=["CPUExecutionProvider"])
     except ORT_ERRORS as exc:
         msg = str(exc)
         if m := _NO_KERNEL.search(msg):
@@ -213,6 +215,8 @@ class _Runner:
         self.output = session.get_outputs()[0].name
         self.tokens = input_kind == "tokens"
         self.pooled = pooled
+        self.wrapped: bytes | None = None
+        """The graph it runs when not the file's (a click model's inputs as one ``x``, `onnx_inputs`)."""
 
     def _feeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         feeds: dict[str, np.ndarray] = {}
@@ -265,7 +269,8 @@ def _input_kind(args: list[Any]) -> tuple[InputKind, tuple[int, ...]]:
         return "tokens", (seq if isinstance(seq, int) and seq > 0 else DEFAULT_SEQ_LEN,)
     if len(args) != 1 or args[0].type not in FLOAT_TYPES:
         raise ModelFileError(
-            f"expected one float input (or token inputs named {', '.join(TOKEN_KEYS)}); "
+            f"expected one float input (or token inputs named {', '.join(TOKEN_KEYS)}, or a click model's int "
+            f"(batch,) / (batch, 1) id inputs beside at most one float (batch, F) input, opset ≥ 11); "
             f"the graph has {described}")
     shape = args[0].shape
     kind = RANK_KINDS.get(len(shape))
@@ -333,15 +338,18 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
     opsets = {o.domain or "ai.onnx": o.version for o in model.opset_import}
     producer = f"{model.producer_name} {model.producer_version}".strip()
     convolutional = any(n.op_type in ("Conv", "ConvTranspose") for g in _graphs(model.graph) for n in g.node)
+    layout = ids_layout(model)  # a click model's id and dense inputs: run as one float x
+    wrapped = wrap_single_input(model, layout).SerializeToString() if layout else None
     del model  # onnxruntime holds its own copy
 
-    session = _session(path, threads)
+    session = _session(path, threads, wrapped)
     args, out_arg = session.get_inputs(), session.get_outputs()[0]
     input_kind, input_shape = _input_kind(args)
     if out_arg.type not in FLOAT_TYPES:
         raise ModelFileError(f"output {out_arg.name!r} is {out_arg.type}; a teacher must output float logits, "
                              "values or embeddings")
     runner = _Runner(session, input_kind, pooled=False)
+    runner.wrapped = wrapped
     out = _probe(runner, input_kind, input_shape)
     if out.ndim == 3 and input_kind == "tokens":
         runner.pooled = True
@@ -362,6 +370,8 @@ def load_onnx_teacher(path: str | os.PathLike[str], *, task: str | None = None, 
         "activation_bytes": {"fixed": cost.fixed, "per_sample": cost.per_sample},
         "convolutional": convolutional,
     }
+    if layout:
+        config["ids_layout"] = layout
     chosen, source = _task(task, meta, out_arg.name, runner.pooled, output_dim)
     names = meta.get("classes") or meta.get("kdq_classes") or meta.get("id2label")
     return Teacher(

@@ -351,8 +351,10 @@ def render_html(report: Mapping[str, Any]) -> str:
         parts.append("<h2>Teacher cache</h2>" + _kv(cache))
     if distill:
         parts.append("<h2>Distillation</h2>" + _kv(distill, skip=("history", "teacher_cache")))
+    if quant.get("tried"):  # quantize_choice: auto measured every int8 format and kept the fastest that scores
+        parts.append("<h2>Int8 formats measured (chosen: the fastest within tolerance)</h2>" + _table(quant["tried"]))
     if quant:
-        parts.append("<h2>Quantization</h2>" + _kv(quant, skip=("sensitivity",)))
+        parts.append("<h2>Quantization</h2>" + _kv(quant, skip=("sensitivity", "tried")))
     for key, heading in (("data", "Data"), ("export_check", "ONNX export check"), ("timings", "Timings (s)")):
         if report.get(key):
             parts.append(f"<h2>{heading}</h2>" + _kv(report[key]))

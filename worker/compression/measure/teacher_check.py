@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..io.data_images import IMAGE_SCALES
 from ..types import Teacher, TensorData
 from .entities import IGNORE
-from .metrics import accuracy, r2
+from .metrics import accuracy, click_metrics, r2
 
 SAMPLE = 512
 BATCH = 256
@@ -105,7 +105,10 @@ def check_teacher(teacher: Teacher, train: TensorData, evald: TensorData, task: 
         train, evald = _rescaled(train, mean, std, best), _rescaled(evald, mean, std, best)
         sample = _sample(evald)
     outputs = _predict(teacher, sample.inputs)
-    check = _classification(outputs, sample) if task == "classification" else _regression(outputs, sample)
+    if task == "classification" and sample.meta.get("field") == "ctr" and outputs.shape[-1] in (1, 2):
+        check = _clicks(outputs, sample)
+    else:
+        check = _classification(outputs, sample) if task == "classification" else _regression(outputs, sample)
     if scales:
         check.image_scale = {"chosen": best, "accuracy_by_scale": {k: round(v, 4) for k, v in scales.items()}}
     if not check.passed:
@@ -146,6 +149,26 @@ def _classification(outputs: torch.Tensor, sample: TensorData) -> TeacherCheck:
     else:
         detail += "; check the label column, the class order, and the input preprocessing"
     check.detail = detail
+    return check
+
+
+def _clicks(outputs: torch.Tensor, sample: TensorData) -> TeacherCheck:
+    """Click data (rare positives: accuracy says little): the teacher's AUC against 0.5, past two standard
+    errors of an AUC at chance (Mann-Whitney) and at least 0.02."""
+    y = sample.y.long()
+    n_pos = int((y == 1).sum())
+    n_neg = len(y) - n_pos
+    value = click_metrics(outputs, y).get("auc")
+    if value is None:
+        return TeacherCheck("classification", len(y), "auc", float("nan"), 0.5, True,
+                            "the sample holds one class only: AUC not checked")
+    margin = max(0.02, 2 * math.sqrt((len(y) + 1) / (12 * n_pos * n_neg)))
+    check = TeacherCheck("classification", len(y), "auc", value, 0.5, value > 0.5 + margin)
+    if not check.passed:
+        check.detail = (f"the teacher scores AUC {value:.3f} on {len(y)} labelled evaluation rows, no better than "
+                        "chance (0.5); it does not rank these clicks")
+        check.detail += ("; it ranks them backwards: give the classes in the other order (data.classes)"
+                         if value < 0.5 - margin else "; check the label column and the categorical columns")
     return check
 
 

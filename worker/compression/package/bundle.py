@@ -54,6 +54,13 @@ def preprocessing(teacher: Teacher, data: TensorData, task: str, *, input_names:
     elif data.input_kind == "vector" and data.meta.get("columns"):
         out["tabular"] = {"columns": list(data.meta["columns"]),
                           "label_column": data.meta.get("label_column") or None}
+        if data.meta.get("categorical"):  # text cells to ids, as the job read them (`io.data_vocab`)
+            out["tabular"]["categorical"] = [{k: v for k, v in vocab.items() if k != "distinct"}
+                                             for vocab in data.meta["categorical"]]
+            out["tabular"]["categorical_steps"] = (
+                "a cell is its text as written (empty: \"\"); kind 'vocab': id i + 1 for tokens[i], else 0 "
+                "(out of vocabulary); kind 'hash': zlib.crc32(utf-8 text) % buckets; the id goes at the "
+                "column's place among the float features")
     if data.input_kind == "tokens":
         if teacher.input_shape and int(teacher.input_shape[0]) > 0:  # as the data was read: the model's limit
             max_length = min(max_length, int(teacher.input_shape[0]))

@@ -3,7 +3,7 @@
 
     pip install onnxruntime numpy        # and pillow for images, tokenizers for text
     python predict.py digits/*.png       # image files
-    python predict.py rows.csv           # tabular rows: the feature columns, by name
+    python predict.py rows.csv           # tabular rows: the feature columns, by name (categories as text)
     python predict.py series.csv         # a forecaster: the next steps after the series' last window
     python predict.py clips/*.wav        # audio (pip install soundfile)
     python predict.py --text "a sentence" [--text "another"]
@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,9 @@ class Bundle:
         missing = [c for c in columns if rows and c not in rows[0]]
         if missing:
             raise SystemExit(f"{path}: missing feature column(s) {', '.join(missing)}")
-        x = np.asarray([[float(row[c]) for c in columns] for row in rows], np.float32)
+        categories = {v["column"]: v for v in self.pre["tabular"].get("categorical", [])}
+        x = np.asarray([[_category_id(row[c] or "", categories[c]) if c in categories else float(row[c])
+                         for c in columns] for row in rows], np.float32)
         return {self.inputs[0]: x.reshape(len(x), *self.pre["input"]["shape"])}
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -195,6 +198,15 @@ class Bundle:
 
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         return self.answers(self.run(self.texts(texts)))
+
+
+def _category_id(text: str, vocab: dict[str, Any]) -> int:
+    """A categorical cell's id: its place in the vocabulary (0: not in it), or its CRC-32 hash bucket."""
+    if vocab["kind"] == "hash":
+        return zlib.crc32(text.encode("utf-8")) % vocab["buckets"]
+    if "_index" not in vocab:
+        vocab["_index"] = {t: i + 1 for i, t in enumerate(vocab["tokens"])}
+    return vocab["_index"].get(text, 0)
 
 
 def _time_key(value: str) -> Any:

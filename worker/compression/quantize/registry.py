@@ -58,6 +58,8 @@ class QuantizationResult:
     calibration: dict[str, Any] | None = None
     seconds: float = 0.0
     message: str = ""
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    """``auto`` in a single run: every int8 format measured (metric, size, p50) and which was chosen."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -131,6 +131,8 @@ def _widths(cfg: dict[str, Any]) -> list[int]:
     arch = cfg["architecture"]
     if arch == "mlp":
         return [int(h) for h in cfg["hidden"]]
+    if arch == "ctr":
+        return [int(cfg.get("embedding_dim", 16)), *(int(h) for h in cfg["hidden"])]
     if arch in ("cnn", "cnn1d"):
         return [int(c) for c in cfg["channels"]] + ([int(cfg["hidden"])] if int(cfg.get("hidden", 0)) else [])
     if arch == "resnet":
@@ -143,6 +145,9 @@ def short_name(cfg: dict[str, Any]) -> str:
     arch = cfg["architecture"]
     if arch == "mlp":
         return "mlp-" + "-".join(str(int(h)) for h in cfg["hidden"]) if cfg["hidden"] else "mlp-linear"
+    if arch == "ctr":
+        return (f"ctr-{cfg.get('interaction', 'concat')}-e{int(cfg.get('embedding_dim', 16))}-"
+                + "-".join(str(int(h)) for h in cfg["hidden"]))
     if arch in ("cnn", "cnn1d"):
         fc = f"-h{int(cfg['hidden'])}" if int(cfg.get("hidden", 0)) else ""
         return f"{arch}-" + "-".join(str(int(c)) for c in cfg["channels"]) + fc
@@ -215,6 +220,8 @@ def _small_fresh(teacher: Teacher) -> list[Candidate]:
 
 
 def _meta_embedding(cfg: dict[str, Any]) -> int | None:
+    if cfg["architecture"] == "ctr":  # lookup tables: parameters that cost no compute
+        return sum(int(c["size"]) for c in cfg["categorical"]) * int(cfg.get("embedding_dim", 16))
     if cfg["architecture"] != "transformer":
         return None
     return (int(cfg["vocab_size"]) + int(cfg.get("max_len", 128))) * int(cfg["dim"])

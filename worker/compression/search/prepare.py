@@ -19,6 +19,7 @@ from torch import nn
 from ..distill.teacher_cache import TeacherCache
 from ..distill.trainer import resolve_device
 from ..errors import SpecError
+from ..fields import monitored_metric
 from ..measure.export import onnx_size_bytes
 from ..measure.meter import latency_at
 from ..measure.metrics import TASK_METRICS
@@ -46,10 +47,15 @@ def measure_teacher(s: SearchState) -> None:
     metrics = s.pipe.meter.score(out)
     targets = s.spec.targets
     assert targets is not None
-    metric = targets.metric or {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[s.task]
+    default = {"classification": "accuracy", "embedding": "cosine", "regression": "mse"}[s.task]
+    metric = targets.metric or monitored_metric(s.task, s.pipe.evald.meta, default)  # a CTR job's: auc
+    targets = targets.model_copy(update={"metric": metric})
     if metric not in TASK_METRICS[s.task] and metric not in metrics:  # (a field's metrics: `fields`)
         raise SpecError(f"targets.metric {metric!r} is not measured for {s.task}; "
                         f"use one of {', '.join(TASK_METRICS[s.task])}")
+    if metric in ("auc", "log_loss") and metric not in metrics:
+        raise SpecError(f"targets.metric {metric!r} measures binary labels (two classes, 0 / 1); the evaluation "
+                        "split has no such labels to score")
     lower = metric in LOWER_IS_BETTER
     if (lower and targets.min is not None) or (not lower and targets.max is not None):
         raise SpecError(f"targets: {metric} is {'lower' if lower else 'higher'}-is-better; "

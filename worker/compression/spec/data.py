@@ -13,6 +13,8 @@ POLICY_ENVS = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1")
 """Classic-control environments a policy's return is measured in (when gymnasium is installed)."""
 FORECAST_KEYS = ("time_column", "target_columns", "feature_columns", "window", "horizon", "stride")
 POLICY_KEYS = ("action_space", "action_columns", "env", "episodes")
+MAX_CATEGORY_IDS = 1 << 24
+"""Categorical ids travel as float32 features: exact below this."""
 
 
 class DataSpec(SpecModel):
@@ -58,13 +60,28 @@ class DataSpec(SpecModel):
     split_seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """The seed of that split (the same seed, the same rows)."""
 
+    categorical_columns: list[Column] | None = Field(default=None, max_length=1000)
+    """Tables: the columns read as categories (strings mapped to integer ids by a vocabulary built from the
+    training file, `worker.compression.io.data_vocab`). Default: the columns where fewer than half the
+    non-empty cells are numbers; ``[]``: none. A teacher trained with vocabularies (a zoo ``ctr``) uses its own."""
+    max_categories: int = Field(default=10_000, ge=1, le=MAX_CATEGORY_IDS - 1)
+    """Tables: a categorical column keeps its most frequent values up to this many; the rest (and values
+    unseen in training) share one out-of-vocabulary id, 0."""
+    hash_above: int = Field(default=100_000, ge=1, le=10**9)
+    """Tables: a categorical column with more distinct values than this is hashed (CRC-32 of its UTF-8
+    text, modulo ``hash_buckets``) instead of keeping a vocabulary."""
+    hash_buckets: int = Field(default=65_536, ge=1, le=MAX_CATEGORY_IDS)
+    """Tables: the ids of a hashed categorical column."""
+
     # --- fields of use (`worker.compression.fields`) ------------------------------------------
-    task: Literal["forecasting", "policy"] | None = None
+    task: Literal["forecasting", "policy", "ctr"] | None = None
     """A field of use the data is read for. ``forecasting``: a CSV / Parquet time series cut into
     windows (``window`` past steps of every column in ``target_columns`` + ``feature_columns``) whose
     targets are the next ``horizon`` steps of ``target_columns``; split in time order. ``policy``:
     logged observations (vectors) a policy maps to actions (``action_space``); its metric is agreement
-    with the teacher, and the return in ``env`` when gymnasium is installed."""
+    with the teacher, and the return in ``env`` when gymnasium is installed. ``ctr``: click (binary) labels
+    on a table, judged by AUC (log-loss beside it); also chosen for a binary-labelled table with
+    categorical columns."""
     time_column: Column | None = None
     """Forecasting: the column that orders the rows (numbers or dates). Unsorted rows are sorted by it
     (stable); a repeated time stamp is refused. Default: the rows' file order."""

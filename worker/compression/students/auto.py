@@ -113,6 +113,9 @@ def _auto_blackbox(teacher: Teacher, budget: int, strict: bool = True) -> Studen
     base = {"task": teacher.task, "output_dim": teacher.output_dim}
     if kind == "tokens":
         return _auto_tokens(teacher, budget, base)
+    clicks = _auto_clicks(teacher, budget, base)
+    if clicks is not None:
+        return clicks
     arch = {"vector": "mlp", "image": "cnn", "signal": "cnn1d"}[kind]
     if teacher.config.get("convolutional") is False:
         arch = "mlp"
@@ -138,6 +141,30 @@ def _auto_blackbox(teacher: Teacher, budget: int, strict: bool = True) -> Studen
                                       f"kind ({smallest:,} parameters, over the budget of {budget:,})")
     cfg = zoo.validate_config(family(width))
     return fresh_zoo_student(cfg, f"auto for a black-box teacher: {describe_config(cfg)}, within {budget:,} parameters")
+
+
+def _auto_clicks(teacher: Teacher, budget: int, base: dict[str, Any]) -> Student | None:
+    """A click ONNX teacher whose id inputs look up tables of known sizes (`io.onnx_inputs`): a zoo ``ctr``
+    with a table per id column, the widest of embedding dim 16, 8, 4, 2 or 1 that keeps an MLP [w] with w ≥ 32
+    within the budget (else embedding dim 1 at any width: tables are most of a click model's parameters). One
+    hidden layer: a black box's depth is unknown, and two layers timed slower than a one-layer teacher.
+    None: not such a teacher, or nothing fits."""
+    layout = teacher.config.get("ids_layout")
+    if not layout or any(spec.get("size") is None for spec in layout["ids"]):
+        return None
+    categorical = [{"column": spec["name"], "index": j, "kind": "ids", "size": int(spec["size"])}
+                   for j, spec in enumerate(layout["ids"])]
+    base = {**base, "architecture": "ctr", "input_dim": math.prod(teacher.input_shape), "categorical": categorical}
+    for dim in (16, 8, 4, 2, 1):
+        def family(w: int, dim: int = dim) -> dict[str, Any]:
+            return {**base, "embedding_dim": dim, "hidden": [w]}
+
+        width = largest_fitting(list(range(MIN_WIDTH, 1025)), lambda w: meta_count(family(w)), budget)
+        if width is not None and (width >= 32 or dim == 1):
+            cfg = zoo.validate_config(family(width))
+            return fresh_zoo_student(cfg, f"auto for a click ONNX teacher: {describe_config(cfg)}, within "
+                                          f"{budget:,} parameters")
+    return None
 
 
 def _auto_tokens(teacher: Teacher, budget: int, base: dict[str, Any]) -> Student:

@@ -24,6 +24,11 @@ from .student import Student
 from .zoo import MLP
 
 MIN_STD = 1e-6
+"""A feature whose std on the training split is at most this (times 1 + |mean|) is constant there:
+the student ignores it (its standardised value is 0 and its folded weights are 0). Dividing by the
+clamped std instead put 1e6 into the folded first layer: every int8 form of a digits student
+(whose border pixels are always 0) scored 0.11, and a row where such a column moved would blow up
+in fp32 too."""
 
 
 class Standardized(nn.Module):
@@ -31,15 +36,17 @@ class Standardized(nn.Module):
                  y_mean: torch.Tensor | None = None, y_std: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
         self.inner = inner
+        constant = x_std.float() <= MIN_STD * (1 + x_mean.float().abs())
         self.register_buffer("x_mean", x_mean.float())
-        self.register_buffer("x_std", x_std.float().clamp(min=MIN_STD))
+        self.register_buffer("x_std", torch.where(constant, torch.ones_like(x_std.float()), x_std.float()))
+        self.register_buffer("x_keep", (~constant).float())
         self.scale_outputs = y_mean is not None and y_std is not None
         self.register_buffer("y_mean", (y_mean if y_mean is not None else torch.zeros(1)).float())
         self.register_buffer("y_std", (y_std if y_std is not None else torch.ones(1)).float().clamp(min=MIN_STD))
         self.kdq_layer_map = getattr(inner, "kdq_layer_map", None)
 
     def forward_features(self, x: torch.Tensor) -> ModelOutput:
-        out = self.inner.forward_features((x.flatten(1) - self.x_mean) / self.x_std)
+        out = self.inner.forward_features((x.flatten(1) - self.x_mean) / self.x_std * self.x_keep)
         if self.scale_outputs:
             out = ModelOutput(out.output * self.y_std + self.y_mean, out.hidden, out.attentions)
         return out
@@ -80,8 +87,8 @@ def fold(module: nn.Module) -> nn.Module:
         return module
     inner = copy.deepcopy(module.inner).eval()
     first = inner.layers[0] if len(inner.layers) else inner.head
-    scale = 1.0 / module.x_std
-    # W (x - m) / s + b  =  (W / s) x + (b - W (m / s))
+    scale = module.x_keep / module.x_std
+    # W k (x - m) / s + b  =  (W k / s) x + (b - W (k m / s)), k = 0 for a constant feature
     first.bias.sub_(first.weight @ (module.x_mean * scale))
     first.weight.mul_(scale[None, :])
     if module.scale_outputs:

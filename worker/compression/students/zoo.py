@@ -19,6 +19,8 @@ Architectures and their keys (``task`` and ``output_dim`` always):
   ``blocks_per_stage``.
 * ``transformer``: token ids: ``vocab_size``, ``max_len``, ``dim``, ``num_layers``,
   ``num_heads``, ``ffn_dim``, ``pooling`` (cls|mean).
+* ``ctr``: click-through tables (`zoo_ctr`): ``input_dim``, ``categorical`` (vocabularies with ``index``
+  and ``size``), ``embedding_dim``, ``hidden``, ``interaction`` (concat|dot), ``activation``.
 
 Every model is called as ``model(**inputs)`` and has ``forward_features`` (see types.py).
 """
@@ -35,8 +37,9 @@ from torch import nn
 from ..errors import SpecError
 from ..types import InputKind, ModelOutput
 from .zoo_audio import LogMel, frames, frontend_config
+from .zoo_ctr import CTR, check_ctr
 
-ARCHITECTURES = ("mlp", "cnn", "cnn1d", "resnet", "transformer")
+ARCHITECTURES = ("mlp", "cnn", "cnn1d", "resnet", "transformer", "ctr")
 TASKS = ("classification", "regression", "embedding")
 
 
@@ -254,13 +257,18 @@ class TransformerEncoder(nn.Module):
         return self.forward_features(input_ids, attention_mask).output
 
 
-_BUILDERS = {"mlp": MLP, "cnn": CNN, "cnn1d": CNN1d, "resnet": ResNet, "transformer": TransformerEncoder}
+def _ctr(cfg: dict[str, Any]) -> CTR:
+    return CTR(cfg, _act(cfg.get("activation", "relu")))
+
+
+_BUILDERS = {"mlp": MLP, "cnn": CNN, "cnn1d": CNN1d, "resnet": ResNet, "transformer": TransformerEncoder, "ctr": _ctr}
 _REQUIRED = {
     "mlp": ("input_dim",),
     "cnn": ("in_channels", "input_size", "channels"),
     "cnn1d": ("in_channels", "input_length", "channels"),
     "resnet": ("in_channels", "input_size", "widths"),
     "transformer": ("vocab_size", "dim", "num_layers"),
+    "ctr": ("input_dim", "categorical", "hidden"),
 }
 
 
@@ -284,6 +292,8 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
             frontend_config(cfg["frontend"])
         except (ValueError, TypeError, AttributeError) as exc:
             raise SpecError(f"frontend: {exc}") from exc
+    if arch == "ctr":
+        check_ctr(cfg)
     if cfg["task"] not in TASKS:
         raise SpecError(f"unknown task {cfg['task']!r}; known: {', '.join(TASKS)}")
     return cfg
@@ -299,14 +309,14 @@ def build(cfg: dict[str, Any]) -> nn.Module:
 
 
 def input_kind(cfg: dict[str, Any]) -> InputKind:
-    return {"mlp": "vector", "cnn": "image", "resnet": "image", "cnn1d": "signal", "transformer": "tokens"}[
+    return {"mlp": "vector", "ctr": "vector", "cnn": "image", "resnet": "image", "cnn1d": "signal", "transformer": "tokens"}[
         cfg["architecture"]
     ]
 
 
 def input_shape(cfg: dict[str, Any]) -> tuple[int, ...]:
     arch = cfg["architecture"]
-    if arch == "mlp":
+    if arch in ("mlp", "ctr"):
         return (int(cfg["input_dim"]),)
     if arch in ("cnn", "resnet"):
         h, w = cfg["input_size"]

@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import SpecError
 from . import zoo
 from .student import InitReport
+from .zoo_ctr import CTR
 from .zoo_layers import split_resnet
 
 
@@ -79,6 +80,22 @@ def _mlp_pairs(s: zoo.MLP, t: zoo.MLP, kept: list[int]) -> list[_Pair]:
 
     pairs = [p for j, i in enumerate(kept) for p in _leaf(s.layers[j], t.layers[i], h(i), h(i - 1))]
     return pairs + _leaf(s.head, t.head, _OUT, h(len(t.layers) - 1))
+
+
+def _ctr_pairs(s: CTR, t: CTR, kept: list[int]) -> list[_Pair]:
+    """Tables keep their most important embedding units (one space for every table and the dot's bottom
+    layer); the MLP's first layer reads a concatenation, copied only where the shapes agree."""
+    emb = _Space("embedding")
+    pairs = [(st.weight, tt.weight, (None, emb)) for st, tt in zip(s.embeddings, t.embeddings)]
+    if s.bottom is not None:
+        pairs += _leaf(s.bottom, t.bottom, emb, None)
+
+    def h(i: int) -> _Space:
+        return _Space(f"h{i}")
+
+    for j, i in enumerate(kept):
+        pairs += _leaf(s.layers[j], t.layers[i], h(i), h(i - 1) if i > 0 else None)
+    return pairs + _leaf(s.head, t.head, _OUT, h(len(t.layers) - 1) if len(t.layers) else None)
 
 
 def _conv_parts(block: nn.Sequential) -> tuple[nn.Module, nn.Module]:
@@ -139,6 +156,7 @@ def _transformer_pairs(s: zoo.TransformerEncoder, t: zoo.TransformerEncoder, kep
 
 _PAIRS: dict[type, Callable[[Any, Any, list[int]], list[_Pair]]] = {
     zoo.MLP: _mlp_pairs,
+    CTR: _ctr_pairs,
     zoo.CNN: _convnet_pairs,
     zoo.CNN1d: _convnet_pairs,
     zoo.ResNet: _resnet_pairs,

@@ -29,8 +29,10 @@ def derive_zoo_config(cfg: dict[str, Any], kept: Sequence[int], width_ratio: flo
     Transformers keep their head count: ``dim`` stays a multiple of ``num_heads``.
     """
     arch, out = cfg["architecture"], dict(cfg)
-    if arch == "mlp":
+    if arch in ("mlp", "ctr"):
         out["hidden"] = [scaled_width(int(cfg["hidden"][i]), width_ratio) for i in kept]
+        if arch == "ctr":  # narrower tables too (the vocabularies stay: the student reads the same ids)
+            out["embedding_dim"] = scaled_width(int(cfg.get("embedding_dim", 16)), width_ratio)
     elif arch in ("cnn", "cnn1d"):
         out["channels"] = [scaled_width(int(cfg["channels"][i]), width_ratio) for i in kept]
         if int(cfg.get("hidden", 0)):
@@ -63,7 +65,7 @@ def teacher_vocab_size(teacher: Teacher) -> int | None:
 def input_keys(teacher: Teacher, arch: str) -> dict[str, Any]:
     """The zoo config keys that describe the teacher's inputs for architecture ``arch``."""
     shape = [int(d) for d in teacher.input_shape]
-    if arch == "mlp":
+    if arch in ("mlp", "ctr"):
         return {"input_dim": math.prod(shape)}
     if arch in ("cnn", "resnet"):
         return {"in_channels": shape[0], "input_size": shape[1:]}
@@ -101,6 +103,9 @@ def describe_config(cfg: dict[str, Any]) -> str:
     arch = cfg["architecture"]
     if arch == "mlp":
         return f"mlp hidden {list(cfg['hidden'])}"
+    if arch == "ctr":
+        return (f"ctr ({cfg.get('interaction', 'concat')}) embedding dim {cfg.get('embedding_dim', 16)} × "
+                f"{len(cfg['categorical'])} tables, hidden {list(cfg['hidden'])}")
     if arch in ("cnn", "cnn1d"):
         fc = f", hidden {cfg['hidden']}" if int(cfg.get("hidden", 0)) else ""
         return f"{arch} channels {list(cfg['channels'])}{fc}"
@@ -119,7 +124,7 @@ def resnet_blocks(cfg: dict[str, Any]) -> list[int]:
 
 def layer_count(cfg: dict[str, Any]) -> int:
     arch = cfg["architecture"]
-    if arch == "mlp":
+    if arch in ("mlp", "ctr"):
         return len(cfg["hidden"])
     if arch in ("cnn", "cnn1d"):
         return len(cfg["channels"])
