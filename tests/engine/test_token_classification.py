@@ -168,3 +168,14 @@ def test_a_teacher_that_does_not_predict_the_tags_is_stopped_before_training(pro
     train, evald, _ = load_for_teacher(problem["data"], None, wrong, teacher, teacher.task)
     with pytest.raises(TeacherDisagreesError, match="token accuracy .* tagged evaluation words.* commonest tag"):
         check_teacher(teacher, train, evald, teacher.task)
+
+
+def test_quantization_aware_training_runs_per_token(problem, tmp_path):
+    spec = CompressSpec.model_validate({
+        **JOB, "distillation": {"epochs": 2, "batch_size": 32, "lr": 2e-3, "baseline": False},
+        "quantization": {"method": "qat", "qat_epochs": 1}})
+    report = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"],
+                      output_dir=tmp_path).metrics
+    assert report["quantization"]["method"] == "qat"
+    int8 = next(m for m in report["models"] if m["name"] == "int8")
+    assert int8["metric"]["entity_f1"] > 0.5
