@@ -19,7 +19,10 @@ from worker.compression.io.data_tokens import align_tags, tokenize_words
 from worker.compression.io.datasets import load_dataset, load_for_teacher
 from worker.compression.io.teachers import load_teacher
 from worker.compression.measure.entities import IGNORE, entity_metrics
-from worker.compression.measure.teacher_check import TeacherDisagreesError, check_teacher
+from worker.compression.measure.teacher_check import (
+    TeacherDisagreesError,
+    check_teacher,
+)
 from worker.compression.spec import CompressSpec, DataSpec
 
 JOB = {"student": {"kind": "derived", "num_layers": 2},
