@@ -22,7 +22,8 @@ class DataSpec(SpecModel):
 
     format: Literal["auto", "npz", "safetensors", "csv", "parquet", "jsonl", "text_csv", "image_zip",
                     "audio_zip"] = "auto"
-    """The file's format; ``auto``: from its name and first bytes."""
+    """The file's format; ``auto``: from its name and first bytes. JSON Lines whose rows hold ``tokens`` (a list
+    of words) and ``tags`` (or ``ner_tags``: one tag per word) are token classification (NER) data."""
     label_column: str | None = None
     """Tables and JSON Lines: the column of labels (or regression targets). Default: a column named
     ``label`` (tables also ``target`` or ``y``); without one the data is unlabelled and every metric is
