@@ -83,3 +83,12 @@ def test_the_paired_noise_of_a_regression_drop_is_relative_to_the_teachers_error
     assert noise is not None and abs(noise - 3.0 * 0.5025 / 10) < 1e-3  # std of {0, 3} halves / sqrt(100)
     assert paired_drop_noise("macro_f1", "classification", teacher_out, student_out, y) is None
     assert paired_drop_noise("mse", "regression", teacher_out, student_out, None) is None
+
+
+def test_an_int8_form_that_loses_the_metric_is_named_even_when_fp32_is_delivered() -> None:
+    fp32 = candidate("student", "student", "fp32", 0.95, 40_000, 1.0)
+    int8 = candidate("int8", "student", "int8", 0.62, 12_000, 0.5)
+    out = verdict(fp32, TEACHER, [fp32, int8], metric="accuracy", tolerance=0.01, batch=64, chance=0.34,
+                  labelled=True)
+    [r] = [r for r in out["reasons"] if r["code"] == "int8_metric_drop"]
+    assert r["severity"] == "ship_with_caution" and "0.62" in r["message"] and "fp32 was delivered" in r["message"]

@@ -53,7 +53,7 @@ def quantize_baseline(pipe: CandidatePipeline, spec: CompressSpec, fp32: Path, o
     if isinstance(config, QatConfig):
         config = StaticInt8Config(calibration="minmax", calibration_samples=config.calibration_samples,
                                   per_channel=config.per_channel)  # fmt: skip
-    elif isinstance(config, QuantizationConfig) and config.max_metric_drop is not None:
+    elif pipe.quantized_as is None and isinstance(config, QuantizationConfig) and config.max_metric_drop is not None:
         config = config.model_copy(update={"max_metric_drop": None})  # (its tolerance is the student's)
     return pipe.quantize(fp32, out, config, score=False)
 

@@ -33,6 +33,7 @@ REASONS = {
     "below_baseline": CAUTION,
     "int8_slower_than_fp32": CAUTION,
     "int8_larger_than_fp32": CAUTION,
+    "int8_metric_drop": CAUTION,
     "unlabelled": CAUTION,
     "return_drop": CAUTION,
 }
@@ -180,7 +181,7 @@ def _metric_drop(metric: str, d: float, value: float, ref: float, tolerance: flo
 def _compared_forms(delivered: Candidate, candidates: Sequence[Candidate], metric: str, tolerance: float,
                     batch: int, reason: Any) -> None:  # fmt: skip
     """The cautions about what was not delivered: a distilled student that lost to its baseline, an
-    int8 model slower or larger than its own fp32 graph."""
+    int8 model slower, larger or worse than its own fp32 graph."""
     by = {(c.role, c.precision): c for c in candidates}
     students = [c for c in candidates if c.role == "student"]
     baselines = [c for c in candidates if c.role == "baseline"]
@@ -204,6 +205,11 @@ def _compared_forms(delivered: Candidate, candidates: Sequence[Candidate], metri
             reason("int8_slower_than_fp32", f"the {role}'s int8 graph takes {qp:.3g} ms at batch {batch}, its fp32 "
                                             f"graph {fp:.3g} ms" + (
                                                 "; fp32 was delivered" if delivered is fp32 else ""))
+        qv, fv = q.value(metric), fp32.value(metric)
+        if qv is not None and fv is not None and drop(metric, fv, qv) > tolerance:
+            reason("int8_metric_drop", f"the {role}'s int8 graph scores {metric} {_fmt(qv)} against its fp32 graph's "
+                                       f"{_fmt(fv)}: quantization costs too much" + (
+                                           "; fp32 was delivered" if delivered is fp32 else ""))
         if q.size_bytes >= fp32.size_bytes:
             reason("int8_larger_than_fp32", f"the {role}'s int8 file is {q.size_bytes:,} B, its fp32 file "
                                             f"{fp32.size_bytes:,} B")

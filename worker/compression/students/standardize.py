@@ -68,7 +68,10 @@ def wrap(student: Student, train: TensorData, task: str, teacher_outputs: torch.
         values = targets.float().reshape(len(targets), -1)
         y_mean, y_std = values.mean(0), values.std(0, unbiased=False)
     layer_map = student.module.kdq_layer_map if hasattr(student.module, "kdq_layer_map") else None
-    student.module = Standardized(student.module, x_mean, x_std, y_mean, y_std)
+    wrapped = Standardized(student.module, x_mean, x_std, y_mean, y_std)
+    if student.init is not None and (student.init.full or student.init.partial):
+        unfold_first(wrapped)
+    student.module = wrapped
     student.module.kdq_layer_map = layer_map
     record: dict[str, Any] = {"inputs": "standardised with the training split's mean and std, folded into the "
                                         "first layer (the model takes raw features)"}
@@ -76,6 +79,20 @@ def wrap(student: Student, train: TensorData, task: str, teacher_outputs: torch.
         record["outputs"] = ("trained on standardised targets, mapped back in the last layer (the model "
                              "answers on the teacher's scale)")
     return record
+
+
+@torch.no_grad()
+def unfold_first(module: Standardized) -> None:
+    """A first layer copied from the teacher expects raw features; fed standardised ones it must take
+    ``W x + b = (W s k) x̂ + (W m + b)`` (k = 0 for a constant feature, whose x is m). Without this an
+    auto student initialised from a teacher on raw features (scales 0.001 to 4,000) started with
+    activations in the thousands and never left 'one class for every row'."""
+    inner = module.inner
+    first = inner.layers[0] if len(inner.layers) else inner.head
+    if first.in_features != module.x_mean.numel():
+        return
+    first.bias.add_(first.weight @ module.x_mean)
+    first.weight.mul_((module.x_std * module.x_keep)[None, :])
 
 
 @torch.no_grad()
