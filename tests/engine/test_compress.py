@@ -160,3 +160,27 @@ def test_qat_is_a_quantization_method_of_the_pipeline(problem, tmp_path, monkeyp
     assert set(rows) == {"teacher", "student", "int8", "baseline", "baseline int8"}
     assert rows["int8"]["size_bytes"] < rows["student"]["size_bytes"]
     assert rows["int8"]["metric"]["accuracy"] >= rows["student"]["metric"]["accuracy"] - 0.1
+
+
+def test_the_bundle_of_a_model_trained_on_arrays_predicts_csv_rows_of_numbers(problem, tmp_path):
+    """predict.py rows.csv failed with KeyError 'tabular' for a model trained on an .npz (stranger trial)."""
+    import subprocess
+    import sys
+
+    compress(_spec(quantization={"method": "none"}), teacher_path=problem / "teacher",
+             dataset_path=problem / "data.npz", output_dir=tmp_path / "out")
+    with zipfile.ZipFile(tmp_path / "out" / "bundle.zip") as zf:
+        zf.extractall(tmp_path / "bundle")
+    x = np.load(problem / "data.npz")["x"][:5]
+    header = ",".join(f"f{i}" for i in range(x.shape[1]))
+    (tmp_path / "rows.csv").write_text(header + "\n" + "\n".join(",".join(map(str, r)) for r in x) + "\n")
+    out = subprocess.run([sys.executable, "predict.py", str(tmp_path / "rows.csv")], capture_output=True, text=True,
+                         cwd=tmp_path / "bundle", timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = ort.InferenceSession(str(tmp_path / "bundle" / "model.onnx")).run(None, {"x": x})[0].argmax(1)
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(answers) == 5 and [a["index"] for a in answers] == expected.tolist()
+    (tmp_path / "bad.csv").write_text("1,2,3\n")
+    bad = subprocess.run([sys.executable, "predict.py", str(tmp_path / "bad.csv")], capture_output=True, text=True,
+                         cwd=tmp_path / "bundle", timeout=120)
+    assert bad.returncode != 0 and "must be 16 numbers" in bad.stderr

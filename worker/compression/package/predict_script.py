@@ -3,7 +3,8 @@
 
     pip install onnxruntime numpy        # and pillow for images, tokenizers for text
     python predict.py digits/*.png       # image files
-    python predict.py rows.csv           # tabular rows: the feature columns, by name (categories as text)
+    python predict.py rows.csv           # tabular rows: the feature columns, by name (categories as text);
+                                         # a model trained on arrays (.npz): rows of numbers, header optional
     python predict.py series.csv         # a forecaster: the next steps after the series' last window
     python predict.py clips/*.wav        # audio (pip install soundfile)
     python predict.py --text "a sentence" [--text "another"]
@@ -93,6 +94,8 @@ class Bundle:
         return {self.inputs[0]: x.reshape(1, *self.pre["input"]["shape"])}
 
     def table(self, path: Path) -> dict[str, np.ndarray]:
+        if "tabular" not in self.pre:  # trained on arrays (.npz): rows of numbers, in the arrays' feature order
+            return self.numbers(path)
         columns = self.pre["tabular"]["columns"]
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
@@ -102,6 +105,20 @@ class Bundle:
         categories = {v["column"]: v for v in self.pre["tabular"].get("categorical", [])}
         x = np.asarray([[_category_id(row[c] or "", categories[c]) if c in categories else float(row[c])
                          for c in columns] for row in rows], np.float32)
+        return {self.inputs[0]: x.reshape(len(x), *self.pre["input"]["shape"])}
+
+    def numbers(self, path: Path) -> dict[str, np.ndarray]:
+        """CSV rows of numbers for a model trained on arrays; a first row that is not numbers is a header."""
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [r for r in csv.reader(f) if r]
+        if rows and not all(_is_number(c) for c in rows[0]):
+            rows = rows[1:]
+        width = int(np.prod(self.pre["input"]["shape"]))
+        bad = [i + 1 for i, r in enumerate(rows) if len(r) != width or not all(_is_number(c) for c in r)]
+        if not rows or bad:
+            raise SystemExit(f"{path}: each row must be {width} numbers (the features in the training arrays' "
+                             f"order){f'; row(s) {bad[:5]} are not' if bad else ''}")
+        x = np.asarray([[float(c) for c in r] for r in rows], np.float32)
         return {self.inputs[0]: x.reshape(len(x), *self.pre["input"]["shape"])}
 
     def texts(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -215,6 +232,14 @@ def _time_key(value: str) -> Any:
         return (0, float(value), "")
     except ValueError:
         return (1, 0.0, value)
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
