@@ -25,6 +25,7 @@ from .measure.export import export_onnx
 from .measure.metrics import paired_drop_noise
 from .measure.verdict import Candidate, choose, tolerance_for, verdict
 from .pipeline import CandidatePipeline, Measurement, evaluation_batch
+from .quantize.graph import inlined
 from .quantize.registry import QuantizationResult
 from .spec import CompressSpec, QatConfig, QuantizationConfig, StaticInt8Config
 from .types import Teacher
@@ -161,7 +162,8 @@ def teacher_onnx(teacher: Teacher, teacher_path: Path, sample: dict[str, torch.T
             work.mkdir(parents=True, exist_ok=True)
             (work / "teacher_fp32.onnx").write_bytes(wrapped)
             return work / "teacher_fp32.onnx"
-        return teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher)
+        work.mkdir(parents=True, exist_ok=True)  # weights beside the graph (torch's default export) read in:
+        return inlined(teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher), work)  # one file
     if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
         # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
         path = teacher.run_onnx.export_onnx(work / "teacher_onnx" / "teacher_fp32.onnx", sample)

@@ -37,9 +37,14 @@ class CalibrationReader:
     calibrators stack batch outputs and fail on a short last batch): the largest size ≤ 32 that
     divides the sample count."""
 
-    def __init__(self, feeds: dict[str, np.ndarray], cancel: CancelFn) -> None:
+    def __init__(self, feeds: dict[str, np.ndarray], cancel: CancelFn, fixed_batch: int | None = None) -> None:
         n = next(iter(feeds.values())).shape[0]
-        size = max(b for b in range(1, min(CALIBRATION_BATCH, n) + 1) if n % b == 0)
+        if fixed_batch:  # a graph exported with a fixed batch axis takes only that many rows at a time
+            if n < fixed_batch:
+                feeds = {k: np.concatenate([v] * -(-fixed_batch // n))[:fixed_batch] for k, v in feeds.items()}
+            n = max(fixed_batch, n - n % fixed_batch)
+            feeds = {k: v[:n] for k, v in feeds.items()}
+        size = fixed_batch or max(b for b in range(1, min(CALIBRATION_BATCH, n) + 1) if n % b == 0)
         self._batches = iter([{k: v[i : i + size] for k, v in feeds.items()} for i in range(0, n, size)])
         self._cancel = cancel
 

@@ -76,6 +76,7 @@ def prepare_graph(src: Path, dst: Path, *, gemm_to_matmul: bool) -> onnx.ModelPr
     from onnxruntime.quantization.onnx_model import ONNXModel
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src = inlined(src, dst.parent)
     with quiet():
         try:
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
@@ -88,6 +89,28 @@ def prepare_graph(src: Path, dst: Path, *, gemm_to_matmul: bool) -> onnx.ModelPr
         model = onnx.shape_inference.infer_shapes(wrapped.model)
         save_model(model, dst)
     return model
+
+
+def inlined(src: Path, work: Path) -> Path:
+    """``src`` with its external weights (torch's default exporter writes ``model.onnx.data`` beside the
+    graph) read into one file in ``work`` when they fit in one: quant_pre_process copies the graph
+    alone into a temp folder and then cannot find them ("should be stored in /tmp/…/model.onnx.data")."""
+    head = onnx.load(str(src), load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in head.graph.initializer)
+    if not external or sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file()) > LARGE_MODEL_BYTES:
+        return src
+    out = work / f"inlined-{src.name}"
+    onnx.save_model(onnx.load(str(src)), str(out))
+    return out
+
+
+def graph_batch(path: Path) -> int | None:
+    """The first input's batch size when the graph fixes it (a number, not a name), else None."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {t.name for t in graph.initializer}
+    first = next((i for i in graph.input if i.name not in inits), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def weight_nodes(model: onnx.ModelProto, op_types: set[str]) -> list[tuple[str, str]]:

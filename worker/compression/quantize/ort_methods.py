@@ -24,6 +24,7 @@ from .calibration import CalibrationReader
 from .graph import (
     LARGE_MODEL_BYTES,
     float_graph_outputs,
+    graph_batch,
     load_model,
     save_model,
     weight_nodes,
@@ -140,7 +141,8 @@ class StaticMethod(OrtMethod):
 
         o = self.options
         quantize_static(
-            self.pre, dst, CalibrationReader(self.feeds, self.cancel), quant_format=QuantFormat[o["quant_format"]],
+            self.pre, dst, CalibrationReader(self.feeds, self.cancel, graph_batch(self.pre)),
+            quant_format=QuantFormat[o["quant_format"]],
             op_types_to_quantize=o["op_types_to_quantize"], per_channel=o["per_channel"],
             reduce_range=o["reduce_range"], activation_type=QuantType[o["activation_type"]],
             weight_type=QuantType[o["weight_type"]], nodes_to_quantize=only,
