@@ -95,7 +95,10 @@ def inlined(src: Path, work: Path) -> Path:
     """``src`` with its external weights (torch's default exporter writes ``model.onnx.data`` beside the
     graph) read into one file in ``work`` when they fit in one: quant_pre_process copies the graph
     alone into a temp folder and then cannot find them ("should be stored in /tmp/…/model.onnx.data")."""
-    head = onnx.load(str(src), load_external_data=False)
+    try:
+        head = onnx.load(str(src), load_external_data=False)
+    except Exception:  # not a readable graph: the caller's own load says so, by name
+        return src
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in head.graph.initializer)
     if not external or sum(f.stat().st_size for f in src.parent.iterdir() if f.is_file()) > LARGE_MODEL_BYTES:
         return src
