@@ -92,3 +92,15 @@ def test_an_int8_form_that_loses_the_metric_is_named_even_when_fp32_is_delivered
                   labelled=True)
     [r] = [r for r in out["reasons"] if r["code"] == "int8_metric_drop"]
     assert r["severity"] == "ship_with_caution" and "0.62" in r["message"] and "fp32 was delivered" in r["message"]
+
+
+def test_delivery_between_twins_within_timing_noise_takes_the_better_metric() -> None:
+    """A labels-only baseline 0.6 points worse than its twin student was delivered for being 2 % faster."""
+    from worker.compression.measure.verdict import choose
+
+    student = candidate("student", "student", "fp32", 0.9777, 40_000, 0.0350)
+    baseline = candidate("baseline", "baseline", "fp32", 0.9721, 40_000, 0.0342)
+    int8 = candidate("int8", "student", "int8", 0.9770, 12_000, 0.0200)
+    chosen, why = choose([student, baseline], "accuracy", 0.01, 64)
+    assert chosen is student and "tie" in why
+    assert choose([student, baseline, int8], "accuracy", 0.01, 64)[0] is int8  # clearly faster still wins
