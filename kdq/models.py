@@ -138,9 +138,10 @@ class Job(_Doc):
     @property
     def verdict(self) -> dict[str, Any] | None:
         """``summary.verdict`` (ship / ship_with_caution / do_not_ship, with reasons) when given."""
-        verdict = (self.summary or {}).get("verdict")
-        if isinstance(verdict, str):
-            return {"label": verdict}
+        summary = self.summary or {}
+        verdict = summary.get("verdict")
+        if isinstance(verdict, str):  # the job document: summary.verdict beside summary.reasons and .headline
+            return {"label": verdict, "reasons": list(summary.get("reasons") or []), "headline": summary.get("headline")}
         return verdict if isinstance(verdict, dict) else None
 
     def spec_fields(self) -> dict[str, Any]:
@@ -189,13 +190,11 @@ class Job(_Doc):
         return self._api().deliveries(self.id)
 
     def rerun(self, **changes: Any) -> Job:
-        """Submit this job again with ``changes`` (top-level fields; dicts are merged one level)."""
+        """Submit this job again with ``changes`` (top-level fields; dicts are merged one level, except
+        that a new ``quantization.method`` or ``student.kind`` starts that block afresh)."""
         body = self.resubmittable()
         for key, value in changes.items():
-            if isinstance(value, dict) and isinstance(body.get(key), dict):
-                body[key] = {**body[key], **value}
-            else:
-                body[key] = value
+            merge_change(body, key, value)
         return self._api().submit(body)
 
     @property
@@ -232,3 +231,30 @@ class WebhookSecret(_Doc):
     rotated_at: datetime | None = None
     secret: str | None = None
     previous_valid_until: datetime | None = None
+
+
+UNIONS = {"quantization": "method", "student": "kind"}
+"""Spec blocks that are unions keyed by a field: each method or kind takes only its own fields."""
+
+
+def merge_change(body: dict[str, Any], key: str, value: Any) -> None:
+    """``body[key]`` changed by ``value``: a dict is merged into the old one, unless it names another
+    method / kind of a union block (`UNIONS`), whose old fields belong to the old one
+    (``calibration`` is a ``static_int8`` field: a rerun as ``dynamic_int8`` must not carry it)."""
+    old = body.get(key)
+    if not (isinstance(value, dict) and isinstance(old, dict)):
+        body[key] = value
+        return
+    tag = UNIONS.get(key)
+    switched = tag is not None and tag in value and value[tag] != old.get(tag)
+    body[key] = dict(value) if switched else {**old, **value}
+
+
+def switch_union(body: dict[str, Any], dotted: str, old: dict[str, Any]) -> None:
+    """After ``--set quantization.method=…`` (or ``student.kind``): drop the fields of the old method."""
+    key, _, leaf = dotted.partition(".")
+    tag = UNIONS.get(key)
+    before = old.get(key) if isinstance(old.get(key), dict) else {}
+    if tag and leaf == tag and isinstance(body.get(key), dict) and body[key].get(tag) != before.get(tag):
+        body[key] = {tag: body[key][tag], **{k: v for k, v in body[key].items() if k not in before}}
+

@@ -10,7 +10,7 @@ from typing import Any
 from ..client import Client
 from ..compare import compare_row
 from ..errors import KdqError, Refused
-from ..models import Job
+from ..models import Job, merge_change, switch_union
 from ..progress import JobView
 from .common import (
     dump,
@@ -58,7 +58,8 @@ def _show(job: Job) -> None:
         print(f"  tags      {', '.join(job.tags)}")
     print(f"  created   {when(job.created_at)}   finished {when(job.finished_at)}")
     if job.verdict:
-        reasons = "; ".join(str(r.get("detail", r) if isinstance(r, dict) else r) for r in job.verdict.get("reasons", []))
+        reasons = "; ".join(f"{r.get('code')}: {r.get('message')}" if isinstance(r, dict) and r.get("code") else
+                            str(r.get("detail", r) if isinstance(r, dict) else r) for r in job.verdict.get("reasons", []))
         print(f"  verdict   {job.verdict.get('label') or job.verdict.get('verdict')}" + (f" ({reasons})" if reasons else ""))
     if job.error:
         print(f"  problem   {job.error.title}: {job.error.detail}")
@@ -144,12 +145,14 @@ def cmd_rerun(args: argparse.Namespace, client: Client) -> int:
     old = client.job(args.job_id)
     body: dict[str, Any] = old.resubmittable()
     for key, value in spec_arg(args.spec).items():
-        body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+        merge_change(body, key, value)
+    before = old.resubmittable()
     for pair in args.set:
         path, sep, raw = pair.partition("=")
         if not sep:
             raise KdqError(f"--set {pair!r}: expected FIELD.PATH=VALUE")
         set_path(body, path, raw)
+        switch_union(body, path, before)
     if args.name:
         body["name"] = args.name
     job = client.submit(body)

@@ -124,7 +124,9 @@ def field_errors(
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden" and loc and known:
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
-            if close:
+            if close and close[0] == str(loc[-1]):  # a real field, of another method or kind of this block
+                msg += "; that field belongs to another method (or kind) of this block, not to the one given"
+            elif close:
                 msg += f"; did you mean {close[0]!r}?"
         if loc[: len(body_prefix)] == body_prefix:
             out.append(FieldError(detail=msg, pointer=pointer(loc[len(body_prefix) :])))

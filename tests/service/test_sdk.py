@@ -177,6 +177,9 @@ def test_typed_documents_follow_the_published_schema() -> None:
                                "dataset_id": "d", "summary": {"verdict": {"label": "ship", "reasons": []}}})  # fmt: skip
     assert flat.spec_fields() == {"distillation": {"epochs": 3}} and flat.verdict == {"label": "ship", "reasons": []}
     assert flat.resubmittable()["distillation"] == {"epochs": 3}
+    plain = Job.model_validate({"id": "job_2", "state": "SUCCEEDED", "summary": {
+        "verdict": "do_not_ship", "reasons": [{"code": "metric_drop"}], "headline": "do not ship: …"}})
+    assert plain.verdict == {"label": "do_not_ship", "reasons": [{"code": "metric_drop"}], "headline": "do not ship: …"}
 
 
 def test_the_client_package_needs_neither_the_service_nor_torch() -> None:

@@ -412,3 +412,34 @@ def test_log_lines_carry_the_job_and_team_in_json_and_text(capsys: pytest.Captur
         assert capsys.readouterr().err.rstrip().endswith("kdq.test: again [job job_abc, team vision]")
     finally:
         logging.getLogger().handlers.clear()
+
+
+def test_a_field_of_another_method_is_named_so_not_suggested_as_itself() -> None:
+    from service.api.problems import field_errors
+
+    errors = [{"loc": ("body", "quantization", "percentile"), "msg": "Extra inputs are not permitted",
+               "type": "extra_forbidden"}]
+    [e] = field_errors(errors, known=["percentile", "calibration", "method"])
+    assert "did you mean" not in e.detail and "another method" in e.detail
+    errors[0]["loc"] = ("body", "quantization", "percentil")
+    assert "did you mean 'percentile'?" in field_errors(errors, known=["percentile"])[0].detail
+
+
+def test_a_rerun_as_another_method_drops_the_old_methods_fields() -> None:
+    from kdq.cli.common import set_path
+    from kdq.models import merge_change, switch_union
+
+    old = {"quantization": {"method": "static_int8", "calibration": "percentile", "percentile": 99.9},
+           "distillation": {"epochs": 3, "lr": 0.001}}
+    body = {k: dict(v) for k, v in old.items()}
+    set_path(body, "quantization.method", "dynamic_int8")
+    switch_union(body, "quantization.method", old)
+    assert body["quantization"] == {"method": "dynamic_int8"}
+    set_path(body, "distillation.epochs", "5")
+    switch_union(body, "distillation.epochs", old)
+    assert body["distillation"] == {"epochs": 5, "lr": 0.001}  # an ordinary block is merged
+    sdk = {k: dict(v) for k, v in old.items()}
+    merge_change(sdk, "quantization", {"method": "dynamic_int8", "per_channel": False})
+    merge_change(sdk, "distillation", {"epochs": 7})
+    assert sdk["quantization"] == {"method": "dynamic_int8", "per_channel": False}
+    assert sdk["distillation"] == {"epochs": 7, "lr": 0.001}
