@@ -184,10 +184,11 @@ def onnx_click_problem(folder: Path, made: dict[str, Any], *, epochs: int = 3) -
     return {"teacher": path, "data": data_path, "spec": {"task": "ctr", "label_column": "click"}}
 
 
-def case(interaction: str, rows: int, quick: bool, tmp: Path) -> list[dict[str, Any]]:
+def case(interaction: str, rows: int, quick: bool, tmp: Path, hidden: tuple[int, ...] = (128, 64),
+         embedding_dim: int = 16) -> list[dict[str, Any]]:
     epochs = 3 if quick else 8
     made = ctr_problem(tmp / interaction, rows=rows, interaction="concat" if interaction == "onnx" else interaction,
-                       epochs=3)
+                       epochs=3, hidden=hidden, embedding_dim=embedding_dim)
     plain_cfg = {**made["config"], "embedding_dim": 4, "hidden": [max(4, h // 2) for h in made["config"]["hidden"]]}
     if interaction == "onnx":  # the same clicks, ids as integers, a multi-input ONNX teacher (ClickNet)
         made = {**made, **onnx_click_problem(tmp / "onnx-teacher", made, epochs=3)}
@@ -234,12 +235,15 @@ def main() -> None:
     parser.add_argument("--interaction", default="concat,dot,onnx")
     parser.add_argument("--rows", type=int, default=30_000)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--hidden", default="128,64", help="the teacher's MLP widths (production: 1024,512,256)")
+    parser.add_argument("--embedding-dim", type=int, default=16, help="the teacher's embedding width")
     args = parser.parse_args()
+    hidden = tuple(int(h) for h in args.hidden.split(","))
     torch.set_num_threads(1)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for interaction in args.interaction.split(","):
-            rows += case(interaction, args.rows, args.quick, Path(tmp))
+            rows += case(interaction, args.rows, args.quick, Path(tmp), hidden, args.embedding_dim)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
     (out / "field_ctr.json").write_text(json.dumps(rows, indent=2, default=str))
