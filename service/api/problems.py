@@ -72,7 +72,7 @@ class ProblemError(Exception):
     ) -> None:
         super().__init__(detail)
         self.problem = Problem(
-            title=title or HTTPStatus(status).phrase,
+            title=title or phrase(status),
             status=status,
             detail=detail,
             code=code,
@@ -105,6 +105,15 @@ def problem_response(
     return ProblemResponse(
         problem.model_dump(), status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=headers
     )
+
+
+PHRASES = {413: "Content Too Large", 422: "Unprocessable Content"}
+"""RFC 9110's names where Python 3.11's ``HTTPStatus`` still has the old ones ("Unprocessable Entity"): one
+title per status, whichever path raised it."""
+
+
+def phrase(status: int) -> str:
+    return PHRASES.get(status) or HTTPStatus(status).phrase
 
 
 def pointer(loc: Sequence[Any]) -> str:
@@ -215,7 +224,7 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else None
         return problem_response(
             Problem(
-                title=HTTPStatus(exc.status_code).phrase, status=exc.status_code, detail=detail, code=code
+                title=phrase(exc.status_code), status=exc.status_code, detail=detail, code=code
             ),
             request,
             dict(exc.headers or {}),
@@ -258,7 +267,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the given problem statuses."""
     return {
         s: {
-            "description": HTTPStatus(s).phrase,
+            "description": phrase(s),
             "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}},
         }
         for s in sorted(set(statuses))

@@ -128,6 +128,7 @@ def test_grayscale_pngs_for_a_default_exported_onnx_teacher_named_image(
     folder = bundle(api, job, tmp_path / "bundle")
     files = sorted(digits["eval_dir"].rglob("*.png"))
     answers = predict(folder, *map(str, files))
+    assert [a["input"] for a in answers] == [str(f) for f in files]  # each answer names its file
     got = sum(a["class"] == f.parent.name for a, f in zip(answers, files, strict=True)) / len(files)
     assert abs(got - accuracy) <= 1 / len(files)
 

@@ -443,3 +443,16 @@ def test_a_rerun_as_another_method_drops_the_old_methods_fields() -> None:
     merge_change(sdk, "distillation", {"epochs": 7})
     assert sdk["quantization"] == {"method": "dynamic_int8", "per_channel": False}
     assert sdk["distillation"] == {"epochs": 7, "lr": 0.001}
+
+
+def test_every_422_and_413_has_one_title_whichever_path_raised_it() -> None:
+    """'Unprocessable Entity' on some 422s and 'Unprocessable Content' on others (stranger trial)."""
+    from service.api.problems import ProblemError
+
+    assert ProblemError(422, "bad").problem.title == "Unprocessable Content"
+    assert ProblemError(413, "too big").problem.title == "Content Too Large"
+    assert ProblemError(404, "gone").problem.title == "Not Found"
+    spec = json.loads((Path(__file__).resolve().parents[2] / "openapi" / "openapi.json").read_text())
+    descriptions = {r.get("description") for p in spec["paths"].values() for op in p.values() if isinstance(op, dict)
+                    for code, r in op.get("responses", {}).items() if code == "422"}
+    assert descriptions == {"Unprocessable Content"}, descriptions

@@ -211,7 +211,11 @@ class Bundle:
                               "end": e["end"]} for e in entities]}
 
     def predict_files(self, paths: list[Path]) -> list[dict[str, Any]]:
-        return self.answers(self.run(self.inputs_of([Path(p) for p in paths])))
+        paths = [Path(p) for p in paths]
+        answers = self.answers(self.run(self.inputs_of(paths)))
+        if {p.suffix.lower() for p in paths} <= {*IMAGE_SUFFIXES, *AUDIO_SUFFIXES}:  # one answer per file
+            return [{"input": str(p), **a} for p, a in zip(paths, answers, strict=True)]
+        return answers
 
     def predict_texts(self, texts: list[str]) -> list[dict[str, Any]]:
         return self.answers(self.run(self.texts(texts)))
