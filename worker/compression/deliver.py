@@ -157,13 +157,13 @@ def comparisons(pipe: CandidatePipeline, spec: CompressSpec, chosen: Candidate,
 def teacher_onnx(teacher: Teacher, teacher_path: Path, sample: dict[str, torch.Tensor], work: Path) -> Path:
     """The teacher as an ONNX graph: the uploaded one, or exported (in the sandbox for a code checkpoint)."""
     if teacher.kind == "onnx":
+        work.mkdir(parents=True, exist_ok=True)
         wrapped = getattr(teacher.run_onnx, "wrapped", None)
         if wrapped:  # a click model's id and dense inputs as one x (`io.onnx_inputs`): the graph that was run
-            work.mkdir(parents=True, exist_ok=True)
             (work / "teacher_fp32.onnx").write_bytes(wrapped)
             return work / "teacher_fp32.onnx"
-        work.mkdir(parents=True, exist_ok=True)  # weights beside the graph (torch's default export) read in:
-        return inlined(teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher), work)  # one file
+        # weights beside the graph (torch's default export) read into one file
+        return inlined(teacher_path if teacher_path.suffix == ".onnx" else only_onnx(teacher), work)
     if teacher.module is None and hasattr(teacher.run_onnx, "export_onnx"):  # a sandboxed code checkpoint
         # exported inside the sandbox, then checked like any uploaded ONNX graph, in a folder of its own
         path = teacher.run_onnx.export_onnx(work / "teacher_onnx" / "teacher_fp32.onnx", sample)

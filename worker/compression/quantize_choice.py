@@ -23,7 +23,7 @@ import onnx
 
 from .fields import tolerance as field_tolerance
 from .measure.metrics import higher_is_better
-from .measure.verdict import RELATIVE, drop, tolerance_for
+from .measure.verdict import RELATIVE, SAME_SPEED, drop, tolerance_for
 from .pipeline import CandidatePipeline, evaluation_batch
 from .quantize.handlers import has_attention
 from .quantize.registry import QuantizationResult
@@ -37,8 +37,6 @@ from .spec import (
 
 ROUNDS = 3
 TIMING_S = 0.1
-SAME_SPEED = 0.05
-"""Latencies within this fraction of the fastest are a tie; the smaller file wins it."""
 
 
 def formats_for(config: QuantizationMethod, fp32: Path, input_kind: str) -> dict[str, QuantizationMethod]:
@@ -99,7 +97,8 @@ def guarded(config: QuantizationMethod, metric: str, tolerance: float) -> Quanti
 
 
 def choose_format(rows: list[dict[str, Any]], metric: str, tolerance: float) -> str:
-    """The fastest format whose metric is within ``tolerance`` of the best (ties: the smaller file)."""
+    """The fastest format whose metric is within ``tolerance`` of the best; latencies within the
+    delivery's ``SAME_SPEED`` of it are a tie the smaller file wins."""
     sign = 1 if higher_is_better(metric) else -1
     best = max(rows, key=lambda r: sign * r["metric"])
     good = [r for r in rows if drop(metric, best["metric"], r["metric"]) <= tolerance]

@@ -196,13 +196,15 @@ def paired_drop_noise(metric: str, task: Task | str, teacher: torch.Tensor | Non
         power = 2 if metric == "mse" else 1
         per_t = (t - ref).abs().pow(power).reshape(len(t), -1).mean(1)
         per_s = (s.reshape(t.shape) - ref).abs().pow(power).reshape(len(t), -1).mean(1)
-        scale = per_t.mean().item()
-        if scale <= 0:
-            return None
-        return ((per_s - per_t).std() / len(per_t) ** 0.5).item() / scale
+        return _relative_se(per_t, per_s)
     if task == "classification" and metric == "log_loss" and t.ndim == 2 and t.shape[-1] == 2:
         ref = y.long().cpu()
-        per_t, per_s = F.cross_entropy(t, ref, reduction="none"), F.cross_entropy(s.reshape(t.shape), ref, reduction="none")
-        scale = per_t.mean().item()
-        return ((per_s - per_t).std() / len(per_t) ** 0.5).item() / scale if scale > 0 else None
+        return _relative_se(F.cross_entropy(t, ref, reduction="none"),
+                            F.cross_entropy(s.reshape(t.shape), ref, reduction="none"))
     return None
+
+
+def _relative_se(per_t: torch.Tensor, per_s: torch.Tensor) -> float | None:
+    """The standard error of the mean per-row loss difference, as a fraction of the teacher's mean loss."""
+    scale = per_t.mean().item()
+    return ((per_s - per_t).std() / len(per_t) ** 0.5).item() / scale if scale > 0 else None
