@@ -183,6 +183,10 @@ def test_an_auto_student_quantized_auto_is_dynamic_int8(problem, tmp_path):
     res = compress(spec, teacher_path=problem["teacher"], dataset_path=problem["data"], output_dir=tmp_path / "o")
     report = res.metrics
     assert report["quantization"]["method"] == "dynamic_int8"
+    tried = {t["format"]: t for t in report["quantization"]["tried"]}  # measured with and without fusion
+    assert set(tried) == {"dynamic_int8", "dynamic_int8_fused"} and sum(t["chosen"] for t in tried.values()) == 1
+    assert tried["dynamic_int8_fused"]["fused_ops"]["SkipLayerNormalization"] == 2  # residual adds + LayerNorm
+    assert tried["dynamic_int8"]["fused_ops"] is None
     assert report["student"]["how"] == "auto" and report["student"]["kind"] == "hf"
     assert report["student"]["num_parameters"] <= load_teacher(problem["teacher"]).num_parameters // 4 + 1
     assert report["summary"]["verdict"] in ("ship", "ship_with_caution", "do_not_ship")

@@ -8,9 +8,10 @@ MLPs. So, for graphs without attention or token inputs, every recipe `search.rec
 names for ``auto`` (vectors: static and dynamic, each per channel and per tensor; images and
 signals: static per channel and per tensor) is made, scored on the eval split and timed at the
 evaluation batch in interleaved rounds; among those within the metric's tolerance of the best, the
-fastest wins (within 5 %, the smaller file). Token and attention graphs keep dynamic int8 (one
-format: static calibration handles attention badly). The labels-only baseline is quantized in the
-chosen format, so both compete on equal terms.
+fastest wins (within 5 %, the smaller file). Token and attention graphs take dynamic int8 (static
+calibration handles attention badly), measured with and without onnxruntime's transformer fusion
+(``quantize.fusion``: slower on this CPU, but that is the CPU's answer, not the engine's). The
+labels-only baseline is quantized in the chosen format, so both compete on equal terms.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .measure.verdict import RELATIVE, SAME_SPEED, drop, tolerance_for
 from .pipeline import CandidatePipeline, evaluation_batch
 from .quantize.handlers import has_attention
 from .quantize.registry import QuantizationResult
-from .search.recipes import recipes_for
+from .search.recipes import FUSED, fused, recipes_for
 from .spec import (
     AutoQuantizationConfig,
     DynamicInt8Config,
@@ -40,12 +41,13 @@ TIMING_S = 0.1
 
 
 def formats_for(config: QuantizationMethod, fp32: Path, input_kind: str) -> dict[str, QuantizationMethod]:
-    """The formats to measure, by name: more than one only for ``auto`` on graphs without token
-    inputs or attention."""
-    if not isinstance(config, AutoQuantizationConfig) or input_kind == "tokens":
+    """The formats to measure, by name, for ``auto`` (none for other methods): on token or attention
+    graphs dynamic int8 unfused and fused (``quantize.fusion``), on the rest the recipes below."""
+    if not isinstance(config, AutoQuantizationConfig):
         return {}
-    if has_attention(onnx.load(str(fp32), load_external_data=False).graph):
-        return {}
+    if input_kind == "tokens" or has_attention(onnx.load(str(fp32), load_external_data=False).graph):
+        dynamic = DynamicInt8Config(**config.model_dump(include={"max_metric_drop", "drop_mode"}))
+        return {dynamic.method: dynamic, dynamic.method + FUSED: fused(config)}
     return {name: c for name, c in recipes_for(config, input_kind).items()
             if isinstance(c, (StaticInt8Config, DynamicInt8Config))}
 
@@ -71,7 +73,7 @@ def quantize_measured(pipe: CandidatePipeline, config: QuantizationMethod, fp32:
         rows.append({"format": name, "method": result.method, "per_channel": formats[name].per_channel,
                      "metric": float(pipe.meter.metrics(path)[pipe.metric]), "size_bytes": path.stat().st_size,
                      "p50_ms": float(lat["batches"][0]["p50_ms"]), "batch": batch,
-                     "float_layers": len(result.fp32_nodes)})
+                     "float_layers": len(result.fp32_nodes), "fused_ops": result.options.get("fused_ops")})
     name = choose_format(rows, pipe.metric, tol)
     for row in rows:
         row["chosen"] = row["format"] == name

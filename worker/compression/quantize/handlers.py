@@ -24,7 +24,8 @@ from ..spec import (
 from ..types import CancelFn, Progress
 from .accuracy import AccuracyAware
 from .calibration import calibration_sample
-from .graph import copy_model, graph_feeds, prepare_graph, quiet
+from .fusion import fuse_transformer
+from .graph import copy_model, graph_feeds, inlined, prepare_graph, quiet
 from .ort_methods import (
     DynamicMethod,
     OrtMethod,
@@ -121,7 +122,12 @@ def post_training(config: PostTrainingConfig, job: QuantizeJob, method_class: ty
         work = Path(tmp)
         job.progress(Progress("quantize", 0, 1, message="preparing the graph"))
         pre = work / "prepared.onnx"
-        model = prepare_graph(src, pre, gemm_to_matmul=method_class.gemm_to_matmul)
+        fused = None
+        if getattr(config, "fuse_transformer", False):
+            job.progress(Progress("quantize", 0, 1, message="fusing the transformer's ops"))
+            fused = fuse_transformer(inlined(src, work), work / "fused.onnx")
+        model = prepare_graph(work / "fused.onnx" if fused is not None else src, pre,
+                              gemm_to_matmul=method_class.gemm_to_matmul)
         check_cancel(job.cancel)
         extra, calibration = setup(model) if setup is not None else ({}, dict(UNCALIBRATED))
         method = method_class(config, pre, model, work, **extra)
@@ -141,7 +147,8 @@ def post_training(config: PostTrainingConfig, job: QuantizeJob, method_class: ty
         build(out, [])
         check_cancel(job.cancel)
         job.progress(Progress("quantize", 1, 1))
-        common = {"options": method.options, "calibration": calibration}
+        options = method.options if fused is None else {**method.options, "fused_ops": fused}
+        common = {"options": options, "calibration": calibration}
         if job.evaluate is None:
             return job.result(config.method, **common, message=f"quantized with {config.method}")
         scored = AccuracyAware(src, out, job.evaluate, job.higher_is_better, job.progress,

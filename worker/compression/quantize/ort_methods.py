@@ -82,7 +82,8 @@ class DynamicMethod(OrtMethod):
             "per_channel": self.spec.per_channel,
             "reduce_range": choice["reduce_range"],
             "weight_type": choice["weight_type"],
-            "extra_options": {"MatMulConstBOnly": True},
+            # fused contrib ops (``fuse_transformer``) have no ONNX shape inference: their outputs are float
+            "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         }
 
     def run(self, dst: Path, exclude: list[str], only: list[str] | None) -> None:

@@ -12,6 +12,7 @@ from ..spec import (
 )
 
 PER_TENSOR = "_per_tensor"
+FUSED = "_fused"
 
 
 def recipes_for(config: QuantizationMethod, input_kind: str) -> dict[str, QuantizationMethod]:
@@ -23,7 +24,9 @@ def recipes_for(config: QuantizationMethod, input_kind: str) -> dict[str, Quanti
     Static and dynamic int8 of non-token models also come per tensor (``..._per_tensor``) when the
     config asks for per-channel weights: per-tensor scales are smaller and, for small Gemms, faster
     (``quantize.cpu_choices``: the digits MLP ran 0.53× fp32 per tensor, 0.69× per channel);
-    the search measures both and keeps whichever pays.
+    the search measures both and keeps whichever pays. Token models under ``auto`` come fused too
+    (``dynamic_int8_fused``: onnxruntime's transformer fusion first, ``quantize.fusion``), measured
+    against the unfused, since which is faster depends on the CPU.
     """
     if isinstance(config, NoQuantizationConfig):
         return {}
@@ -41,7 +44,14 @@ def recipes_for(config: QuantizationMethod, input_kind: str) -> dict[str, Quanti
         out[c.method] = c
         if isinstance(c, (DynamicInt8Config, StaticInt8Config)) and c.per_channel and input_kind != "tokens":
             out[c.method + PER_TENSOR] = c.model_copy(update={"per_channel": False})
+    if isinstance(config, AutoQuantizationConfig) and input_kind == "tokens":
+        out[DynamicInt8Config().method + FUSED] = fused(config)
     return out
+
+
+def fused(config: QuantizationMethod) -> DynamicInt8Config:
+    """Dynamic int8 after onnxruntime's transformer fusion (``quantize.fusion``), with ``config``'s tolerance."""
+    return DynamicInt8Config(**config.model_dump(include={"max_metric_drop", "drop_mode"}), fuse_transformer=True)
 
 
 def qat_config_for(config: QuantizationMethod) -> QatConfig:
