@@ -214,7 +214,7 @@ def metric(path: Path, test: TensorData, task: str) -> float:
 
 
 def run_case(i: int, case: dict[str, Any], folder: Path, max_budget: float, peer_data: str,
-             target: str) -> dict[str, Any]:
+             target: str, z: float | None = None) -> dict[str, Any]:
     task, cfg = case["task"], case["cfg"]
     data = to_data(case["x"], case["y"], task)
     job, test = data.split(0.25, seed=case["seed"])
@@ -245,7 +245,8 @@ def run_case(i: int, case: dict[str, Any], folder: Path, max_budget: float, peer
     })
     t0 = time.perf_counter()
     result = search(teacher, train, evald, spec, teacher_onnx=teacher_onnx, workdir=folder / "search",
-                    options=SearchOptions(rounds=1, min_timed_s=0.05))
+                    options=SearchOptions(rounds=1, min_timed_s=0.05,
+                                          **({} if z is None else {"confidence_z": z})))
     service_s = time.perf_counter() - t0
     chosen = result.chosen
 
@@ -318,10 +319,14 @@ def main() -> None:
     parser.add_argument("--target", choices=("peer", "teacher"), default="peer",
                         help="the search's metric target: at least the peer's score on the search's eval split "
                              "(which the peer never trains on; default), or no drop from the teacher's")
+    parser.add_argument("--z", type=float, default=None,
+                        help="the search's confidence_z (standard errors a candidate must clear the bound by; "
+                             "default: the engine's)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     n = 4 if args.quick else args.cases
     print(f"bench/unseen.py --seed {seed} --cases {n} --target {args.target} --peer-data {args.peer_data} "
+          f"--z {args.z if args.z is not None else SearchOptions().confidence_z} "
           "(torch threads 1, onnxruntime 1 thread)", flush=True)
     torch.set_num_threads(1)
     warm_up()
@@ -334,7 +339,7 @@ def main() -> None:
             case = draw_case(rng, i, order)
             folder = Path(tmp) / f"case{i:02d}"
             folder.mkdir()
-            r = run_case(i, case, folder, args.max_budget, args.peer_data, args.target)
+            r = run_case(i, case, folder, args.max_budget, args.peer_data, args.target, args.z)
             results.append(r)
             print_case(r)
             sys.stdout.flush()
