@@ -61,6 +61,8 @@ from .types import CancelFn, ProgressFn, Task, Teacher, TensorData
 SAMPLE_ROWS = 8
 """Eval rows the fp32 graphs are traced on."""
 TIMING_S = 0.3
+SCALE_SAMPLE = 256
+"""Training rows a dynamic or weight-only quantization looks at for its inputs' scales."""
 TIMING_ROUNDS = 3
 """Seconds of runs per graph at least, and interleaved rounds, behind each timing that picks an auto student."""
 
@@ -186,6 +188,8 @@ class CandidatePipeline:
         if isinstance(config, (StaticInt8Config, QatConfig)):
             calibration, ids = calibration_sample(self.train.inputs, config.calibration_samples,
                                                   self.spec.distillation.seed)
+        elif isinstance(config, QuantizationConfig):  # a sample to check the inputs' scales by (input_scales)
+            calibration, _ = calibration_sample(self.train.inputs, SCALE_SAMPLE, self.spec.distillation.seed)
         evaluate = None
         tolerance = isinstance(config, QuantizationConfig) and config.max_metric_drop is not None
         if score or tolerance:

@@ -26,6 +26,7 @@ from .accuracy import AccuracyAware
 from .calibration import calibration_sample
 from .fusion import fuse_transformer
 from .graph import copy_model, graph_feeds, inlined, prepare_graph, quiet
+from .input_scales import raw_scale_nodes
 from .ort_methods import (
     DynamicMethod,
     OrtMethod,
@@ -131,11 +132,13 @@ def post_training(config: PostTrainingConfig, job: QuantizeJob, method_class: ty
         check_cancel(job.cancel)
         extra, calibration = setup(model) if setup is not None else ({}, dict(UNCALIBRATED))
         method = method_class(config, pre, model, work, **extra)
+        sample = graph_feeds(model, job.calibration_inputs) if job.calibration_inputs else None
+        method.always_float = raw_scale_nodes(model, method.candidates(), sample)
 
         def build(dst: Path, exclude: list[str], only: list[str] | None = None) -> Path:
             with quiet():
                 try:
-                    method.run(dst, exclude, only)
+                    method.run(dst, [*exclude, *method.always_float], only)
                 except Cancelled:
                     raise
                 except Exception as exc:  # onnxruntime's quantizers raise bare ValueError/RuntimeError
@@ -150,10 +153,23 @@ def post_training(config: PostTrainingConfig, job: QuantizeJob, method_class: ty
         options = method.options if fused is None else {**method.options, "fused_ops": fused}
         common = {"options": options, "calibration": calibration}
         if job.evaluate is None:
-            return job.result(config.method, **common, message=f"quantized with {config.method}")
-        scored = AccuracyAware(src, out, job.evaluate, job.higher_is_better, job.progress,
-                               lambda: check_cancel(job.cancel))
-        return job.result(config.method, **{**common, **scored.run(config, method, build, work)})
+            result = job.result(config.method, **common, message=f"quantized with {config.method}")
+        else:
+            scored = AccuracyAware(src, out, job.evaluate, job.higher_is_better, job.progress,
+                                   lambda: check_cancel(job.cancel))
+            result = job.result(config.method, **{**common, **scored.run(config, method, build, work)})
+        return kept_for_scale(result, method.always_float)
+
+
+def kept_for_scale(result: QuantizationResult, nodes: dict[str, float]) -> QuantizationResult:
+    """``result`` saying which nodes stayed in float for their inputs' scales (`input_scales`)."""
+    if nodes:
+        result.fp32_nodes = [*nodes, *(n for n in result.fp32_nodes if n not in nodes)]
+        span = max(nodes.values())
+        result.message = (f"{len(nodes)} layer(s) reading the raw features kept in float ({', '.join(nodes)}): "
+                          f"the features' scales span 1:{span:,.0f}, and int8 would round the small ones to 0; "
+                          + (result.message or ""))
+    return result
 
 
 def check_cancel(cancel: CancelFn) -> None:

@@ -58,9 +58,11 @@ class OrtMethod:
         self.spec, self.pre, self.model, self.work = spec, pre, model, work
         self.large = model.ByteSize() > LARGE_MODEL_BYTES
         self.options: dict[str, Any] = {}
+        self.always_float: dict[str, float] = {}
+        """Nodes never quantized (``input_scales``: they read raw features of very different scales)."""
 
     def candidates(self) -> list[tuple[str, str]]:
-        return weight_nodes(self.model, self.op_types)
+        return [c for c in weight_nodes(self.model, self.op_types) if c[0] not in self.always_float]
 
     def run(self, dst: Path, exclude: list[str], only: list[str] | None) -> None:
         """Write the model quantized except ``exclude``; with ``only``, quantize just those nodes."""
