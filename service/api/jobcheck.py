@@ -157,6 +157,19 @@ def _field_errors(spec: CompressSpec, task: str | None, teacher: dict[str, Any],
     return errors
 
 
+ONE_LOGIT_HINT = ("A binary classifier with one logit (a sigmoid output) is not taken as a classifier: export it "
+                  "with two outputs, torch.cat([-z, z], dim=1) / 2 for its logit z (their softmax is sigmoid(z)), "
+                  "or distil the logit itself with numeric labels and task 'regression'.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, Any]) -> list[FieldError]:
     """The job's task against the teacher's (one it declares is binding; one guessed from its output is
     not) and against the labels."""
@@ -167,8 +180,14 @@ def _task_errors(asked: str | None, teacher: dict[str, Any], dataset: dict[str, 
             errors.append(FieldError(pointer="#/task", detail=f"the teacher is a {teacher_task} model; it cannot "
                                                                f"teach {asked}"))  # fmt: skip
         elif asked == "classification" and outputs == 1:
-            errors.append(FieldError(pointer="#/task", detail="the teacher has one output: it cannot classify"))
+            errors.append(FieldError(pointer="#/task", detail="the teacher has one output: it cannot classify. "
+                                                               + ONE_LOGIT_HINT))
     task = asked or teacher_task
+    names = [str(c) for c in dataset.get("classes") or []]
+    if task == "regression" and outputs == 1 and names and not all(_is_number(c) for c in names):
+        errors.append(FieldError(pointer="#/dataset_id", detail=(
+            f"the labels are class names ({', '.join(map(repr, names[:4]))}{', …' if len(names) > 4 else ''}), but "
+            "the teacher has one output, so the job would be a regression on numbers. " + ONE_LOGIT_HINT)))
     tagged = dataset.get("labels") == "per_word"
     if task == "token_classification" and not tagged:
         errors.append(FieldError(pointer="#/dataset_id", detail="a token classifier (NER) learns from tagged words: "
