@@ -130,12 +130,15 @@ class Client:
 
     def upload(self, path: str | Path, *, kind: str | None = None, format: str = "auto", name: str | None = None,
                tags: list[str] | tuple[str, ...] = (), progress: bool = False, wait: bool = True,
-               **options: Any) -> Upload:  # fmt: skip
+               reuse_tag: str | None = None, **options: Any) -> Upload:  # fmt: skip
         """Upload a teacher (``kind="model"``) or a dataset (``"dataset"``; guessed from the
         suffix when not given), and (``wait``) wait for its validation: an invalid upload raises
         `UploadInvalid` with the reason. ``options``: the dataset's reading fields
         (``label_column=…``). A folder (a transformers ``save_pretrained`` one, say) and an ONNX graph
-        with its external data file beside it are zipped first (`kdq.packing`)."""
+        with its external data file beside it are zipped first (`kdq.packing`). ``reuse_tag``: the
+        oldest upload carrying this tag with the same sha256 (and not invalid) is taken instead of
+        uploading again, else the new upload gets the tag (how ``kdq compress --idempotency-key``
+        reruns find their uploads)."""
         path = Path(path)
         if not path.is_file() and not path.is_dir():
             raise UploadInvalid(f"{path}: no such file or folder")
@@ -144,6 +147,11 @@ class Client:
         if kind not in ("model", "dataset"):
             raise UploadInvalid(f"{path}: say kind='model' or kind='dataset' (the suffix does not tell)")
         with packed(path, format) as (sent, sent_format):  # a folder, or a graph with its .onnx.data: one zip
+            if reuse_tag and (earlier := self._tagged(kind, reuse_tag, _sha256(sent))) is not None:
+                if progress:
+                    self.say(f"{kind} {earlier.id}: the same file, uploaded before under this key; reused")
+                return self.wait_upload(earlier.id) if wait else earlier
+            tags = [*tags, reuse_tag] if reuse_tag else tags
             fields = {"format": sent_format, **{k: _form_value(v) for k, v in options.items()}}
             if name:
                 fields["name"] = name
@@ -158,6 +166,11 @@ class Client:
                 view.close()
         up = Upload.model_validate(r.json()).bind(self)
         return self.wait_upload(up.id) if wait else up
+
+    def _tagged(self, kind: str, tag: str, sha256: str) -> Upload | None:
+        """The oldest upload of ``kind`` with ``tag`` and these bytes that is not invalid."""
+        same = [u for u in self.uploads(f"{kind}s", tag=tag) if u.sha256 == sha256 and u.state != "invalid"]
+        return same[-1] if same else None  # (listed newest first)
 
     def get_upload(self, ident: str) -> Upload:
         kind = "models" if ident.startswith("mdl_") else "datasets"

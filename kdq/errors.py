@@ -2,7 +2,8 @@
 
 0 done; 1 the job failed or was cancelled (`JobFailed`); 2 the service refused a request or an
 upload is invalid (`Refused`, `UploadInvalid`; the problem says which field); 3 the service could
-not be reached (`Unreachable`). The SDK raises the same errors, so a script can exit with
+not be reached (`Unreachable`); ``kdq compress`` also exits 4 when the job succeeded with the verdict
+do_not_ship (`kdq.cli.compress`). The SDK raises the same errors, so a script can exit with
 ``err.exit_code`` and behave like the command.
 """
 

@@ -12,6 +12,7 @@ A `Job` or `Upload` fetched through a `kdq.Client` also acts: ``job.wait()``, ``
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -152,8 +153,10 @@ class Job(_Doc):
         return {k: extra[k] for k in SPEC_KEYS if k in extra}
 
     def resubmittable(self) -> dict[str, Any]:
-        """A body that submits this job again (change what you like, then ``Client.submit``)."""
-        body = {**self.spec_fields(), "teacher_model_id": self.teacher_model_id, "dataset_id": self.dataset_id}
+        """A body that submits this job again (change what you like, then ``Client.submit``): a deep
+        copy, so changing one of its blocks leaves this document (and another such body) as it was."""
+        body = copy.deepcopy(self.spec_fields())
+        body.update(teacher_model_id=self.teacher_model_id, dataset_id=self.dataset_id)
         if self.eval_dataset_id:
             body["eval_dataset_id"] = self.eval_dataset_id
         if self.name:

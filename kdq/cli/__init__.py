@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import compress, jobs, uploads
@@ -58,4 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         server = importlib.import_module("service.cli")  # the service half, only when installed and asked for
         return int(server.main(argv) or 0)
     args = build_parser().parse_args(argv)
-    return run(args)
+    try:
+        status = run(args)
+        sys.stdout.flush()  # (a pipe's buffer is written here: a closed one raises now, not at exit)
+        return status
+    except BrokenPipeError:  # stdout closed early (``kdq uploads list | head``): stop quietly
+        _drop_stdout()
+        return 141  # (128 + SIGPIPE: what a shell reports for a command ended by a closed pipe)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # (no real file behind stdout)
+        pass

@@ -150,7 +150,7 @@ def test_the_compress_progress_is_one_line_per_stage_change_or_few_seconds(pg_st
     spec = {**FAST_SPEC, "distillation": {**FAST_SPEC["distillation"], "epochs": 40}}
     done = subprocess.run([sys.executable, "-m", "kdq", "compress", "--url", pg_stack.url, "--key", pg_stack.key or "",
                            "--teacher", pg_uploads["teacher"]["id"], "--data", pg_uploads["dataset"]["id"],
-                           "--spec", json.dumps(spec), "--no-download"],
+                           "--spec", json.dumps(spec), "--no-download", "--allow-do-not-ship"],
                           cwd=REPO, env=pg_stack.env, capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
@@ -159,7 +159,7 @@ def test_the_compress_progress_is_one_line_per_stage_change_or_few_seconds(pg_st
     assert json.loads(done.stdout)["state"] == "SUCCEEDED"
     quiet = subprocess.run([sys.executable, "-m", "kdq", "compress", "--url", pg_stack.url, "--key", pg_stack.key or "",
                             "--teacher", pg_uploads["teacher"]["id"], "--data", pg_uploads["dataset"]["id"],
-                            "--spec", json.dumps(FAST_SPEC), "--no-download", "--quiet"],
+                            "--spec", json.dumps(FAST_SPEC), "--no-download", "--quiet", "--allow-do-not-ship"],
                            cwd=REPO, env=pg_stack.env, capture_output=True, text=True, check=False, timeout=300)  # fmt: skip
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
