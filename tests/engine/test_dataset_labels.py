@@ -9,7 +9,7 @@ import pytest
 from worker.compression.errors import DatasetError
 from worker.compression.io.datasets import load_dataset
 from worker.compression.io.validate import validate_dataset
-from worker.compression.spec import DataSpec
+from worker.compression.spec import CompressSpec, DataSpec
 
 
 def _csv(path, labels, column="label"):
@@ -26,6 +26,19 @@ def test_one_based_labels_named_by_the_given_classes(tmp_path):
     assert summary["classes"] == ["1", "2", "3"] and summary["num_classes"] == 3
     data = load_dataset(path, DataSpec(classes=["1", "2", "3"]))
     assert data.y.tolist() == [0, 1, 2, 2, 0, 1]
+
+
+def test_a_job_on_one_based_labels_with_their_classes_is_not_refused(tmp_path):
+    """The submission check on the upload's summary: three classes, as the 3-output teacher predicts."""
+    from service.api.jobcheck import check_job
+
+    summary = validate_dataset(_csv(tmp_path / "wine.csv", [1, 2, 3, 2]), DataSpec(classes=["1", "2", "3"]))
+    teacher = {"kind": "zoo", "task": "classification", "input_kind": "vector", "input_shape": [2], "output_dim": 3}
+    spec = CompressSpec.model_validate({"data": {"classes": ["1", "2", "3"]}})
+    assert check_job(spec, teacher, summary) == []
+    four = validate_dataset(_csv(tmp_path / "four.csv", [0, 1, 2, 3]))
+    assert [e.detail for e in check_job(CompressSpec(), teacher, four)] == [
+        "the dataset has 4 classes but the teacher predicts 3"]
 
 
 def test_permuted_integer_class_names_follow_their_names(tmp_path):
