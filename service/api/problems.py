@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -22,6 +21,8 @@ from pydantic import (
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.compression.errors import close_names, did_you_mean
 
 from ..core.dberrors import RETRY_AFTER_S, database_unavailable
 from ..core.quotas import QuotaExceeded
@@ -132,11 +133,11 @@ def field_errors(
         loc = tuple(err.get("loc", ()))
         msg = str(err.get("msg", "invalid value"))
         if err.get("type") == "extra_forbidden" and loc and known:
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.75)
+            close = close_names(str(loc[-1]), known)
             if close and close[0] == str(loc[-1]):  # a real field, of another method or kind of this block
                 msg += "; that field belongs to another method (or kind) of this block, not to the one given"
             elif close:
-                msg += f"; did you mean {close[0]!r}?"
+                msg += did_you_mean(str(loc[-1]), known)
         if loc[: len(body_prefix)] == body_prefix:
             out.append(FieldError(detail=msg, pointer=pointer(loc[len(body_prefix) :])))
         elif loc and loc[0] in ("query", "path", "header", "cookie"):

@@ -28,7 +28,7 @@ from .pipeline import CandidatePipeline, Measurement, evaluation_batch
 from .quantize.graph import graph_batch, inlined
 from .quantize.registry import QuantizationResult
 from .spec import CompressSpec, QatConfig, QuantizationConfig, StaticInt8Config
-from .types import Teacher
+from .types import Teacher, TensorData
 
 MODEL = "model.onnx"
 
@@ -216,12 +216,23 @@ def only_onnx(teacher: Teacher) -> Path:
 def evidence(pipe: CandidatePipeline, out: torch.Tensor | None, teacher_out: torch.Tensor | None) -> dict[str, Any]:
     """The verdict's view of the eval rows: the paired noise of the drop, how many rows, where from."""
     noise = paired_drop_noise(pipe.metric, pipe.task, teacher_out, out, pipe.evald.y)
-    return {"noise": noise, "eval_rows": len(pipe.evald), "eval_given": pipe.eval_given}
+    return {"noise": noise, "eval_rows": len(pipe.evald), "eval_given": pipe.eval_given,
+            "eval_is_train": pipe.eval_given and same_rows(pipe.train, pipe.evald),
+            "input_hint": pipe.evald.meta.get("input_scale_hint") or None}
+
+
+def same_rows(a: TensorData, b: TensorData) -> bool:
+    """Whether two datasets hold the same rows in the same order (an eval dataset that is the training one)."""
+    if len(a) != len(b) or set(a.inputs) != set(b.inputs) or (a.y is None) != (b.y is None):
+        return False
+    pairs = [(v, b.inputs[k]) for k, v in a.inputs.items()] + ([(a.y, b.y)] if a.y is not None else [])
+    return all(x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y) for x, y in pairs)
 
 
 def as_reported(seen: dict[str, Any]) -> dict[str, Any]:
     """The report's words for ``evidence``."""
-    return {"eval_rows": seen["eval_rows"], "eval_from": "an eval dataset" if seen["eval_given"] else
+    where = "the training dataset itself" if seen.get("eval_is_train") else "an eval dataset"
+    return {"eval_rows": seen["eval_rows"], "eval_from": where if seen["eval_given"] else
             "held out from the upload", "drop_noise": seen["noise"]}
 
 

@@ -5,6 +5,20 @@ The service turns any `InputError` into a 4xx problem; anything else is a bug.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
+
+def close_names(word: str, known: Sequence[str], n: int = 1, cutoff: float = 0.75) -> list[str]:
+    """The names in ``known`` close to a misspelled ``word`` (best first), for a "did you mean"."""
+    return difflib.get_close_matches(word, list(known), n=n, cutoff=cutoff)
+
+
+def did_you_mean(word: str, known: Sequence[str], n: int = 1, cutoff: float = 0.75) -> str:
+    """``"; did you mean 'label'?"`` when names in ``known`` are close to ``word``, else ``""``."""
+    close = close_names(word, known, n, cutoff)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
 
 class CompressionError(Exception):
     """Base of every error the engine raises on purpose."""

@@ -44,7 +44,17 @@ def load_arrays(path: Path, fmt: str, ctx: ReadContext) -> TensorData:
                                f"{len(y) if y.ndim else 'no'} rows")
         y, classes = _array_targets(y, ctx)
     kind: InputKind = "tokens" if tokens else RANK_KIND[inputs["x"].ndim]
-    return TensorData(inputs, y, kind, classes)
+    meta = {} if tokens else {"value_range": value_range(inputs["x"])}
+    return TensorData(inputs, y, kind, classes, meta={k: v for k, v in meta.items() if v})
+
+
+def value_range(x: torch.Tensor) -> str:
+    """``"0-255"`` for inputs of raw 8-bit values (all in [0, 255], some past 1: pixels not divided by
+    255), else ``""``; the teacher check tries them divided by 255 (`measure.teacher_check`)."""
+    if x.numel() == 0:
+        return ""
+    low, high = float(x.min()), float(x.max())
+    return "0-255" if low >= 0 and 1 < high <= 255 else ""
 
 
 def _read_npz(path: Path, limits: DataLimits) -> tuple[dict[str, torch.Tensor], list[str]]:

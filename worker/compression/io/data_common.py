@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..errors import DatasetError, TooCostlyError
+from ..errors import DatasetError, TooCostlyError, did_you_mean
 from ..spec import DataSpec
 from ..spec.sizes import describe_bytes
 from ..types import InputKind
@@ -150,10 +150,29 @@ def parse_labels(values: np.ndarray, task: str | None, row_of: RowOf, what: str,
         i = int(ints.argmax())
         raise DatasetError(f"{what}: class label {ints[i]} is past the limit of {limits.max_classes} classes",
                            row=row_of(i))
-    names = [str(k) for k in range(int(ints.max()) + 1)]
-    if order is not None and len(order) >= len(names):
-        names = list(order)  # indices into the teacher's outputs, named as it names them
-    return torch.from_numpy(ints), names
+    if order is not None:
+        return _integers_with_classes(ints, order, row_of, what)
+    return torch.from_numpy(ints), [str(k) for k in range(int(ints.max()) + 1)]
+
+
+def _integers_with_classes(ints: np.ndarray, order: list[str], row_of: RowOf,
+                           what: str) -> tuple[torch.Tensor, list[str]]:
+    """Integer labels read with class names ``order``: names when every label's decimal text is one of
+    them (``1, 2, 3`` with classes ``1,2,3``), numbered as the names are; else indices into ``order``."""
+    index = {c: i for i, c in enumerate(order)}
+    values = np.unique(ints)
+    if all(str(v) in index for v in values):
+        lookup = np.array([index[str(v)] for v in values], dtype=np.int64)
+        return torch.from_numpy(lookup[np.searchsorted(values, ints)]), list(order)
+    outside = ints >= len(order)
+    if outside.any():
+        i = int(outside.argmax())
+        shown = f"{', '.join(order[:20])}{' …' if len(order) > 20 else ''}"
+        hint = (f"; the labels run 1..{len(order)}: if they count from 1, subtract 1 from each (or give "
+                "classes named as the labels are)") if int(ints.min()) == 1 and int(ints.max()) == len(order) else ""
+        raise DatasetError(f"{what}: label {int(ints[i])} is neither one of the classes ({shown}) nor an index "
+                           f"into them (0..{len(order) - 1}){hint}", row=row_of(i))
+    return torch.from_numpy(ints), list(order)  # indices into the teacher's outputs, named as it names them
 
 
 def string_classes(labels: list[str], limits: DataLimits, order: list[str] | None = None,
@@ -179,8 +198,9 @@ def string_classes(labels: list[str], limits: DataLimits, order: list[str] | Non
 def label_column(columns: list[str], spec: DataSpec, defaults: tuple[str, ...], source: str) -> str | None:
     if spec.label_column is not None:
         if spec.label_column not in columns:
-            raise DatasetError(f"{source} has no label column {spec.label_column!r}; "
-                               f"columns: {', '.join(columns)}")
+            shown = ", ".join(columns[:50]) + (", …" if len(columns) > 50 else "")
+            raise DatasetError(f"{source} has no label column {spec.label_column!r}"
+                               f"{did_you_mean(spec.label_column, columns, n=2, cutoff=0.6)}; columns: {shown}")
         return spec.label_column
     return next((c for c in defaults if c in columns), None)
 

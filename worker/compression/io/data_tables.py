@@ -36,6 +36,9 @@ from .hf_folder import tokenize
 
 TABULAR_LABELS = ("label", "target", "y")
 TEXT_LABELS = ("label",)
+LABEL_LIKE = ("label", "labels", "target", "class", "classes", "y", "species", "diagnosis", "category", "outcome")
+"""Names of a text column that likely holds labels: read without ``label_column`` it is a categorical
+input instead, and the summary warns."""
 
 
 # --- tables (.csv, .parquet) ---------------------------------------------------------------
@@ -121,6 +124,10 @@ def _load_table(df: pd.DataFrame, row_of: RowOf, ctx: ReadContext, source: str) 
     if vocabs:
         meta["categorical"] = vocabs
         meta["categorical_columns"] = ",".join(v["column"] for v in vocabs)
+        named = [v["column"] for v in vocabs if v["column"].strip().lower() in LABEL_LIKE]
+        if not label and named:
+            meta["warning"] = (f"column {named[0]!r} holds text and is read as a categorical input, so the data "
+                               f"is unlabelled; if it holds the labels, upload again with label_column={named[0]}")
     if ctx.spec.task == "ctr" or (vocabs and classes is not None and len(classes) == 2):
         if classes is None or len(classes) != 2:
             raise DatasetError(f"task 'ctr' needs click labels of two classes (0 / 1) in {source} to measure AUC; "

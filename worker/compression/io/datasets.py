@@ -15,8 +15,8 @@ Formats (``DataSpec.format``; ``auto`` picks by file extension):
   (`data_audio`); an auto-detected ``.zip`` whose files are all audio is one.
 
 Labels are optional everywhere: unlabelled data still serves for pure distillation. Integer
-or string labels become class indices with ``classes`` names (integers ``k`` keep index ``k``;
-strings are numbered in sorted order); fractional numbers are regression targets.
+or string labels become class indices with ``classes`` names (integers ``k`` keep index ``k``
+unless every one is a given class name; strings are numbered in sorted order); fractional numbers are regression targets.
 
 Row numbers in errors are where a person finds the row: the line number in CSV and JSONL
 files (a CSV header is line 1), the 1-based row in Parquet, and the 0-based index ``i`` of

@@ -92,6 +92,7 @@ def check_teacher(teacher: Teacher, train: TensorData, evald: TensorData, task: 
                                         .replace("the commonest class", "the commonest tag", 1))
         return check, train, evald
     scales: dict[str, float] = {}
+    raw = sample  # as read, before any image scale is chosen
     decoded = evald.meta.get("image_scale", "0-1") == "0-1"  # not normalised yet (no mean/std given or known)
     if task == "classification" and evald.input_kind == "image" and image_scale == "auto" and decoded:
         channels = sample.inputs["x"].shape[1]
@@ -111,9 +112,26 @@ def check_teacher(teacher: Teacher, train: TensorData, evald: TensorData, task: 
         check = _classification(outputs, sample) if task == "classification" else _regression(outputs, sample)
     if scales:
         check.image_scale = {"chosen": best, "accuracy_by_scale": {k: round(v, 4) for k, v in scales.items()}}
+    hint = _scale_hint(teacher, raw, check) if check.metric == "accuracy" else ""
+    if hint:
+        check.detail = f"{check.detail}; {hint}" if check.detail else hint
+        evald.meta["input_scale_hint"] = hint  # for the verdict (`deliver.evidence`)
     if not check.passed:
         raise TeacherDisagreesError(check.detail)
     return check, train, evald
+
+
+def _scale_hint(teacher: Teacher, sample: TensorData, check: TeacherCheck) -> str:
+    """For inputs of raw 0–255 values (`io.data_arrays.value_range`): the teacher scored on them divided
+    by 255 too; a hint to divide when it scores clearly better that way than as the job feeds them (it
+    may have trained on 0–1)."""
+    if sample.meta.get("value_range") != "0-255" or set(sample.inputs) != {"x"}:
+        return ""
+    scaled = accuracy(_predict(teacher, {"x": sample.inputs["x"] / 255}).argmax(-1), sample.y.long())
+    if scaled <= check.value + _margin(check.chance, check.samples):
+        return ""
+    return (f"the inputs range 0–255 and the teacher scores accuracy {scaled:.3f} on them divided by 255 "
+            f"({check.value:.3f} as they are fed to it): it may expect inputs in 0–1; divide x by 255 and upload again")
 
 
 def _rescale(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:

@@ -37,6 +37,8 @@ REASONS = {
     "int8_metric_drop": CAUTION,
     "unlabelled": CAUTION,
     "return_drop": CAUTION,
+    "eval_is_training_data": CAUTION,
+    "input_scale": CAUTION,
 }
 """Reason code → severity. A metric further from the teacher's than the tolerance is not a replacement
 for it: do not ship (``metric_drop``; ``metric_drop_large`` past 3× the tolerance). The int8 and
@@ -128,12 +130,15 @@ def choose(candidates: Sequence[Candidate], metric: str, tolerance: float, batch
 def verdict(delivered: Candidate, teacher: Candidate, candidates: Sequence[Candidate], *, metric: str,
             tolerance: float, batch: int, chance: float | None, labelled: bool,
             missed_targets: Sequence[str] = (), noise: float | None = None, eval_rows: int | None = None,
-            eval_given: bool = True) -> dict[str, Any]:  # fmt: skip
+            eval_given: bool = True, eval_is_train: bool = False, input_hint: str | None = None,
+            ) -> dict[str, Any]:  # fmt: skip
     """``{"verdict", "reasons": [{code, severity, message}], "delivered", "headline"}``.
 
     ``noise``: the standard error of the drop on these eval rows (``metrics.paired_drop_noise``);
     ``eval_given``: False when the eval rows were held out from the upload, where a teacher that
-    trained on them scores optimistically (a drop's message says so)."""
+    trained on them scores optimistically (a drop's message says so); ``eval_is_train``: the eval
+    dataset holds the training rows themselves (in-sample metrics); ``input_hint``: the teacher check's
+    word on inputs of raw 0–255 values (`teacher_check`)."""
     reasons: list[dict[str, Any]] = []
 
     def reason(code: str, message: str) -> None:
@@ -156,6 +161,12 @@ def verdict(delivered: Candidate, teacher: Candidate, candidates: Sequence[Candi
         reason("target_missed", f"it misses the target {target}")
     if not labelled:
         reason("unlabelled", "the data has no labels: every metric is agreement with the teacher, not accuracy")
+    if eval_is_train:
+        reason("eval_is_training_data", "the eval dataset is the training dataset: every metric is in-sample "
+                                        "(on rows the student trained on) and overstates how it does on new data; "
+                                        "give rows it never saw as the eval dataset, or none to hold rows out")
+    if input_hint:
+        reason("input_scale", input_hint)
     worst = max((SEVERITY_ORDER.index(r["severity"]) for r in reasons), default=0)
     return {"verdict": SEVERITY_ORDER[worst], "reasons": reasons,
             "delivered": {"name": delivered.name, "role": delivered.role, "precision": delivered.precision,

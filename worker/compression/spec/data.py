@@ -49,7 +49,8 @@ class DataSpec(SpecModel):
     classes: list[Annotated[str, StringConstraints(min_length=1, max_length=200)]] | None = Field(
         default=None, min_length=1, max_length=100_000)
     """Class names in the order of the teacher's outputs: labels that are names are numbered in this
-    order (labels that are integers are indices already). Default: the teacher's own names when it
+    order. Integer labels are names too when every label's decimal text is one of these names (labels
+    ``1, 2, 3`` with classes ``1,2,3``), else indices into them (0 … n-1; any other integer is refused). Default: the teacher's own names when it
     has them (a transformers ``id2label``, ONNX metadata ``classes``, a zoo config's ``classes``),
     else sorted; the job says which it used."""
     sample_rate: int = Field(default=16000, ge=1000, le=192_000)
