@@ -194,3 +194,16 @@ def test_manifest_hashes_match_the_files(tmp_path: Path) -> None:
     assert versions["numpy"] == np.__version__ and versions["python"].count(".") == 2
     assert datetime.fromisoformat(manifest["created_at"]).tzinfo == UTC
     assert sha256_file(teacher) == hashlib.sha256(teacher.read_bytes()).hexdigest()
+
+
+def test_the_model_card_says_which_data_the_numbers_come_from() -> None:
+    """Stranger trial: the card said 'the evaluation split of the uploaded data' when an eval set was given."""
+    from worker.compression.package.model_card import model_card
+
+    pre = {"input": {"names": ["x"], "kind": "vector", "shape": [4]}}
+    card = {"verdict": {"verdict": "ship", "reasons": []}, "table": [], "metric": "accuracy", "batch": 64,
+            "spec": {}, "preprocessing": pre, "data": {}}
+    given = model_card(**card, inputs={"teacher": "a", "dataset": "b", "eval dataset": "c"})
+    held_out = model_card(**card, inputs={"teacher": "a", "dataset": "b"})
+    assert "evaluation dataset given with the job" in given and "held out from the uploaded" not in given
+    assert "held out from the uploaded data" in held_out

@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from worker.compression.compress import compress
+from worker.compression.deliver import missed_search_targets
 from worker.compression.io.teachers import load_teacher, save_zoo_model
 from worker.compression.measure.export import export_onnx
 from worker.compression.measure.meter import merge_rounds
@@ -332,6 +333,8 @@ def test_a_tiny_time_budget_returns_the_best_so_far_and_names_unmet_targets(prob
     cut = [c for c in result.candidates if "time budget" in c["reason"]]  # convergence: shares cut short
     assert "not trained" in statuses.values() or "not measured" in statuses.values() or cut
     assert any("NOT met" in line for line in result.to_dict()["chosen_checks"])
+    [missed] = [m for m in missed_search_targets(result) if m.startswith("accuracy")]
+    assert "short of ≥ 1.01" in missed  # the verdict's target_missed says by how much
 
 
 def test_qat_method_adds_a_quantization_aware_twin(problem, tmp_path, monkeypatch):

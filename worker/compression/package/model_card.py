@@ -44,7 +44,8 @@ def model_card(*, verdict: dict[str, Any], table: list[dict[str, Any]], metric: 
     lines += [f"- data: {data.get('train', {}).get('samples', '?')} training and "
               f"{data.get('eval', {}).get('samples', '?')} evaluation samples", "",
               "## Limits", "",
-              "- Measured on the evaluation split of the uploaded data; other data may differ.",
+              ("- Measured on the evaluation dataset given with the job; other data may differ." if "eval dataset" in inputs
+               else "- Measured on the evaluation split held out from the uploaded data; other data may differ."),
               "- Latency is onnxruntime on the worker's CPU; another machine differs.",
               "- The student imitates the teacher: it inherits its errors and biases.", "",
               "<details><summary>The job's spec</summary>", "", "```json", json.dumps(spec, indent=2), "```", "",
