@@ -81,8 +81,11 @@ def make_data(name: str, rng: random.Random) -> tuple[np.ndarray, np.ndarray, st
     elif name == "make_classification":
         n, f, c = rng.choice([600, 1000, 2000, 3000]), rng.randint(8, 60), rng.randint(2, 8)
         sep = rng.choice([0.6, 1.0, 1.5, 2.0])
-        x, y = datasets.make_classification(n, f, n_informative=max(2, min(f, rng.randint(3, 20))), n_redundant=0,
-                                            n_classes=c, n_clusters_per_class=rng.choice([1, 2]), class_sep=sep,
+        informative, clusters = max(2, min(f, rng.randint(3, 20))), rng.choice([1, 2])
+        informative = min(f, max(informative, math.ceil(math.log2(c * clusters))))  # sklearn: c·k ≤ 2^informative
+        clusters = clusters if c * clusters <= 2 ** informative else 1
+        x, y = datasets.make_classification(n, f, n_informative=informative, n_redundant=0, n_classes=c,
+                                            n_clusters_per_class=clusters, class_sep=sep,
                                             flip_y=rng.choice([0.0, 0.02]), random_state=seed)
         desc = f"make_classification n={n} f={f} c={c} sep={sep}"
     elif name == "make_regression":
