@@ -358,10 +358,11 @@ def test_stored_bytes_quota_refuses_and_stores_nothing(
         assert blob(pg_stack, extra_sha).exists()
 
 
-def _wait_gone(client: httpx.Client, path: str, timeout: float = 30) -> None:
+def _wait_gone(client: httpx.Client, path: str, timeout: float = 30, blob: Path | None = None) -> None:
+    """Until ``path`` answers 404 (and ``blob`` is gone: the sweep releases it just after the row)."""
     deadline = time.monotonic() + timeout
-    while client.get(path).status_code != 404:
-        assert time.monotonic() < deadline, f"{path} still there after {timeout}s"
+    while client.get(path).status_code != 404 or (blob is not None and blob.exists()):
+        assert time.monotonic() < deadline, f"{path} (or its blob) still there after {timeout}s"
         time.sleep(0.2)
 
 
@@ -383,14 +384,12 @@ def test_retention_deletes_expired_uploads_and_only_unreferenced_blobs(
         backdate(db, "models", "created_at", first["id"])
         backdate(db, "models", "created_at", lonely["id"])
         _wait_gone(r, f"/v1/models/{first['id']}")  # the API's retention loop (every second here)
-        _wait_gone(r, f"/v1/models/{lonely['id']}")
-        assert not blob(pg_stack, lonely["sha256"]).exists()
+        _wait_gone(r, f"/v1/models/{lonely['id']}", blob=blob(pg_stack, lonely["sha256"]))
         assert blob(pg_stack, first["sha256"]).read_bytes() == shared.read_bytes()
         assert r.get(f"/v1/models/{second['id']}").status_code == 200  # not expired: kept, with its blob
 
         backdate(db, "models", "created_at", second["id"])
-        _wait_gone(r, f"/v1/models/{second['id']}")
-        assert not blob(pg_stack, first["sha256"]).exists()
+        _wait_gone(r, f"/v1/models/{second['id']}", blob=blob(pg_stack, first["sha256"]))
 
 
 def test_retention_deletes_a_finished_jobs_artifacts(
