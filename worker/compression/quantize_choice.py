@@ -28,7 +28,7 @@ from .measure.verdict import RELATIVE, SAME_SPEED, drop, tolerance_for
 from .pipeline import CandidatePipeline, evaluation_batch
 from .quantize.handlers import has_attention
 from .quantize.registry import QuantizationResult
-from .search.recipes import FUSED, fused, recipes_for
+from .search.recipes import recipes_for
 from .spec import (
     AutoQuantizationConfig,
     DynamicInt8Config,
@@ -46,8 +46,7 @@ def formats_for(config: QuantizationMethod, fp32: Path, input_kind: str) -> dict
     if not isinstance(config, AutoQuantizationConfig):
         return {}
     if input_kind == "tokens" or has_attention(onnx.load(str(fp32), load_external_data=False).graph):
-        dynamic = DynamicInt8Config(**config.model_dump(include={"max_metric_drop", "drop_mode"}))
-        return {dynamic.method: dynamic, dynamic.method + FUSED: fused(config)}
+        return recipes_for(config, "tokens")  # a ViT's too: dynamic int8, unfused and fused
     return {name: c for name, c in recipes_for(config, input_kind).items()
             if isinstance(c, (StaticInt8Config, DynamicInt8Config))}
 

@@ -44,14 +44,9 @@ def recipes_for(config: QuantizationMethod, input_kind: str) -> dict[str, Quanti
         out[c.method] = c
         if isinstance(c, (DynamicInt8Config, StaticInt8Config)) and c.per_channel and input_kind != "tokens":
             out[c.method + PER_TENSOR] = c.model_copy(update={"per_channel": False})
-    if isinstance(config, AutoQuantizationConfig) and input_kind == "tokens":
-        out[DynamicInt8Config().method + FUSED] = fused(config)
+    if isinstance(config, AutoQuantizationConfig) and input_kind == "tokens":  # after transformer fusion too
+        out[dynamic.method + FUSED] = dynamic.model_copy(update={"fuse_transformer": True})
     return out
-
-
-def fused(config: QuantizationMethod) -> DynamicInt8Config:
-    """Dynamic int8 after onnxruntime's transformer fusion (``quantize.fusion``), with ``config``'s tolerance."""
-    return DynamicInt8Config(**config.model_dump(include={"max_metric_drop", "drop_mode"}), fuse_transformer=True)
 
 
 def qat_config_for(config: QuantizationMethod) -> QatConfig:
